@@ -1,0 +1,349 @@
+//! Applying a delta to a backing directory.
+//!
+//! Nothing in the tree changes until the whole delta has been read, every
+//! block verified into the block store, the resulting manifest checked
+//! against the sender's root hash and every changed file assembled in
+//! `.volfs/staging/`. Only then are paths removed, staged files renamed into
+//! place and metadata set. Finally the tree is rehashed and its root must be
+//! the sender's, or the apply fails loudly.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::CString;
+use std::fs;
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::backing::{Backing, BackingError};
+use crate::blockstore::BlockStore;
+use crate::delta::{DeltaError, ReadDelta, read_delta};
+use crate::manifest::{Entry, Hash, Kind, Manifest, Tracked, hex};
+use crate::scan::{self, Trust, abs};
+use crate::sys;
+
+/// Errors of an apply.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The delta is bad; the target is unchanged.
+    #[error(transparent)]
+    Delta(#[from] DeltaError),
+    /// Opening the target.
+    #[error(transparent)]
+    Backing(#[from] BackingError),
+    /// Writing the tree failed part way.
+    #[error("applying to {path}: {source}")]
+    Io {
+        /// The path being written.
+        path: String,
+        /// The cause.
+        source: io::Error,
+    },
+    /// After the apply the tree does not hash to the sender's root.
+    #[error("after apply the volume hashes to {got}, the sender's root is {want}")]
+    Verify {
+        /// The sender's root.
+        want: String,
+        /// The root of the tree now.
+        got: String,
+    },
+}
+
+/// What an apply did.
+#[derive(Debug, Clone)]
+pub struct ApplyReport {
+    /// Root hash of the volume now (the sender's).
+    pub root: Hash,
+    /// Paths added or changed.
+    pub changed: u64,
+    /// Paths removed.
+    pub removed: u64,
+    /// Blocks received.
+    pub blocks: u64,
+    /// Bytes of the delta stream.
+    pub wire_bytes: u64,
+}
+
+fn io_err(p: &Path) -> impl FnOnce(io::Error) -> ApplyError + '_ {
+    move |source| ApplyError::Io {
+        path: p.display().to_string(),
+        source,
+    }
+}
+
+/// Applies the delta read from `r` to the (locked, unmounted) backing
+/// directory whose current manifest is `base`. The delta's blocks go through
+/// a block store in `.volfs/`, removed afterwards whatever the outcome.
+pub fn apply_delta<R: Read>(
+    backing: &Backing,
+    base: &Tracked,
+    r: R,
+) -> Result<(Tracked, ApplyReport), ApplyError> {
+    let store = BlockStore::open(
+        &backing
+            .meta_dir()
+            .join(format!("incoming-{}", std::process::id())),
+    )
+    .map_err(DeltaError::from)?;
+    let result = (|| {
+        let delta = read_delta(r, &base.manifest, &store)?;
+        check_tree_shape(&delta.manifest)?;
+        apply_read(backing, base, &delta, &store)
+    })();
+    let _ = store.destroy();
+    result
+}
+
+/// Every path's parent must be a directory of the new manifest.
+fn check_tree_shape(m: &Manifest) -> Result<(), DeltaError> {
+    if m.entries.is_empty() {
+        return Ok(());
+    }
+    if m.entries.get(&b""[..]).is_none_or(|e| e.kind != Kind::Dir) {
+        return Err(DeltaError::Corrupt(
+            "the volume root is not a directory".into(),
+        ));
+    }
+    for p in m.entries.keys().filter(|p| !p.is_empty()) {
+        let parent = parent_of(p);
+        if m.entries.get(parent).is_none_or(|e| e.kind != Kind::Dir) {
+            return Err(DeltaError::Corrupt(format!(
+                "{} has no parent directory",
+                String::from_utf8_lossy(p)
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn parent_of(p: &[u8]) -> &[u8] {
+    match p.iter().rposition(|&b| b == b'/') {
+        Some(i) => &p[..i],
+        None => b"",
+    }
+}
+
+/// Applies a delta already read and verified (blocks in `store`).
+pub fn apply_read(
+    backing: &Backing,
+    base: &Tracked,
+    delta: &ReadDelta,
+    store: &BlockStore,
+) -> Result<(Tracked, ApplyReport), ApplyError> {
+    let root = backing.root();
+    let old = &base.manifest;
+    let new = &delta.manifest;
+    let staging = backing.meta_dir().join("staging");
+    let _ = fs::remove_dir_all(&staging);
+    fs::create_dir_all(&staging).map_err(io_err(&staging))?;
+    let result = (|| {
+        // 1. Assemble every file whose bytes change, before the tree is touched.
+        let base_index = old.block_index();
+        let mut staged: HashMap<&[u8], PathBuf> = HashMap::new();
+        for p in &delta.changed {
+            let e = &new.entries[p];
+            let prior = old.entries.get(p);
+            let same_bytes = prior
+                .is_some_and(|o| o.kind == Kind::File && o.blocks == e.blocks && o.size == e.size);
+            if e.kind == Kind::File && !same_bytes {
+                let dst = staging.join(staged.len().to_string());
+                assemble(root, new.block_size, &base_index, store, e, &dst)?;
+                staged.insert(p, dst);
+            }
+        }
+        // 2. Remove what is gone or changes kind, deepest first.
+        let mut doomed: BTreeSet<&[u8]> = delta.removed.iter().map(|p| p.as_slice()).collect();
+        for p in &delta.changed {
+            if let Some(o) = old.entries.get(p) {
+                let keep = (o.kind == Kind::Dir && new.entries[p].kind == Kind::Dir)
+                    || (o.kind == Kind::File && new.entries[p].kind == Kind::File);
+                if !keep {
+                    doomed.insert(p);
+                }
+            }
+        }
+        let mut touched_dirs: BTreeSet<Vec<u8>> = BTreeSet::new();
+        for p in doomed.iter().rev() {
+            let path = abs(root, p);
+            let r = match fs::symlink_metadata(&path) {
+                Ok(m) if m.is_dir() => fs::remove_dir(&path),
+                Ok(_) => fs::remove_file(&path),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            };
+            r.map_err(io_err(&path))?;
+            touched_dirs.insert(parent_of(p).to_vec());
+        }
+        // 3. Create and replace, parents first.
+        for p in &delta.changed {
+            let e = &new.entries[p];
+            let path = abs(root, p);
+            touched_dirs.insert(parent_of(p).to_vec());
+            match e.kind {
+                Kind::Dir => match fs::create_dir(&path) {
+                    Ok(()) => {}
+                    Err(err)
+                        if err.kind() == io::ErrorKind::AlreadyExists
+                            && fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) => {}
+                    Err(err) => return Err(io_err(&path)(err)),
+                },
+                Kind::File => {
+                    if let Some(src) = staged.get(p.as_slice()) {
+                        fs::rename(src, &path).map_err(io_err(&path))?;
+                    }
+                }
+                Kind::Symlink => {
+                    std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&e.link_target), &path)
+                        .map_err(io_err(&path))?;
+                }
+                Kind::Fifo | Kind::CharDevice | Kind::BlockDevice | Kind::Socket => {
+                    let c = sys::cstr(path.as_os_str()).map_err(io_err(&path))?;
+                    sys::mknodat(libc::AT_FDCWD, &c, e.kind.mode_bits() | e.mode, e.rdev)
+                        .map_err(io_err(&path))?;
+                }
+                Kind::Hardlink => {} // below, once every file is in place
+            }
+            if e.kind != Kind::Hardlink && e.kind != Kind::Dir {
+                set_metadata(&path, e)?;
+            }
+        }
+        // 4. Hard links: every second name must share its first name's inode.
+        for (p, e) in new.entries.iter().filter(|(_, e)| e.kind == Kind::Hardlink) {
+            let path = abs(root, p);
+            let target = abs(root, &e.link_target);
+            let want = fs::symlink_metadata(&target)
+                .map_err(io_err(&target))?
+                .ino();
+            match fs::symlink_metadata(&path) {
+                Ok(m) if m.ino() == want => continue,
+                Ok(_) => fs::remove_file(&path).map_err(io_err(&path))?,
+                Err(_) => {}
+            }
+            fs::hard_link(&target, &path).map_err(io_err(&path))?;
+            touched_dirs.insert(parent_of(p).to_vec());
+        }
+        // 5. Directories last, deepest first, so their mtimes stay put.
+        for p in &delta.changed {
+            if new.entries[p].kind == Kind::Dir {
+                touched_dirs.insert(p.clone());
+            }
+        }
+        for p in touched_dirs.iter().rev() {
+            if let Some(e) = new.entries.get(p).filter(|e| e.kind == Kind::Dir) {
+                set_metadata(&abs(root, p), e)?;
+            }
+        }
+        Ok(())
+    })();
+    let _ = fs::remove_dir_all(&staging);
+    result?;
+
+    // 6. The tree must now hash to the sender's root.
+    let (now, _) = if base.manifest.block_size == new.block_size {
+        scan::refresh(root, base, None, Trust::Stat)
+    } else {
+        let fresh = Tracked {
+            manifest: Manifest::empty(new.block_size),
+            local: Default::default(),
+        };
+        scan::refresh(root, &fresh, None, Trust::Nothing)
+    }
+    .map_err(io_err(root))?;
+    let got = now.manifest.root();
+    if got != delta.root {
+        backing.save(&now, true)?;
+        return Err(ApplyError::Verify {
+            want: hex(&delta.root),
+            got: hex(&got),
+        });
+    }
+    backing.save(&now, true)?;
+    Ok((
+        now,
+        ApplyReport {
+            root: got,
+            changed: delta.changed.len() as u64,
+            removed: delta.removed.len() as u64,
+            blocks: delta.blocks,
+            wire_bytes: delta.wire_bytes,
+        },
+    ))
+}
+
+/// Writes a file's bytes to `dst` from the block store or the base tree.
+fn assemble(
+    root: &Path,
+    block_size: u32,
+    base_index: &HashMap<Hash, (Vec<u8>, u64)>,
+    store: &BlockStore,
+    e: &Entry,
+    dst: &Path,
+) -> Result<(), ApplyError> {
+    let f = fs::File::create(dst).map_err(io_err(dst))?;
+    let block_size = u64::from(block_size);
+    let mut open: HashMap<&[u8], fs::File> = HashMap::new();
+    let mut buf = vec![0u8; block_size as usize];
+    for (i, h) in e.blocks.iter().enumerate() {
+        let len = e.size.saturating_sub(i as u64 * block_size).min(block_size) as usize;
+        let data: Vec<u8> = if let Some((p, j)) = base_index.get(h) {
+            let src = match open.entry(p.as_slice()) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    let sp = abs(root, p);
+                    v.insert(fs::File::open(&sp).map_err(io_err(&sp))?)
+                }
+            };
+            let b = &mut buf[..len];
+            let n = sys::pread_full(src.as_raw_fd(), b, j * block_size).map_err(io_err(dst))?;
+            b[n..].fill(0);
+            if blake3::hash(b).as_bytes() != h {
+                // The base file drifted: fall back to the store.
+                store.get(h).map_err(DeltaError::from)?
+            } else {
+                b.to_vec()
+            }
+        } else {
+            store.get(h).map_err(DeltaError::from)?
+        };
+        if data.len() != len {
+            return Err(DeltaError::Corrupt(format!(
+                "block {} has {} bytes, {len} expected",
+                hex(h),
+                data.len()
+            ))
+            .into());
+        }
+        sys::pwrite_all(f.as_raw_fd(), &data, i as u64 * block_size).map_err(io_err(dst))?;
+    }
+    f.set_len(e.size).map_err(io_err(dst))?;
+    Ok(())
+}
+
+/// Sets owner, mode, xattrs and mtime of `path` to `e`'s.
+fn set_metadata(path: &Path, e: &Entry) -> Result<(), ApplyError> {
+    let c = sys::cstr(path.as_os_str()).map_err(io_err(path))?;
+    // SAFETY: `c` is NUL-terminated.
+    if unsafe { libc::lchown(c.as_ptr(), e.uid, e.gid) } != 0 {
+        return Err(io_err(path)(io::Error::last_os_error()));
+    }
+    if e.kind != Kind::Symlink {
+        fs::set_permissions(path, fs::Permissions::from_mode(e.mode)).map_err(io_err(path))?;
+    }
+    let have = scan::read_xattrs(path).map_err(io_err(path))?;
+    for (n, _) in &have {
+        if !e.xattrs.iter().any(|(m, _)| m == n) {
+            let cn = CString::new(n.clone()).expect("xattr names have no NUL");
+            sys::xattr::remove(&c, &cn, false).map_err(io_err(path))?;
+        }
+    }
+    for (n, v) in &e.xattrs {
+        if !have.iter().any(|(m, w)| m == n && w == v) {
+            let cn = CString::new(n.clone())
+                .map_err(|_| io_err(path)(io::Error::from_raw_os_error(libc::EINVAL)))?;
+            sys::xattr::set(&c, &cn, v, 0, false).map_err(io_err(path))?;
+        }
+    }
+    sys::utimensat_nofollow(libc::AT_FDCWD, &c, e.mtime).map_err(io_err(path))?;
+    Ok(())
+}

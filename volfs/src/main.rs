@@ -1,0 +1,294 @@
+//! `volfs`: mount a volume, inspect it, and move it as deltas.
+
+use std::fs;
+use std::io::{self, BufReader, BufWriter};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use volfs::backing::Backing;
+use volfs::{control, hex, offline};
+
+#[derive(Parser)]
+#[command(
+    name = "volfs",
+    version,
+    about = "A FUSE volume that knows its dirty blocks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount BACKING at MOUNTPOINT in the foreground; SIGINT/SIGTERM unmount cleanly.
+    Mount {
+        /// Directory holding the volume's files.
+        backing: PathBuf,
+        /// Empty directory to mount on.
+        mountpoint: PathBuf,
+        /// Block size of dirty tracking (e.g. 4K, 64K, 1M); default: the volume's, or 64K.
+        #[arg(long, value_parser = parse_size)]
+        block_size: Option<u32>,
+        /// FUSE worker threads.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// Only the mounting user may access the mount (no allow_other).
+        #[arg(long)]
+        private: bool,
+    },
+    /// Dirty files, blocks and bytes of a mounted volume.
+    Status {
+        /// The volume's backing directory.
+        backing: PathBuf,
+    },
+    /// The root hash (rehashing only what changed).
+    Hash {
+        /// The volume's backing directory.
+        backing: PathBuf,
+    },
+    /// Write the current manifest to a file (a base for a later `diff`).
+    Manifest {
+        /// The volume's backing directory.
+        backing: PathBuf,
+        /// Output file.
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+    /// Write the delta from a base manifest (default: an empty volume) to a file.
+    Diff {
+        /// The volume's backing directory.
+        backing: PathBuf,
+        /// Output file.
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Manifest file the receiver holds (from `volfs manifest` on its side).
+        #[arg(long)]
+        base: Option<PathBuf>,
+    },
+    /// Apply a delta file to an (unmounted) volume; all or nothing.
+    Apply {
+        /// Target backing directory (may be new and empty).
+        target: PathBuf,
+        /// Delta file from `volfs diff`.
+        delta: PathBuf,
+    },
+    /// Rehash every block and compare with the recorded manifest.
+    Verify {
+        /// The volume's backing directory.
+        backing: PathBuf,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u32, String> {
+    let (num, mul) = match s.to_ascii_uppercase().chars().last() {
+        Some('K') => (&s[..s.len() - 1], 1 << 10),
+        Some('M') => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let v = n * mul;
+    if !(512..=16 << 20).contains(&v) {
+        return Err(format!("block size {v} is outside 512 B ..= 16 MiB"));
+    }
+    Ok(v as u32)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "volfs=info".into()),
+        )
+        .with_writer(io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("volfs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a request on a live mount if one owns the volume.
+fn live(backing: &Path, req: &str) -> anyhow::Result<Option<String>> {
+    match control::request(backing, req).context("control socket")? {
+        Some(Ok(s)) => Ok(Some(s)),
+        Some(Err(e)) => bail!("{e}"),
+        None if Backing::is_locked(backing) => {
+            bail!(
+                "volume {} is locked by a process that does not answer",
+                backing.display()
+            )
+        }
+        None => Ok(None),
+    }
+}
+
+fn abs(p: &Path) -> anyhow::Result<String> {
+    let parent = p
+        .parent()
+        .filter(|x| !x.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = fs::canonicalize(parent).with_context(|| format!("{}", parent.display()))?;
+    Ok(dir
+        .join(p.file_name().context("output path has no file name")?)
+        .display()
+        .to_string())
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Mount {
+            backing,
+            mountpoint,
+            block_size,
+            threads,
+            private,
+        } => mount(
+            &backing,
+            &mountpoint,
+            volfs::MountOptions {
+                block_size,
+                threads,
+                allow_other: !private,
+            },
+        ),
+        Cmd::Status { backing } => {
+            match live(&backing, "status")? {
+                Some(s) => println!("mounted {s}"),
+                None => {
+                    let (root, st) = offline::hash(&backing, None)?;
+                    println!(
+                        "unmounted root={} paths={} changed_while_unmounted={}",
+                        hex(&root),
+                        st.paths,
+                        st.changed_behind_back.len()
+                    );
+                }
+            }
+            Ok(())
+        }
+        Cmd::Hash { backing } => {
+            match live(&backing, "hash")? {
+                Some(s) => println!("{}", field(&s, "root").unwrap_or(&s)),
+                None => println!("{}", hex(&offline::hash(&backing, None)?.0)),
+            }
+            Ok(())
+        }
+        Cmd::Manifest { backing, out } => {
+            if live(&backing, &format!("manifest {}", abs(&out)?))?.is_none() {
+                let m = offline::manifest(&backing)?;
+                volfs::manifest::write_atomic(&out, &m.to_bytes())?;
+            }
+            Ok(())
+        }
+        Cmd::Diff { backing, out, base } => {
+            let base_arg = base.as_deref().map(abs).transpose()?.unwrap_or_default();
+            if let Some(s) = live(&backing, &format!("diff {} {base_arg}", abs(&out)?))? {
+                println!("{s}");
+                return Ok(());
+            }
+            let base = base
+                .map(|b| offline::read_manifest_file(&b))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let tmp = out.with_extension("partial");
+            let f = fs::File::create(&tmp).with_context(|| format!("{}", tmp.display()))?;
+            match offline::diff(&backing, base.as_ref(), BufWriter::new(f)) {
+                Ok(s) => {
+                    fs::rename(&tmp, &out)?;
+                    println!("{}", control::summary(&s));
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    Err(e.into())
+                }
+            }
+        }
+        Cmd::Apply { target, delta } => {
+            let f = fs::File::open(&delta).with_context(|| format!("delta {}", delta.display()))?;
+            let r = offline::apply(&target, BufReader::new(f))?;
+            println!(
+                "root={} changed={} removed={} blocks={} wire_bytes={}",
+                hex(&r.root),
+                r.changed,
+                r.removed,
+                r.blocks,
+                r.wire_bytes
+            );
+            Ok(())
+        }
+        Cmd::Verify { backing } => {
+            if Backing::is_locked(&backing) {
+                bail!(
+                    "volume {} is mounted; unmount it to verify",
+                    backing.display()
+                );
+            }
+            let v = offline::verify(&backing)?;
+            if v.recorded == v.actual {
+                println!("ok root={}", hex(&v.actual));
+                Ok(())
+            } else {
+                for p in &v.differing {
+                    println!("differs: {p:?}");
+                }
+                bail!(
+                    "manifest root {} but the tree hashes to {}",
+                    hex(&v.recorded),
+                    hex(&v.actual)
+                )
+            }
+        }
+    }
+}
+
+fn field<'a>(s: &'a str, key: &str) -> Option<&'a str> {
+    s.split(' ')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Blocks SIGINT and SIGTERM in every thread and returns the set, for `sigwait`.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset operations on a local set; pthread_sigmask on this thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn mount(backing: &Path, mountpoint: &Path, opts: volfs::MountOptions) -> anyhow::Result<()> {
+    // Before any thread starts, so they all inherit the mask.
+    let set = block_signals();
+    let handle = volfs::mount(backing, mountpoint, &opts)?;
+    let unmounter = handle.unmounter();
+    let sock = control::serve(handle.live().clone(), unmounter.clone())?;
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: `set` is a valid signal set; `sig` a valid out pointer.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        tracing::info!(signal = sig, "unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::error!(error = %e, "unmount failed");
+        }
+    });
+    tracing::info!(
+        backing = %handle.live().backing_dir().display(),
+        mountpoint = %handle.live().mountpoint().display(),
+        control = %sock.display(),
+        block_size = handle.live().block_size(),
+        "mounted"
+    );
+    let root = handle.join()?;
+    tracing::info!(root = %hex(&root), "unmounted; manifest saved");
+    Ok(())
+}

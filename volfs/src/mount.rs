@@ -1,0 +1,335 @@
+//! A mounted volume: the FUSE session, its dirty map and manifest, and the
+//! operations a live volume offers (flush, refresh, status, delta).
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::backing::{Backing, BackingError};
+use crate::delta::{DeltaError, DeltaSummary, write_delta};
+use crate::dirty::{DirtyMap, DirtyStats};
+use crate::fs::VolFs;
+use crate::manifest::{Hash, Manifest, Tracked};
+use crate::scan::{self, RefreshStats, Trust};
+use crate::sys;
+
+/// Errors of mounting and of live-volume operations.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// Opening the backing directory.
+    #[error(transparent)]
+    Backing(#[from] BackingError),
+    /// The mountpoint cannot be used.
+    #[error("mountpoint {0}: {1}")]
+    Mountpoint(String, String),
+    /// The kernel refused the mount or the session failed.
+    #[error("FUSE session: {0}")]
+    Session(io::Error),
+    /// Reading or hashing the tree.
+    #[error("volume I/O: {0}")]
+    Io(#[from] io::Error),
+    /// Writing a delta.
+    #[error(transparent)]
+    Delta(#[from] DeltaError),
+}
+
+/// Options of a mount.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Block size for dirty tracking and hashing; `None` keeps the manifest's
+    /// (or 64 KiB for a new volume).
+    pub block_size: Option<u32>,
+    /// FUSE worker threads.
+    pub threads: usize,
+    /// Let every user in (`allow_other`); the kernel checks modes.
+    pub allow_other: bool,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            block_size: None,
+            threads: 4,
+            allow_other: true,
+        }
+    }
+}
+
+/// The state a live mount shares between its FUSE threads, its control
+/// socket and its owner.
+#[derive(Debug)]
+pub struct LiveVolume {
+    backing: Backing,
+    mountpoint: PathBuf,
+    dirty: Arc<DirtyMap>,
+    tracked: Mutex<Tracked>,
+}
+
+impl LiveVolume {
+    /// The backing directory.
+    pub fn backing_dir(&self) -> &Path {
+        self.backing.root()
+    }
+
+    /// Where the volume is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Block size of dirty tracking.
+    pub fn block_size(&self) -> u32 {
+        self.dirty.block_size()
+    }
+
+    /// Dirty files, blocks and bytes not yet in the manifest. Writes still
+    /// in the kernel's writeback cache are not counted until [`flush`](Self::flush).
+    pub fn dirty_stats(&self) -> DirtyStats {
+        self.dirty.stats()
+    }
+
+    /// Pushes the kernel's writeback cache to the daemon (`syncfs` on the mount).
+    pub fn flush(&self) -> io::Result<()> {
+        let f = fs::File::open(&self.mountpoint)?;
+        sys::syncfs(f.as_raw_fd())
+    }
+
+    /// Flushes, then rehashes the dirty blocks into the manifest. Returns the
+    /// new root hash.
+    pub fn refresh(&self) -> Result<(Hash, RefreshStats), MountError> {
+        self.flush()?;
+        let mut t = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        let (next, stats) = scan::refresh(
+            self.backing.root(),
+            &t,
+            Some(&self.dirty),
+            Trust::DirtyMarks,
+        )?;
+        *t = next;
+        Ok((t.manifest.root(), stats))
+    }
+
+    /// The manifest as of the last refresh.
+    pub fn manifest(&self) -> Manifest {
+        self.tracked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .manifest
+            .clone()
+    }
+
+    /// Refreshes and writes the delta from `base` to now into `w`.
+    pub fn write_delta<W: Write>(&self, base: &Manifest, w: W) -> Result<DeltaSummary, MountError> {
+        self.refresh()?;
+        let m = self.manifest();
+        Ok(write_delta(self.backing.root(), &m, base, w)?)
+    }
+
+    fn persist(&self, clean: bool) -> Result<(), MountError> {
+        let t = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        self.backing.save(&t, clean)?;
+        Ok(())
+    }
+}
+
+/// A running mount. Dropping it unmounts (lazily if busy) and persists.
+#[derive(Debug)]
+pub struct MountHandle {
+    live: Arc<LiveVolume>,
+    unmounter: Option<fuser::SessionUnmounter>,
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+/// Whether `path` is a mount point (listed in this process's mountinfo).
+fn is_mount_point(path: &Path) -> io::Result<bool> {
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    let want = path.to_string_lossy();
+    Ok(info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|mp| unescape_mountinfo(mp) == want)
+    }))
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// Mounts the volume whose files are in `backing_dir` at `mountpoint` and
+/// serves it on background threads.
+pub fn mount(
+    backing_dir: &Path,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> Result<MountHandle, MountError> {
+    let mp_err = |m: &str| MountError::Mountpoint(mountpoint.display().to_string(), m.to_string());
+    let md = fs::metadata(mountpoint).map_err(|e| mp_err(&e.to_string()))?;
+    if !md.is_dir() {
+        return Err(mp_err("not a directory"));
+    }
+    let mp = fs::canonicalize(mountpoint)?;
+    if is_mount_point(&mp)? {
+        return Err(mp_err("already a mount point (in use)"));
+    }
+    let backing = Backing::open(backing_dir)?;
+    if mp.starts_with(backing.root()) || backing.root().starts_with(&mp) {
+        return Err(mp_err(
+            "must not be inside the backing directory, nor contain it",
+        ));
+    }
+    let (tracked, stats) = backing.load(opts.block_size)?;
+    if !stats.changed_behind_back.is_empty() {
+        tracing::warn!(
+            files = stats.changed_behind_back.len(),
+            "volume changed while unmounted; those files were rehashed"
+        );
+    }
+    // Until a clean unmount, the persisted manifest is not to be trusted.
+    backing.save(&tracked, false)?;
+    let dirty = Arc::new(DirtyMap::new(tracked.manifest.block_size));
+    let fs = VolFs::new(backing.root(), dirty.clone())?;
+    let config = {
+        let mut c = Config::default();
+        c.mount_options = vec![
+            MountOption::FSName(format!("volfs:{}", backing.root().display())),
+            MountOption::Subtype("volfs".into()),
+            MountOption::DefaultPermissions,
+            MountOption::RW,
+            MountOption::Dev,
+            MountOption::Suid,
+        ];
+        c.acl = if opts.allow_other {
+            SessionACL::All
+        } else {
+            SessionACL::Owner
+        };
+        c.n_threads = Some(opts.threads.max(1));
+        c.clone_fd = true;
+        c
+    };
+    let mut session = fuser::Session::new(fs, &mp, &config).map_err(MountError::Session)?;
+    let unmounter = session.unmount_callable();
+    let thread = std::thread::Builder::new()
+        .name("volfs-session".into())
+        .spawn(move || session.run())?;
+    let live = Arc::new(LiveVolume {
+        backing,
+        mountpoint: mp,
+        dirty,
+        tracked: Mutex::new(tracked),
+    });
+    Ok(MountHandle {
+        live,
+        unmounter: Some(unmounter),
+        thread: Some(thread),
+    })
+}
+
+impl MountHandle {
+    /// The live volume.
+    pub fn live(&self) -> &Arc<LiveVolume> {
+        &self.live
+    }
+
+    /// Unmounts, waits for the session to end, then refreshes and persists
+    /// the manifest as clean. A busy mount is detached lazily and this waits
+    /// until its last user is gone.
+    pub fn unmount(mut self) -> Result<Hash, MountError> {
+        self.stop()
+    }
+
+    /// Waits until the session ends by itself (someone ran `umount`).
+    pub fn join(mut self) -> Result<Hash, MountError> {
+        if let Some(t) = self.thread.take() {
+            t.join()
+                .map_err(|_| MountError::Session(io::Error::other("session thread panicked")))?
+                .map_err(MountError::Session)?;
+        }
+        self.finish()
+    }
+
+    fn stop(&mut self) -> Result<Hash, MountError> {
+        if let Some(mut u) = self.unmounter.take() {
+            if let Err(e) = u.unmount() {
+                tracing::warn!(error = %e, "unmount failed; detaching lazily");
+                let c = sys::cstr(self.live.mountpoint.as_os_str())?;
+                // SAFETY: `c` is NUL-terminated.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        if let Some(t) = self.thread.take() {
+            t.join()
+                .map_err(|_| MountError::Session(io::Error::other("session thread panicked")))?
+                .map_err(MountError::Session)?;
+        }
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<Hash, MountError> {
+        let live = &self.live;
+        let mut t = live.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        let (next, _) = scan::refresh(
+            live.backing.root(),
+            &t,
+            Some(&live.dirty),
+            Trust::DirtyMarks,
+        )?;
+        *t = next;
+        let root = t.manifest.root();
+        drop(t);
+        live.persist(true)?;
+        let _ = fs::remove_file(Backing::control_path(live.backing.root()));
+        Ok(root)
+    }
+
+    /// A handle that unmounts from another thread (signal handler, control socket).
+    pub fn unmounter(&self) -> Unmounter {
+        Unmounter {
+            mountpoint: self.live.mountpoint.clone(),
+        }
+    }
+}
+
+/// Unmounts a mount from any thread.
+#[derive(Debug, Clone)]
+pub struct Unmounter {
+    mountpoint: PathBuf,
+}
+
+impl Unmounter {
+    /// `umount`, falling back to a lazy detach when busy.
+    pub fn unmount(&self) -> io::Result<()> {
+        let c = sys::cstr(self.mountpoint.as_os_str())?;
+        // SAFETY: `c` is NUL-terminated.
+        if unsafe { libc::umount(c.as_ptr()) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            tracing::warn!("mount busy; detaching lazily, the session ends with its last user");
+            // SAFETY: `c` is NUL-terminated.
+            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+                return Ok(());
+            }
+            return Err(io::Error::last_os_error());
+        }
+        Err(e)
+    }
+}
+
+impl Drop for MountHandle {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            if let Err(e) = self.stop() {
+                tracing::error!(error = %e, "unmount on drop failed");
+            }
+        }
+    }
+}
