@@ -289,6 +289,32 @@ impl VolFs {
         Ok(attr)
     }
 
+    /// What the kernel expects of a filesystem with `FUSE_HANDLE_KILLPRIV_V2`
+    /// when an unprivileged caller writes or truncates: drop setuid, setgid
+    /// (when group-executable) and file capabilities. The daemon writes as
+    /// root, so the backing filesystem would not do it by itself.
+    fn kill_privs(&self, fd: RawFd) -> R<()> {
+        let st = sys::fstat(fd).map_err(errno)?;
+        let mut mode = st.st_mode & 0o7777;
+        if mode & libc::S_ISUID != 0 {
+            mode &= !libc::S_ISUID;
+        }
+        if mode & libc::S_ISGID != 0 && mode & libc::S_IXGRP != 0 {
+            mode &= !libc::S_ISGID;
+        }
+        if mode != st.st_mode & 0o7777 {
+            sys::chmod_fd(fd, mode).map_err(errno)?;
+            self.dirty.mark_metadata();
+        }
+        let p = sys::proc_path(fd);
+        match sys::xattr::remove(&p, c"security.capability", true) {
+            Ok(()) => self.dirty.mark_metadata(),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::ENOTSUP)) => {}
+            Err(e) => return Err(errno(e)),
+        }
+        Ok(())
+    }
+
     /// Truncates an open file to zero, marking what was cut.
     fn truncate_marked(&self, ino: INodeNo, fd: RawFd) -> R<()> {
         let st = sys::fstat(fd).map_err(errno)?;
@@ -301,6 +327,7 @@ impl VolFs {
 
     fn do_setattr(
         &self,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -319,6 +346,9 @@ impl VolFs {
             sys::chmod_fd(fd, m & 0o7777).map_err(errno)?;
         }
         if let Some(s) = size {
+            if req.uid() != 0 {
+                self.kill_privs(fd)?;
+            }
             let old = sys::fstat(fd).map_err(errno)?.st_size as u64;
             match fh {
                 Some(h) => sys::ftruncate(h.0 as RawFd, s),
@@ -431,6 +461,10 @@ impl Filesystem for VolFs {
             InitFlags::FUSE_ATOMIC_O_TRUNC,
             InitFlags::FUSE_ASYNC_DIO,
             InitFlags::FUSE_SPLICE_READ,
+            // We clear setuid/setgid/capabilities ourselves (see `kill_privs`),
+            // so the kernel sets SB_NOSEC and stops asking for
+            // security.capability before every write.
+            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         ] {
             if config.add_capabilities(cap).is_err() {
                 tracing::debug!(?cap, "kernel lacks capability");
@@ -468,7 +502,7 @@ impl Filesystem for VolFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -484,7 +518,7 @@ impl Filesystem for VolFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh) {
+        match self.do_setattr(req, ino, mode, uid, gid, size, atime, mtime, fh) {
             Ok(a) => reply.attr(&TTL, &a),
             Err(e) => reply.error(e),
         }
@@ -669,12 +703,15 @@ impl Filesystem for VolFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let r = (|| {
             let i = self.inode(ino)?;
             let fd = sys::open(&sys::proc_path(i.fd.as_raw_fd()), open_flags(flags.0), 0)
                 .map_err(errno)?;
             if flags.0 & libc::O_TRUNC != 0 {
+                if req.uid() != 0 {
+                    self.kill_privs(fd.as_raw_fd())?;
+                }
                 self.truncate_marked(ino, fd.as_raw_fd())?;
             }
             Ok(fd.into_raw_fd())
@@ -714,11 +751,16 @@ impl Filesystem for VolFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            if let Err(e) = self.kill_privs(fh.0 as RawFd) {
+                return reply.error(e);
+            }
+        }
         match sys::pwrite_all(fh.0 as RawFd, data, offset) {
             Ok(()) => {
                 // After the write landed: see the dirty-log protocol in `dirty`.

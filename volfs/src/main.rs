@@ -38,6 +38,10 @@ enum Cmd {
         /// Only the mounting user may access the mount (no allow_other).
         #[arg(long)]
         private: bool,
+        /// Percent of the machine's dirty-page budget the mount's writeback
+        /// cache may hold (the kernel's default for FUSE is 1).
+        #[arg(long, default_value_t = 20)]
+        writeback_share: u32,
     },
     /// Dirty files, blocks and bytes of a mounted volume.
     Status {
@@ -148,6 +152,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             block_size,
             threads,
             private,
+            writeback_share,
         } => mount(
             &backing,
             &mountpoint,
@@ -155,6 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 block_size,
                 threads,
                 allow_other: !private,
+                writeback_share: Some(writeback_share),
             },
         ),
         Cmd::Status { backing } => {

@@ -48,6 +48,9 @@ pub struct MountOptions {
     pub threads: usize,
     /// Let every user in (`allow_other`); the kernel checks modes.
     pub allow_other: bool,
+    /// Share (percent) of the machine's dirty-page budget this mount may
+    /// hold in its writeback cache; `None` keeps the kernel's 1 % for FUSE.
+    pub writeback_share: Option<u32>,
 }
 
 impl Default for MountOptions {
@@ -56,6 +59,7 @@ impl Default for MountOptions {
             block_size: None,
             threads: 4,
             allow_other: true,
+            writeback_share: Some(20),
         }
     }
 }
@@ -162,6 +166,23 @@ fn unescape_mountinfo(s: &str) -> String {
         .replace("\\134", "\\")
 }
 
+/// Lets this mount hold `pct` % of the machine's dirty-page budget.
+///
+/// The kernel gives every FUSE mount 1 % and a strict limit, guarding against
+/// an untrusted daemon that could pin dirty memory. volfs is a trusted root
+/// daemon, and with the default a writer is throttled to the daemon's
+/// request rate. The knob is the mount's backing-device entry in
+/// `/sys/class/bdi`.
+fn widen_writeback(mountpoint: &Path, pct: u32) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::metadata(mountpoint)?.dev();
+    let (maj, min) = (libc::major(dev), libc::minor(dev));
+    let bdi = PathBuf::from(format!("/sys/class/bdi/{maj}:{min}"));
+    fs::write(bdi.join("strict_limit"), "0")?;
+    fs::write(bdi.join("max_ratio"), pct.min(100).to_string())?;
+    Ok(())
+}
+
 /// Mounts the volume whose files are in `backing_dir` at `mountpoint` and
 /// serves it on background threads.
 pub fn mount(
@@ -219,6 +240,11 @@ pub fn mount(
     let thread = std::thread::Builder::new()
         .name("volfs-session".into())
         .spawn(move || session.run())?;
+    if let Some(pct) = opts.writeback_share {
+        if let Err(e) = widen_writeback(&mp, pct) {
+            tracing::warn!(error = %e, "could not widen the writeback cache; writes will be throttled");
+        }
+    }
     let live = Arc::new(LiveVolume {
         backing,
         mountpoint: mp,

@@ -27,16 +27,45 @@ fn replicate(m: &Mounted, base: &Manifest, target: &Path) -> Manifest {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { file: u8, offset: u32, len: u16, byte: u8 },
-    Truncate { file: u8, len: u32 },
-    Mkdir { dir: u8 },
-    Rename { from: u8, to: u8 },
-    Unlink { file: u8 },
-    Symlink { file: u8, target: u8 },
-    Hardlink { from: u8, to: u8 },
-    Chmod { file: u8, mode: u16 },
-    Xattr { file: u8, value: u8 },
-    Rmdir { dir: u8 },
+    Write {
+        file: u8,
+        offset: u32,
+        len: u16,
+        byte: u8,
+    },
+    Truncate {
+        file: u8,
+        len: u32,
+    },
+    Mkdir {
+        dir: u8,
+    },
+    Rename {
+        from: u8,
+        to: u8,
+    },
+    Unlink {
+        file: u8,
+    },
+    Symlink {
+        file: u8,
+        target: u8,
+    },
+    Hardlink {
+        from: u8,
+        to: u8,
+    },
+    Chmod {
+        file: u8,
+        mode: u16,
+    },
+    Xattr {
+        file: u8,
+        value: u8,
+    },
+    Rmdir {
+        dir: u8,
+    },
     /// Ship what changed so far to the receiver (an intermediate round).
     Round,
 }
@@ -61,19 +90,37 @@ fn op() -> impl Strategy<Value = Op> {
 /// File `i` lives at the root or in directory `i % 3` (if it exists).
 fn file_path(m: &Mounted, i: u8) -> std::path::PathBuf {
     let d = m.p(&format!("d{}", i % 3));
-    if i >= 3 && d.is_dir() { d.join(format!("f{i}")) } else { m.p(&format!("f{i}")) }
+    if i >= 3 && d.is_dir() {
+        d.join(format!("f{i}"))
+    } else {
+        m.p(&format!("f{i}"))
+    }
 }
 
 fn run_op(m: &Mounted, op: &Op) {
     // Errors (a missing file, a non-empty directory) are part of the game.
     let _ = match op {
-        Op::Write { file, offset, len, byte } => (|| {
-            let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(file_path(m, *file))?;
-            std::os::unix::fs::FileExt::write_all_at(&f, &vec![*byte; *len as usize], u64::from(*offset))
+        Op::Write {
+            file,
+            offset,
+            len,
+            byte,
+        } => (|| {
+            let f = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(file_path(m, *file))?;
+            std::os::unix::fs::FileExt::write_all_at(
+                &f,
+                &vec![*byte; *len as usize],
+                u64::from(*offset),
+            )
         })(),
-        Op::Truncate { file, len } => {
-            fs::OpenOptions::new().write(true).open(file_path(m, *file)).and_then(|f| f.set_len(u64::from(*len)))
-        }
+        Op::Truncate { file, len } => fs::OpenOptions::new()
+            .write(true)
+            .open(file_path(m, *file))
+            .and_then(|f| f.set_len(u64::from(*len))),
         Op::Mkdir { dir } => fs::create_dir(m.p(&format!("d{dir}"))),
         Op::Rename { from, to } => fs::rename(file_path(m, *from), file_path(m, *to)),
         Op::Unlink { file } => fs::remove_file(file_path(m, *file)),
@@ -81,12 +128,29 @@ fn run_op(m: &Mounted, op: &Op) {
             std::os::unix::fs::symlink(format!("f{target}"), file_path(m, *file))
         }
         Op::Hardlink { from, to } => fs::hard_link(file_path(m, *from), file_path(m, *to)),
-        Op::Chmod { file, mode } => fs::set_permissions(file_path(m, *file), fs::Permissions::from_mode(u32::from(*mode) | 0o200)),
+        Op::Chmod { file, mode } => fs::set_permissions(
+            file_path(m, *file),
+            fs::Permissions::from_mode(u32::from(*mode) | 0o200),
+        ),
         Op::Xattr { file, value } => {
-            let p = std::ffi::CString::new(file_path(m, *file).into_os_string().into_encoded_bytes()).unwrap();
+            let p =
+                std::ffi::CString::new(file_path(m, *file).into_os_string().into_encoded_bytes())
+                    .unwrap();
             // SAFETY: valid C strings and a one-byte buffer.
-            let r = unsafe { libc::lsetxattr(p.as_ptr(), c"user.v".as_ptr(), std::ptr::from_ref(value).cast(), 1, 0) };
-            if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+            let r = unsafe {
+                libc::lsetxattr(
+                    p.as_ptr(),
+                    c"user.v".as_ptr(),
+                    std::ptr::from_ref(value).cast(),
+                    1,
+                    0,
+                )
+            };
+            if r == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
         }
         Op::Rmdir { dir } => fs::remove_dir(m.p(&format!("d{dir}"))),
         Op::Round => Ok(()),
@@ -121,7 +185,10 @@ proptest! {
 
 #[test]
 fn a_write_racing_extraction_is_in_the_next_delta() {
-    let m = Mounted::with(volfs::MountOptions { block_size: Some(4096), ..Default::default() });
+    let m = Mounted::with(volfs::MountOptions {
+        block_size: Some(4096),
+        ..Default::default()
+    });
     let target = m.dir.path().join("target");
     fs::create_dir(&target).unwrap();
     let f = m.p("hot");
@@ -135,7 +202,12 @@ fn a_write_racing_extraction_is_in_the_next_delta() {
             let mut i: u64 = 0;
             while !stop.load(Ordering::Relaxed) {
                 let block = (i * 7) % 64;
-                std::os::unix::fs::FileExt::write_all_at(&h, &i.to_le_bytes().repeat(512), block * 4096).unwrap();
+                std::os::unix::fs::FileExt::write_all_at(
+                    &h,
+                    &i.to_le_bytes().repeat(512),
+                    block * 4096,
+                )
+                .unwrap();
                 i += 1;
             }
         });
@@ -160,7 +232,9 @@ fn only_changed_blocks_travel_and_renames_send_no_data() {
     let m = Mounted::new();
     let target = m.dir.path().join("target");
     fs::create_dir(&target).unwrap();
-    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     fs::write(m.p("big"), &data).unwrap();
     let held = replicate(&m, &Manifest::empty(volfs::DEFAULT_BLOCK_SIZE), &target);
 
@@ -173,9 +247,16 @@ fn only_changed_blocks_travel_and_renames_send_no_data() {
     let mut buf = Vec::new();
     let s = m.live().write_delta(&held, &mut buf).unwrap();
     assert_eq!(s.blocks, 2, "two dirty blocks, nothing for the rename");
-    assert!(s.wire_bytes < 2 * 65536 + 4096, "delta is {} bytes", s.wire_bytes);
+    assert!(
+        s.wire_bytes < 2 * 65536 + 4096,
+        "delta is {} bytes",
+        s.wire_bytes
+    );
     volfs::offline::apply(&target, buf.as_slice()).unwrap();
-    assert_eq!(fs::read(target.join("moved")).unwrap(), fs::read(m.p("moved")).unwrap());
+    assert_eq!(
+        fs::read(target.join("moved")).unwrap(),
+        fs::read(m.p("moved")).unwrap()
+    );
 }
 
 #[test]
@@ -186,7 +267,10 @@ fn manifest_persists_across_remount_and_offline_changes_are_caught() {
     f.write_all(b"bee").unwrap();
     drop(f);
     let root = m.unmount();
-    assert_eq!(root, full_scan(&m.backing, volfs::DEFAULT_BLOCK_SIZE).root());
+    assert_eq!(
+        root,
+        full_scan(&m.backing, volfs::DEFAULT_BLOCK_SIZE).root()
+    );
 
     // A clean remount reuses every hash.
     let b = Backing::open(&m.backing).unwrap();
@@ -201,8 +285,10 @@ fn manifest_persists_across_remount_and_offline_changes_are_caught() {
     let b = Backing::open(&m.backing).unwrap();
     let (t, stats) = b.load(None).unwrap();
     assert_eq!(stats.changed_behind_back, vec!["b".to_string()]);
-    assert_eq!(t.manifest.root(), full_scan(&m.backing, volfs::DEFAULT_BLOCK_SIZE).root());
+    assert_eq!(
+        t.manifest.root(),
+        full_scan(&m.backing, volfs::DEFAULT_BLOCK_SIZE).root()
+    );
     assert_ne!(t.manifest.root(), root);
     drop(b);
-
 }

@@ -40,5 +40,8 @@ fn fio_verified_writes_pass_on_the_mount() {
     fio(&m.mnt, "rand", "randwrite", "4k");
     fio(&m.mnt, "mixed", "randrw", "16k");
     m.live().refresh().unwrap();
-    assert_eq!(m.live().manifest(), full_scan(&m.backing, m.live().block_size()));
+    assert_eq!(
+        m.live().manifest(),
+        full_scan(&m.backing, m.live().block_size())
+    );
 }

@@ -31,7 +31,11 @@ fn c(p: &Path) -> CString {
 fn assert_manifest_exact(m: &Mounted) {
     let (root, _) = m.live().refresh().unwrap();
     let full = full_scan(&m.backing, m.live().block_size());
-    assert_eq!(m.live().manifest(), full, "incremental manifest differs from a full scan");
+    assert_eq!(
+        m.live().manifest(),
+        full,
+        "incremental manifest differs from a full scan"
+    );
     assert_eq!(root, full.root());
 }
 
@@ -46,7 +50,11 @@ fn files_read_write_truncate_and_append() {
     drop(h);
     assert_eq!(fs::read(&f).unwrap(), b"hello world");
     // Write in the middle, past the end (a hole), then read back.
-    let mut h = fs::OpenOptions::new().read(true).write(true).open(&f).unwrap();
+    let mut h = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&f)
+        .unwrap();
     h.seek(SeekFrom::Start(200_000)).unwrap();
     h.write_all(b"tail").unwrap();
     h.seek(SeekFrom::Start(0)).unwrap();
@@ -82,7 +90,11 @@ fn truncate_down_and_back_to_the_same_size_is_tracked() {
     // The same through O_TRUNC and a write that ends at the old size.
     fs::write(&f, vec![9u8; 200_000]).unwrap();
     m.live().refresh().unwrap();
-    let h = fs::OpenOptions::new().write(true).truncate(true).open(&f).unwrap();
+    let h = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&f)
+        .unwrap();
     std::os::unix::fs::FileExt::write_all_at(&h, &[9u8; 10], 199_990).unwrap();
     drop(h);
     assert_manifest_exact(&m);
@@ -98,9 +110,18 @@ fn attributes_modes_owners_and_times() {
     std::os::unix::fs::chown(&f, Some(1234), Some(5678)).unwrap();
     let md = fs::metadata(&f).unwrap();
     assert_eq!((md.uid(), md.gid()), (1234, 5678));
-    assert_eq!(fs::metadata(m.backing.join("f")).unwrap().uid(), 1234, "owner reaches the backing file");
+    assert_eq!(
+        fs::metadata(m.backing.join("f")).unwrap().uid(),
+        1234,
+        "owner reaches the backing file"
+    );
     let t = SystemTime::UNIX_EPOCH + Duration::new(1_600_000_000, 123_456_789);
-    fs::File::options().write(true).open(&f).unwrap().set_modified(t).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
     assert_eq!(fs::metadata(&f).unwrap().modified().unwrap(), t);
     // setuid survives a chmod after chown (as on ext4).
     fs::set_permissions(&f, fs::Permissions::from_mode(0o4755)).unwrap();
@@ -125,7 +146,10 @@ fn directories_links_and_renames() {
 
     // Hard link: same inode, two links.
     fs::hard_link(m.p("d/e/f"), m.p("h")).unwrap();
-    let (a, b) = (fs::metadata(m.p("d/e/f")).unwrap(), fs::metadata(m.p("h")).unwrap());
+    let (a, b) = (
+        fs::metadata(m.p("d/e/f")).unwrap(),
+        fs::metadata(m.p("h")).unwrap(),
+    );
     assert_eq!(a.ino(), b.ino());
     assert_eq!(a.nlink(), 2);
 
@@ -141,19 +165,40 @@ fn directories_links_and_renames() {
     let cwd = libc::AT_FDCWD;
     // SAFETY: valid C strings.
     let r = unsafe {
-        libc::renameat2(cwd, c(&m.p("x")).as_ptr(), cwd, c(&m.p("y")).as_ptr(), libc::RENAME_NOREPLACE)
+        libc::renameat2(
+            cwd,
+            c(&m.p("x")).as_ptr(),
+            cwd,
+            c(&m.p("y")).as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
     };
-    assert_eq!((r, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::EEXIST)));
+    assert_eq!(
+        (r, std::io::Error::last_os_error().raw_os_error()),
+        (-1, Some(libc::EEXIST))
+    );
     // SAFETY: valid C strings.
     let r = unsafe {
-        libc::renameat2(cwd, c(&m.p("x")).as_ptr(), cwd, c(&m.p("y")).as_ptr(), libc::RENAME_EXCHANGE)
+        libc::renameat2(
+            cwd,
+            c(&m.p("x")).as_ptr(),
+            cwd,
+            c(&m.p("y")).as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
     };
     assert_eq!(r, 0);
     assert_eq!(fs::read(m.p("x")).unwrap(), b"x");
     assert_eq!(fs::read(m.p("y")).unwrap(), b"new x");
     // SAFETY: valid C strings.
     let r = unsafe {
-        libc::renameat2(cwd, c(&m.p("x")).as_ptr(), cwd, c(&m.p("z")).as_ptr(), libc::RENAME_WHITEOUT)
+        libc::renameat2(
+            cwd,
+            c(&m.p("x")).as_ptr(),
+            cwd,
+            c(&m.p("z")).as_ptr(),
+            libc::RENAME_WHITEOUT,
+        )
     };
     assert_eq!(r, -1, "whiteout is refused");
 
@@ -165,8 +210,10 @@ fn directories_links_and_renames() {
     assert_eq!(fs::metadata(m.p("h")).unwrap().nlink(), 1);
 
     // readdir (and readdirplus) list exactly the names; the metadata dir is hidden.
-    let mut names: Vec<String> =
-        fs::read_dir(&m.mnt).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<String> = fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     names.sort();
     assert_eq!(names, ["d2", "h", "s", "x", "y"]);
     assert_eq!(errno_of(fs::metadata(m.p(".volfs"))), libc::ENOENT);
@@ -179,7 +226,11 @@ fn many_entries_in_one_directory() {
     let m = Mounted::new();
     fs::create_dir(m.p("many")).unwrap();
     for i in 0..600 {
-        fs::write(m.p(&format!("many/file-with-a-long-name-{i:04}")), i.to_string()).unwrap();
+        fs::write(
+            m.p(&format!("many/file-with-a-long-name-{i:04}")),
+            i.to_string(),
+        )
+        .unwrap();
     }
     let n = fs::read_dir(m.p("many")).unwrap().count();
     assert_eq!(n, 600, "readdir pages through every entry once");
@@ -195,14 +246,36 @@ fn xattrs_statfs_fsync_fallocate_and_seek_data() {
     let (name, val) = (c"user.color", b"blue");
     // SAFETY: valid C strings and buffers.
     unsafe {
-        assert_eq!(libc::setxattr(cf.as_ptr(), name.as_ptr(), val.as_ptr().cast(), val.len(), 0), 0);
+        assert_eq!(
+            libc::setxattr(
+                cf.as_ptr(),
+                name.as_ptr(),
+                val.as_ptr().cast(),
+                val.len(),
+                0
+            ),
+            0
+        );
         let mut buf = [0u8; 16];
-        let n = libc::getxattr(cf.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len());
+        let n = libc::getxattr(
+            cf.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        );
         assert_eq!(&buf[..n as usize], val);
         let n = libc::listxattr(cf.as_ptr(), buf.as_mut_ptr().cast(), buf.len());
         assert_eq!(&buf[..n as usize], b"user.color\0");
-        let n = libc::getxattr(cf.as_ptr(), c"user.none".as_ptr(), buf.as_mut_ptr().cast(), buf.len());
-        assert_eq!((n, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::ENODATA)));
+        let n = libc::getxattr(
+            cf.as_ptr(),
+            c"user.none".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        );
+        assert_eq!(
+            (n, std::io::Error::last_os_error().raw_os_error()),
+            (-1, Some(libc::ENODATA))
+        );
     }
     assert_manifest_exact(&m);
     // SAFETY: valid C strings.
@@ -215,12 +288,21 @@ fn xattrs_statfs_fsync_fallocate_and_seek_data() {
     assert!(st.f_blocks > 0 && st.f_bsize > 0);
 
     // fsync, fdatasync; punch a hole and see zeros.
-    let h = fs::OpenOptions::new().read(true).write(true).open(&f).unwrap();
+    let h = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&f)
+        .unwrap();
     h.sync_all().unwrap();
     h.sync_data().unwrap();
     // SAFETY: plain syscall on an open fd.
     let r = unsafe {
-        libc::fallocate(h.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 65536, 65536)
+        libc::fallocate(
+            h.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            65536,
+            65536,
+        )
     };
     assert_eq!(r, 0, "punch hole: {}", std::io::Error::last_os_error());
     drop(h);
@@ -246,17 +328,43 @@ fn kernel_enforces_permissions_for_other_users() {
             .output()
             .expect("setpriv (util-linux) runs")
     };
-    assert!(!as_nobody(&["cat", m.p("secret").to_str().unwrap()]).status.success());
+    assert!(
+        !as_nobody(&["cat", m.p("secret").to_str().unwrap()])
+            .status
+            .success()
+    );
     let out = as_nobody(&["cat", m.p("open").to_str().unwrap()]);
     assert_eq!(out.stdout, b"o", "{}", String::from_utf8_lossy(&out.stderr));
     // A file created by another user is owned by that user.
     let out = as_nobody(&["touch", m.p("mine").to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let md = fs::metadata(m.p("mine")).unwrap();
     assert_eq!((md.uid(), md.gid()), (65534, 65534));
+    // A write by an unprivileged user drops setuid (volfs handles killpriv).
+    fs::write(m.p("suid"), b"#!/bin/true\n").unwrap();
+    fs::set_permissions(m.p("suid"), fs::Permissions::from_mode(0o4777)).unwrap();
+    let out = as_nobody(&[
+        "sh",
+        "-c",
+        &format!("echo more >> {}", m.p("suid").display()),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::metadata(m.p("suid")).unwrap().mode() & 0o7777, 0o777);
     // Sticky directory: another user's file cannot be removed (as on ext4).
     fs::set_permissions(&m.mnt, fs::Permissions::from_mode(0o1777)).unwrap();
-    assert!(!as_nobody(&["rm", "-f", m.p("secret").to_str().unwrap()]).status.success());
+    assert!(
+        !as_nobody(&["rm", "-f", m.p("secret").to_str().unwrap()])
+            .status
+            .success()
+    );
     assert!(m.p("secret").exists());
     assert_manifest_exact(&m);
 }
@@ -266,7 +374,11 @@ fn posix_locks_conflict_between_processes() {
     let m = Mounted::new();
     let f = m.p("db");
     fs::write(&f, b"0").unwrap();
-    let h = fs::OpenOptions::new().read(true).write(true).open(&f).unwrap();
+    let h = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&f)
+        .unwrap();
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = libc::F_WRLCK as i16;
     fl.l_whence = libc::SEEK_SET as i16;
@@ -276,10 +388,16 @@ fn posix_locks_conflict_between_processes() {
         "import fcntl,sys\nf=open({:?},'r+')\ntry:\n fcntl.lockf(f,fcntl.LOCK_EX|fcntl.LOCK_NB)\n print('got')\nexcept OSError:\n print('busy')",
         f.to_str().unwrap()
     );
-    let out = Command::new("python3").args(["-c", &script]).output().expect("python3 runs");
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3 runs");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "busy");
     drop(h);
-    let out = Command::new("python3").args(["-c", &script]).output().unwrap();
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "got");
 }
 
@@ -298,7 +416,10 @@ fn special_files() {
 fn concurrent_writers_lose_nothing() {
     let m = Mounted::new();
     let shared = m.p("shared");
-    fs::File::create(&shared).unwrap().set_len(8 * 256 * 1024).unwrap();
+    fs::File::create(&shared)
+        .unwrap()
+        .set_len(8 * 256 * 1024)
+        .unwrap();
     std::thread::scope(|s| {
         for t in 0..8u8 {
             let shared = &shared;
@@ -308,7 +429,12 @@ fn concurrent_writers_lose_nothing() {
                 let mut o = fs::File::create(own).unwrap();
                 for i in 0..64u64 {
                     let chunk = vec![t.wrapping_mul(31).wrapping_add(i as u8); 4096];
-                    std::os::unix::fs::FileExt::write_at(&f, &chunk, (u64::from(t) * 64 + i) * 4096).unwrap();
+                    std::os::unix::fs::FileExt::write_at(
+                        &f,
+                        &chunk,
+                        (u64::from(t) * 64 + i) * 4096,
+                    )
+                    .unwrap();
                     o.write_all(&chunk).unwrap();
                 }
             });
@@ -318,9 +444,16 @@ fn concurrent_writers_lose_nothing() {
     for t in 0..8u64 {
         for i in 0..64u64 {
             let at = ((t * 64 + i) * 4096) as usize;
-            assert!(data[at..at + 4096].iter().all(|&b| b == (t as u8).wrapping_mul(31).wrapping_add(i as u8)));
+            assert!(
+                data[at..at + 4096]
+                    .iter()
+                    .all(|&b| b == (t as u8).wrapping_mul(31).wrapping_add(i as u8))
+            );
         }
-        assert_eq!(fs::metadata(m.p(&format!("own-{t}"))).unwrap().len(), 64 * 4096);
+        assert_eq!(
+            fs::metadata(m.p(&format!("own-{t}"))).unwrap().len(),
+            64 * 4096
+        );
     }
     assert_manifest_exact(&m);
 }

@@ -18,7 +18,10 @@ pub fn require_fuse() {
     );
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
-    assert_eq!(uid, 0, "these tests mount FUSE directly and chown files: run them as root");
+    assert_eq!(
+        uid, 0,
+        "these tests mount FUSE directly and chown files: run them as root"
+    );
 }
 
 /// A volume mounted for one test.
@@ -42,7 +45,12 @@ impl Mounted {
         fs::create_dir(&backing).unwrap();
         fs::create_dir(&mnt).unwrap();
         let handle = volfs::mount(&backing, &mnt, &opts).expect("mount");
-        Mounted { dir, backing, mnt, handle: Some(handle) }
+        Mounted {
+            dir,
+            backing,
+            mnt,
+            handle: Some(handle),
+        }
     }
 
     pub fn p(&self, rel: &str) -> PathBuf {
@@ -59,7 +67,9 @@ impl Mounted {
     }
 
     pub fn remount(&mut self) {
-        self.handle = Some(volfs::mount(&self.backing, &self.mnt, &MountOptions::default()).expect("remount"));
+        self.handle = Some(
+            volfs::mount(&self.backing, &self.mnt, &MountOptions::default()).expect("remount"),
+        );
     }
 }
 
@@ -73,8 +83,14 @@ impl Drop for Mounted {
 
 /// The manifest of a directory hashed from scratch (nothing trusted).
 pub fn full_scan(root: &Path, block_size: u32) -> Manifest {
-    let empty = Tracked { manifest: Manifest::empty(block_size), local: BTreeMap::new() };
-    scan::refresh(root, &empty, None, Trust::Nothing).unwrap().0.manifest
+    let empty = Tracked {
+        manifest: Manifest::empty(block_size),
+        local: BTreeMap::new(),
+    };
+    scan::refresh(root, &empty, None, Trust::Nothing)
+        .unwrap()
+        .0
+        .manifest
 }
 
 /// Every path under `root` (but `.volfs`) with its bytes or symlink target.
@@ -85,7 +101,10 @@ pub fn contents(root: &Path) -> BTreeMap<String, Vec<u8>> {
         let v = if md.is_file() {
             fs::read(&p).unwrap()
         } else if md.file_type().is_symlink() {
-            fs::read_link(&p).unwrap().into_os_string().into_encoded_bytes()
+            fs::read_link(&p)
+                .unwrap()
+                .into_os_string()
+                .into_encoded_bytes()
         } else {
             b"<dir>".to_vec()
         };

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, then runs every test of the
+# workspace (real FUSE mounts, real fio, real Docker).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+cargo build --workspace --all-targets
+cargo test --workspace -- --test-threads=2
