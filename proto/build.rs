@@ -2,7 +2,7 @@
 //! build needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["edge/v1/volume.proto"];
+    let protos = ["edge/v1/volume.proto", "edge/v1/edge.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

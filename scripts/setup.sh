@@ -11,6 +11,7 @@ command -v bindfs >/dev/null || need+=(bindfs)
 command -v setpriv >/dev/null || need+=(util-linux)
 command -v python3 >/dev/null || need+=(python3)
 command -v dockerd >/dev/null || need+=(docker.io)
+[[ -e /usr/share/dict/words ]] || need+=(wamerican)
 if ((${#need[@]})); then
     echo "setup: installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -1,6 +1,8 @@
 //! Wire types of edgeshift, package `edge.v1`.
 //!
 //! # Layout
+//! - `edge/v1/edge.proto`: the `Edge` service clients call and the `Admin`
+//!   service of the operator.
 //! - `edge/v1/volume.proto`: the manifest of a volume and the frames a delta
 //!   travels in (header, manifest entries, block chunks, trailer with the root hash).
 //!

@@ -124,7 +124,10 @@ fn mode_of(t: &std::fs::FileType) -> u32 {
 /// from a file opened write-only and handles O_APPEND itself; O_TRUNC is
 /// done by [`VolFs::truncate_marked`] so the cut range is marked.
 fn open_flags(flags: i32) -> i32 {
-    let mut f = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC);
+    // O_NOFOLLOW: the kernel resolved the path; reopening through the
+    // /proc/self/fd magic link must follow it.
+    let mut f =
+        flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC | libc::O_NOFOLLOW);
     if f & libc::O_ACCMODE == libc::O_WRONLY {
         f = (f & !libc::O_ACCMODE) | libc::O_RDWR;
     }

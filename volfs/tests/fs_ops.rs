@@ -9,7 +9,7 @@ use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime};
@@ -69,6 +69,14 @@ fn files_read_write_truncate_and_append() {
     let data = fs::read(&f).unwrap();
     assert_eq!(&data[..3], b"hel");
     assert!(data[3..].iter().all(|&b| b == 0));
+    // Opening an existing file with O_NOFOLLOW (as SQLite does).
+    let h = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&f)
+        .expect("O_NOFOLLOW open of an existing file");
+    drop(h);
     // O_TRUNC through open.
     fs::write(&f, b"x").unwrap();
     assert_eq!(fs::read(&f).unwrap(), b"x");

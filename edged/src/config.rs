@@ -1,0 +1,230 @@
+//! The edge's configuration (`edged.toml`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors of loading a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("config {0}: {1}")]
+    Read(String, std::io::Error),
+    /// The TOML does not parse or has unknown keys.
+    #[error("config {0}: {1}")]
+    Parse(String, toml::de::Error),
+    /// A value is out of range or inconsistent.
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration of one edge.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This edge's id, unique among its neighbours.
+    pub edge_id: String,
+    /// Address the Edge and Admin services listen on.
+    pub listen: SocketAddr,
+    /// Where sessions (volumes, sockets, journals) live.
+    pub data_dir: PathBuf,
+    /// A session without a call for this long is closed.
+    #[serde(with = "secs")]
+    pub session_ttl: Duration,
+    /// Largest payload of one call, bytes.
+    pub max_payload: usize,
+    /// How long an app may take to answer on its socket after start.
+    #[serde(with = "secs")]
+    pub start_timeout: Duration,
+    /// The `volfs` binary; default: next to `edged`, else on `PATH`.
+    pub volfs_binary: Option<PathBuf>,
+    /// Block size of session volumes.
+    pub block_size: u32,
+    /// The apps this edge serves, by name.
+    pub apps: BTreeMap<String, AppConfig>,
+}
+
+/// One offloadable application.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    /// Directory whose contents seed every new session's volume.
+    pub base_volume: PathBuf,
+    /// How instances run.
+    pub runtime: RuntimeConfig,
+    /// Memory limit per instance, MiB (Docker).
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    /// Process/thread limit per instance (Docker).
+    #[serde(default = "default_pids")]
+    pub pids_limit: i64,
+}
+
+fn default_memory() -> u64 {
+    256
+}
+
+fn default_pids() -> i64 {
+    128
+}
+
+/// The runtime of an app's instances.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RuntimeConfig {
+    /// A child process of edged (the embedded default: no container engine).
+    Process {
+        /// Program to run.
+        command: PathBuf,
+        /// Its arguments.
+        #[serde(default)]
+        args: Vec<String>,
+    },
+    /// A Docker container (network none, read-only root, no capabilities).
+    Docker {
+        /// Image to run (e.g. built by `edged image build`).
+        image: String,
+    },
+}
+
+mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = f64::deserialize(d)?;
+        if !(0.0..=1e9).contains(&v) {
+            return Err(serde::de::Error::custom("seconds out of range"));
+        }
+        Ok(Duration::from_secs_f64(v))
+    }
+}
+
+/// A commented default configuration: one edge on loopback serving the two
+/// example apps with the process runtime.
+pub const DEFAULT_TOML: &str = r#"# edged configuration.
+
+# This edge's id, unique among its neighbours.
+edge_id = "edge-a"
+# Address of the Edge (clients) and Admin (operator) gRPC services.
+listen = "127.0.0.1:50051"
+# Sessions live here: <data_dir>/sessions/<id>/{volume,mnt,run,ops.log}.
+data_dir = "/var/lib/edgeshift"
+# A session with no call for this long is closed and its volume removed (s).
+session_ttl = 3600
+# Largest payload of one call (bytes).
+max_payload = 4194304
+# How long an app may take to answer on its socket after it started (s).
+start_timeout = 20
+# Block size of session volumes (dirty tracking and hashing).
+block_size = 65536
+# volfs_binary = "/usr/local/bin/volfs"   # default: next to edged, else PATH
+
+# Each app: a base volume (copied into every new session's volume) and a
+# runtime. The process runtime runs a child process; the docker runtime a
+# container with network none, a read-only root, all capabilities dropped.
+[apps.list]
+base_volume = "/var/lib/edgeshift/base/list"
+runtime = { kind = "process", command = "/usr/local/bin/list-app" }
+
+[apps.search]
+base_volume = "/var/lib/edgeshift/base/search"
+runtime = { kind = "process", command = "/usr/local/bin/search-app" }
+memory_mib = 256
+pids_limit = 128
+
+# [apps.list-docker]
+# base_volume = "/var/lib/edgeshift/base/list"
+# runtime = { kind = "docker", image = "edgeshift/list-app:latest" }
+"#;
+
+impl Config {
+    /// Parses and validates TOML.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(origin.into(), e))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Loads a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read(path.display().to_string(), e))?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Checks names and ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !valid_name(&self.edge_id) {
+            return bad(format!(
+                "edge_id {:?}: use 1-64 of [a-zA-Z0-9._-]",
+                self.edge_id
+            ));
+        }
+        for name in self.apps.keys() {
+            if !valid_name(name) {
+                return bad(format!("app name {name:?}: use 1-64 of [a-zA-Z0-9._-]"));
+            }
+        }
+        if !(512..=16 << 20).contains(&self.block_size) {
+            return bad(format!(
+                "block_size {} is outside 512 ..= 16 MiB",
+                self.block_size
+            ));
+        }
+        if self.max_payload == 0 || self.max_payload > 64 << 20 {
+            return bad(format!(
+                "max_payload {} is outside 1 ..= 64 MiB",
+                self.max_payload
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Names of apps, edges and sessions: 1-64 characters of `[a-zA-Z0-9._-]`,
+/// not starting with a dot.
+pub fn valid_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_parses() {
+        let c = Config::from_toml(DEFAULT_TOML, "default").unwrap();
+        assert_eq!(c.apps.len(), 2);
+        assert!(matches!(
+            c.apps["list"].runtime,
+            RuntimeConfig::Process { .. }
+        ));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let t = DEFAULT_TOML.replace("edge-a", "../x");
+        assert!(matches!(
+            Config::from_toml(&t, "t"),
+            Err(ConfigError::Invalid(_))
+        ));
+        let t = DEFAULT_TOML.replace("session_ttl", "session_tl");
+        assert!(matches!(
+            Config::from_toml(&t, "t"),
+            Err(ConfigError::Parse(..))
+        ));
+    }
+}

@@ -1,0 +1,31 @@
+//! edged: the daemon of an edge host.
+//!
+//! A client opens a *session* for an app; edged gives it its own instance of
+//! the app (a child process or a Docker container) over its own volfs
+//! volume, and forwards the client's calls to the instance's Unix socket.
+//!
+//! # Layout
+//! - [`config`]: `edged.toml`, with a commented default.
+//! - [`session`]: sessions and the [`session::Edge`] that owns them: open,
+//!   invoke, result, close, idle reaping, recovery after a restart.
+//! - [`journal`]: each session's op journal (run once by op id, results kept).
+//! - [`forward`]: calls to the app over its socket with a raw-bytes codec.
+//! - [`volume`]: seeding a volume and its volfs shim process.
+//! - [`runtime`]: the [`runtime::Runtime`] trait, the process and Docker
+//!   runtimes, and `FROM scratch` image builds.
+//! - [`server`]: the gRPC services (`Edge`, `Admin`, health) and `run`.
+//!
+//! Why a volfs *process* per volume: an edged restart, crash or upgrade must
+//! not pull a volume out from under a running instance (containerd keeps a
+//! shim per container for the same reason). edged talks to each shim over
+//! the volume's control socket; a restarted edged re-attaches them.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod forward;
+pub mod journal;
+pub mod runtime;
+pub mod server;
+pub mod session;
+pub mod volume;

@@ -1,0 +1,200 @@
+//! `edged`: serve an edge, print the default configuration, list sessions,
+//! build app images.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use edged::config::{Config, DEFAULT_TOML};
+
+#[derive(Parser)]
+#[command(name = "edged", version, about = "edgeshift edge daemon")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the Edge and Admin services.
+    Serve {
+        /// Configuration file (see `edged config default`).
+        #[arg(long)]
+        config: PathBuf,
+        /// Close every session on shutdown instead of leaving them for the next start.
+        #[arg(long)]
+        close_sessions: bool,
+    },
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// List the sessions of a running edged (Admin service).
+    Sessions {
+        /// Address of the edge.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+    },
+    /// Close one session of a running edged (Admin service).
+    Close {
+        /// Session id.
+        session: String,
+        /// Address of the edge.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+    },
+    /// Stop and remove every session recorded in the data directory (edged not running).
+    Cleanup {
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Images for the Docker runtime, without a registry.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print a commented default configuration.
+    Default,
+    /// Check a configuration file.
+    Check {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Build a FROM-scratch image holding BINARY (and its shared libraries) as entrypoint.
+    Build {
+        /// The app binary.
+        #[arg(long)]
+        binary: PathBuf,
+        /// Image tag, e.g. edgeshift/list-app:latest.
+        #[arg(long)]
+        tag: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "edged=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(run(Cli::parse())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edged: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Serve {
+            config,
+            close_sessions,
+        } => {
+            let cfg = Config::load(&config)?;
+            let listener = tokio::net::TcpListener::bind(cfg.listen)
+                .await
+                .with_context(|| format!("listen on {}", cfg.listen))?;
+            let edge = edged::session::Edge::new(cfg)?;
+            let (recovered, removed) = edge.recover().await;
+            tracing::info!(edge = %edge.cfg.edge_id, addr = %listener.local_addr()?, recovered, removed, "serving");
+            edged::server::run(edge.clone(), listener, shutdown_signal()).await?;
+            if close_sessions {
+                edge.close_all().await;
+            }
+            tracing::info!("stopped");
+            Ok(())
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Default,
+        } => {
+            print!("{DEFAULT_TOML}");
+            Ok(())
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Check { path },
+        } => {
+            let c = Config::load(&path)?;
+            println!("ok: edge {} with {} apps", c.edge_id, c.apps.len());
+            Ok(())
+        }
+        Cmd::Sessions { addr } => {
+            let mut c =
+                edge_proto::v1::admin_client::AdminClient::connect(format!("http://{addr}"))
+                    .await
+                    .with_context(|| format!("connect to {addr}"))?;
+            let r = c
+                .list_sessions(edge_proto::v1::ListSessionsRequest {})
+                .await?
+                .into_inner();
+            println!("edge {}: {} sessions", r.edge_id, r.sessions.len());
+            println!(
+                "{:<34} {:<10} {:<16} {:<9} {:>12} {:>10} {:>6}  instance",
+                "session", "app", "client", "state", "volume", "dirty", "ops"
+            );
+            for s in r.sessions {
+                println!(
+                    "{:<34} {:<10} {:<16} {:<9} {:>12} {:>10} {:>6}  {}",
+                    s.session_id,
+                    s.app,
+                    s.client_id,
+                    s.state,
+                    s.volume_bytes,
+                    s.dirty_bytes,
+                    s.ops,
+                    s.container_id
+                );
+            }
+            Ok(())
+        }
+        Cmd::Close { session, addr } => {
+            let mut c =
+                edge_proto::v1::admin_client::AdminClient::connect(format!("http://{addr}"))
+                    .await?;
+            c.close_session(edge_proto::v1::AdminCloseSessionRequest {
+                session_id: session,
+            })
+            .await?;
+            println!("closed");
+            Ok(())
+        }
+        Cmd::Cleanup { config } => {
+            let cfg = Config::load(&config)?;
+            let n = edged::session::cleanup_all(&cfg).await;
+            println!("removed {n} sessions");
+            Ok(())
+        }
+        Cmd::Image {
+            cmd: ImageCmd::Build { binary, tag },
+        } => {
+            let d = edged::runtime::docker::connect().await?;
+            let id = edged::runtime::image::build(&d, &binary, &tag).await?;
+            println!("{tag} {id}");
+            Ok(())
+        }
+    }
+}

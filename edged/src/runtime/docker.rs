@@ -1,0 +1,172 @@
+//! The Docker runtime, through bollard: one container per session with
+//! network `none`, a read-only root, every capability dropped,
+//! no-new-privileges, memory and pids limits, the volume at `/data` and the
+//! socket directory at `/run/edge`.
+
+use std::collections::HashMap;
+
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
+};
+use futures_util::StreamExt;
+
+use super::{
+    BoxFut, ENV_DATA_DIR, ENV_SESSION_ID, ENV_SOCKET_DIR, InstanceId, InstanceSpec, Runtime,
+    RuntimeError,
+};
+
+/// Path of the volume inside a container.
+pub const DATA_IN_CONTAINER: &str = "/data";
+/// Path of the socket directory inside a container.
+pub const SOCKET_IN_CONTAINER: &str = "/run/edge";
+
+/// Runs instances as Docker containers of one image.
+#[derive(Debug, Clone)]
+pub struct DockerRuntime {
+    docker: Docker,
+    image: String,
+}
+
+fn derr(e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Docker(e.to_string())
+}
+
+/// Connects to the local engine (`/var/run/docker.sock`), checking it answers.
+pub async fn connect() -> Result<Docker, RuntimeError> {
+    let d = Docker::connect_with_local_defaults().map_err(derr)?;
+    d.ping()
+        .await
+        .map_err(|e| RuntimeError::Docker(format!("engine does not answer: {e}")))?;
+    d.negotiate_version().await.map_err(derr)
+}
+
+impl DockerRuntime {
+    /// A runtime for `image` on the engine `docker`.
+    pub fn new(docker: Docker, image: String) -> Self {
+        DockerRuntime { docker, image }
+    }
+}
+
+impl Runtime for DockerRuntime {
+    fn start<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFut<'a, Result<InstanceId, RuntimeError>> {
+        Box::pin(async move {
+            let name = format!("edgeshift-{}", spec.session_id);
+            let host = HostConfig {
+                binds: Some(vec![
+                    format!("{}:{DATA_IN_CONTAINER}", spec.volume.display()),
+                    format!("{}:{SOCKET_IN_CONTAINER}", spec.socket_dir.display()),
+                ]),
+                network_mode: Some("none".into()),
+                readonly_rootfs: Some(true),
+                cap_drop: Some(vec!["ALL".into()]),
+                security_opt: Some(vec!["no-new-privileges".into()]),
+                memory: Some((spec.memory_mib as i64) << 20),
+                pids_limit: Some(spec.pids_limit),
+                tmpfs: Some(HashMap::from([(
+                    "/tmp".to_string(),
+                    "rw,size=16m".to_string(),
+                )])),
+                ..Default::default()
+            };
+            let body = ContainerCreateBody {
+                image: Some(self.image.clone()),
+                env: Some(vec![
+                    format!("{ENV_DATA_DIR}={DATA_IN_CONTAINER}"),
+                    format!("{ENV_SOCKET_DIR}={SOCKET_IN_CONTAINER}"),
+                    format!("{ENV_SESSION_ID}={}", spec.session_id),
+                ]),
+                working_dir: Some(DATA_IN_CONTAINER.into()),
+                labels: Some(HashMap::from([
+                    ("edgeshift.session".to_string(), spec.session_id.clone()),
+                    ("edgeshift.app".to_string(), spec.app.clone()),
+                ])),
+                host_config: Some(host),
+                ..Default::default()
+            };
+            let opts = CreateContainerOptionsBuilder::default().name(&name).build();
+            let created = self
+                .docker
+                .create_container(Some(opts), body)
+                .await
+                .map_err(derr)?;
+            if let Err(e) = self.docker.start_container(&created.id, None).await {
+                let _ = self.stop(&InstanceId::Container(created.id.clone())).await;
+                return Err(derr(e));
+            }
+            Ok(InstanceId::Container(created.id))
+        })
+    }
+
+    fn stop<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            let InstanceId::Container(c) = id else {
+                return Err(RuntimeError::Docker(format!("{id} is not a container")));
+            };
+            let stop = StopContainerOptionsBuilder::default().t(5).build();
+            match self.docker.stop_container(c, Some(stop)).await {
+                Ok(()) => {}
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => {
+                    return Ok(());
+                }
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 304, ..
+                }) => {}
+                Err(e) => {
+                    tracing::warn!(container = %c, error = %e, "stop failed; removing by force")
+                }
+            }
+            let rm = RemoveContainerOptionsBuilder::default()
+                .force(true)
+                .v(false)
+                .build();
+            match self.docker.remove_container(c, Some(rm)).await {
+                Ok(())
+                | Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => Ok(()),
+                Err(e) => Err(derr(e)),
+            }
+        })
+    }
+
+    fn alive<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, bool> {
+        Box::pin(async move {
+            let InstanceId::Container(c) = id else {
+                return false;
+            };
+            match self.docker.inspect_container(c, None).await {
+                Ok(i) => i.state.and_then(|s| s.running).unwrap_or(false),
+                Err(_) => false,
+            }
+        })
+    }
+
+    fn logs<'a>(
+        &'a self,
+        id: &'a InstanceId,
+        _spec: &'a InstanceSpec,
+        n: usize,
+    ) -> BoxFut<'a, Vec<String>> {
+        Box::pin(async move {
+            let InstanceId::Container(c) = id else {
+                return Vec::new();
+            };
+            let opts = LogsOptionsBuilder::default()
+                .stdout(true)
+                .stderr(true)
+                .tail(&n.to_string())
+                .build();
+            let mut s = self.docker.logs(c, Some(opts));
+            let mut out = Vec::new();
+            while let Some(Ok(l)) = s.next().await {
+                out.extend(l.to_string().lines().map(str::to_string));
+            }
+            out
+        })
+    }
+}

@@ -1,0 +1,100 @@
+//! Where app instances run: behind one trait, a child process (the embedded
+//! default) or a Docker container.
+
+pub mod docker;
+pub mod image;
+pub mod process;
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use serde::{Deserialize, Serialize};
+
+/// A boxed future, so the trait stays object-safe.
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Errors of a runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// Spawning or signalling a process failed.
+    #[error("process runtime: {0}")]
+    Process(String),
+    /// The Docker engine refused or is unreachable.
+    #[error("docker: {0}")]
+    Docker(String),
+}
+
+/// Everything a runtime needs to start one session's instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    /// Session id (names the container).
+    pub session_id: String,
+    /// App name.
+    pub app: String,
+    /// The mounted volume (appears as `/data` in a container).
+    pub volume: PathBuf,
+    /// Directory of the app's Unix socket (appears as `/run/edge`).
+    pub socket_dir: PathBuf,
+    /// Where the process runtime writes the app's output.
+    pub log_file: PathBuf,
+    /// Memory limit, MiB.
+    pub memory_mib: u64,
+    /// Process/thread limit.
+    pub pids_limit: i64,
+}
+
+/// A running instance, as persisted in the session record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InstanceId {
+    /// A child process.
+    Pid(u32),
+    /// A Docker container id.
+    Container(String),
+}
+
+impl fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InstanceId::Pid(p) => write!(f, "pid:{p}"),
+            InstanceId::Container(c) => write!(f, "{}", &c[..c.len().min(12)]),
+        }
+    }
+}
+
+/// Environment variable naming the app's data directory.
+pub const ENV_DATA_DIR: &str = "EDGE_DATA_DIR";
+/// Environment variable naming the directory of the app's socket.
+pub const ENV_SOCKET_DIR: &str = "EDGE_SOCKET_DIR";
+/// Environment variable with the session id.
+pub const ENV_SESSION_ID: &str = "EDGE_SESSION_ID";
+
+/// A way to run app instances.
+pub trait Runtime: Send + Sync + fmt::Debug {
+    /// Starts an instance; returns once it was started (not yet serving).
+    fn start<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFut<'a, Result<InstanceId, RuntimeError>>;
+    /// Stops and removes an instance; stopping a gone instance succeeds.
+    fn stop<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>>;
+    /// Whether the instance still runs.
+    fn alive<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, bool>;
+    /// The last `n` lines the instance printed.
+    fn logs<'a>(
+        &'a self,
+        id: &'a InstanceId,
+        spec: &'a InstanceSpec,
+        n: usize,
+    ) -> BoxFut<'a, Vec<String>>;
+}
+
+/// The last `n` lines of a text file.
+pub fn tail(path: &std::path::Path, n: usize) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}

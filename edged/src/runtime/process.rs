@@ -1,0 +1,146 @@
+//! The process runtime: each instance is a child process of edged, in its
+//! own process group (so it outlives an edged restart and is re-attached),
+//! with the volume and socket directory in its environment.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::{
+    BoxFut, ENV_DATA_DIR, ENV_SESSION_ID, ENV_SOCKET_DIR, InstanceId, InstanceSpec, Runtime,
+    RuntimeError, tail,
+};
+
+/// Runs instances as child processes.
+#[derive(Debug)]
+pub struct ProcessRuntime {
+    command: std::path::PathBuf,
+    args: Vec<String>,
+    children: Mutex<HashMap<u32, tokio::process::Child>>,
+}
+
+impl ProcessRuntime {
+    /// A runtime that starts `command args...`.
+    pub fn new(command: std::path::PathBuf, args: Vec<String>) -> Self {
+        ProcessRuntime {
+            command,
+            args,
+            children: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// Whether a pid is a live (non-zombie) process.
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(s) => s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+impl Runtime for ProcessRuntime {
+    fn start<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFut<'a, Result<InstanceId, RuntimeError>> {
+        Box::pin(async move {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&spec.log_file)
+                .map_err(|e| {
+                    RuntimeError::Process(format!("log {}: {e}", spec.log_file.display()))
+                })?;
+            let log2 = log
+                .try_clone()
+                .map_err(|e| RuntimeError::Process(e.to_string()))?;
+            let child = tokio::process::Command::new(&self.command)
+                .args(&self.args)
+                .env(ENV_DATA_DIR, &spec.volume)
+                .env(ENV_SOCKET_DIR, &spec.socket_dir)
+                .env(ENV_SESSION_ID, &spec.session_id)
+                .current_dir(&spec.volume)
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log2)
+                .process_group(0)
+                .spawn()
+                .map_err(|e| RuntimeError::Process(format!("{}: {e}", self.command.display())))?;
+            let pid = child
+                .id()
+                .ok_or_else(|| RuntimeError::Process("child exited at once".into()))?;
+            self.children
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(pid, child);
+            Ok(InstanceId::Pid(pid))
+        })
+    }
+
+    fn stop<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            let InstanceId::Pid(pid) = *id else {
+                return Err(RuntimeError::Process(format!("{id} is not a process")));
+            };
+            let child = self
+                .children
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&pid);
+            if !pid_alive(pid) {
+                return Ok(());
+            }
+            signal(pid, libc::SIGTERM);
+            let graceful = async {
+                match child {
+                    Some(mut c) => {
+                        let _ = c.wait().await;
+                    }
+                    None => {
+                        while pid_alive(pid) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+            };
+            if tokio::time::timeout(Duration::from_secs(5), graceful)
+                .await
+                .is_err()
+            {
+                tracing::warn!(pid, "instance ignored SIGTERM; killing it");
+                signal(pid, libc::SIGKILL);
+            }
+            Ok(())
+        })
+    }
+
+    fn alive<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, bool> {
+        Box::pin(async move {
+            match id {
+                InstanceId::Pid(pid) => {
+                    let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+                    match children.get_mut(pid) {
+                        Some(c) => matches!(c.try_wait(), Ok(None)),
+                        None => pid_alive(*pid),
+                    }
+                }
+                InstanceId::Container(_) => false,
+            }
+        })
+    }
+
+    fn logs<'a>(
+        &'a self,
+        _id: &'a InstanceId,
+        spec: &'a InstanceSpec,
+        n: usize,
+    ) -> BoxFut<'a, Vec<String>> {
+        Box::pin(async move { tail(&spec.log_file, n) })
+    }
+}

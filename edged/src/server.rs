@@ -1,0 +1,154 @@
+//! The gRPC boundary: the `Edge` and `Admin` services and grpc.health.v1,
+//! where session errors become statuses.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edge_proto::v1 as pb;
+use edge_proto::v1::admin_server::{Admin, AdminServer};
+use edge_proto::v1::edge_server::{Edge as EdgeSvc, EdgeServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+use crate::session::Edge;
+
+/// Implements `edge.v1.Edge` over an [`Edge`].
+#[derive(Debug, Clone)]
+pub struct EdgeService(pub Arc<Edge>);
+
+#[tonic::async_trait]
+impl EdgeSvc for EdgeService {
+    async fn open_session(
+        &self,
+        req: Request<pb::OpenSessionRequest>,
+    ) -> Result<Response<pb::OpenSessionResponse>, Status> {
+        let r = req.into_inner();
+        let (s, token, phases) = self
+            .0
+            .open(&r.app, &r.client_id)
+            .await
+            .map_err(|e| e.status())?;
+        Ok(Response::new(pb::OpenSessionResponse {
+            session_id: s.id.clone(),
+            token: token.to_vec(),
+            edge_id: self.0.cfg.edge_id.clone(),
+            phases: phases
+                .into_iter()
+                .map(|(name, d)| pb::Phase {
+                    name: name.into(),
+                    micros: d.as_micros() as u64,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn invoke(
+        &self,
+        req: Request<pb::InvokeRequest>,
+    ) -> Result<Response<pb::InvokeResponse>, Status> {
+        let r = req.into_inner();
+        let payload = self
+            .0
+            .invoke(
+                &r.session_id,
+                &r.token,
+                r.op_id,
+                &r.method,
+                r.payload.into(),
+            )
+            .await?;
+        Ok(Response::new(pb::InvokeResponse {
+            payload: payload.to_vec(),
+        }))
+    }
+
+    async fn result(
+        &self,
+        req: Request<pb::ResultRequest>,
+    ) -> Result<Response<pb::InvokeResponse>, Status> {
+        let r = req.into_inner();
+        let payload = self.0.result(&r.session_id, &r.token, r.op_id).await?;
+        Ok(Response::new(pb::InvokeResponse {
+            payload: payload.to_vec(),
+        }))
+    }
+
+    async fn close_session(
+        &self,
+        req: Request<pb::CloseSessionRequest>,
+    ) -> Result<Response<pb::CloseSessionResponse>, Status> {
+        let r = req.into_inner();
+        self.0
+            .close(&r.session_id, Some(&r.token))
+            .await
+            .map_err(|e| e.status())?;
+        Ok(Response::new(pb::CloseSessionResponse {}))
+    }
+}
+
+/// Implements `edge.v1.Admin` over an [`Edge`].
+#[derive(Debug, Clone)]
+pub struct AdminService(pub Arc<Edge>);
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn list_sessions(
+        &self,
+        _req: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        Ok(Response::new(pb::ListSessionsResponse {
+            edge_id: self.0.cfg.edge_id.clone(),
+            sessions: self.0.list().await,
+        }))
+    }
+
+    async fn close_session(
+        &self,
+        req: Request<pb::AdminCloseSessionRequest>,
+    ) -> Result<Response<pb::CloseSessionResponse>, Status> {
+        self.0
+            .close(&req.into_inner().session_id, None)
+            .await
+            .map_err(|e| e.status())?;
+        Ok(Response::new(pb::CloseSessionResponse {}))
+    }
+}
+
+/// Serves `edge` on `listener` until `shutdown` resolves; reaps idle
+/// sessions meanwhile. Sessions stay up after shutdown (a restarted edged
+/// recovers them) unless the caller closes them.
+pub async fn run(
+    edge: Arc<Edge>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<EdgeServer<EdgeService>>().await;
+    let reaper = {
+        let edge = edge.clone();
+        let every =
+            (edge.cfg.session_ttl / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(every);
+            loop {
+                t.tick().await;
+                edge.reap_idle().await;
+            }
+        })
+    };
+    let limit = edge.cfg.max_payload + 4096;
+    let result = tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_service(
+            EdgeServer::new(EdgeService(edge.clone()))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        )
+        .add_service(AdminServer::new(AdminService(edge.clone())))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    reaper.abort();
+    result
+}
