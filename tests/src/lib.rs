@@ -1,1 +1,228 @@
-//! Harness for the end-to-end tests (see tests/).
+//! Harness of the end-to-end tests: real `edged` processes on loopback
+//! (127.0.0.x), their configuration and base volumes, cleaned up on drop.
+//!
+//! The binaries (`edged`, `volfs`, `list-app`, `search-app`) come from the
+//! same target directory as the test executable: `cargo build --workspace`
+//! first (the README's test command does).
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A binary of the workspace, next to the test executable's directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+    let p = dir.join(name);
+    assert!(p.is_file(), "{} is missing: run `cargo build --workspace` before the tests", p.display());
+    p
+}
+
+/// Fails (never skips) without FUSE or root.
+pub fn require_fuse() {
+    assert!(Path::new("/dev/fuse").exists(), "these tests mount volfs volumes: /dev/fuse is missing (install fuse3)");
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "these tests mount FUSE and run containers: run them as root");
+}
+
+/// Fails (never skips) when no Docker engine answers.
+pub fn require_docker() {
+    let ok = Command::new("docker").arg("info").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    assert!(ok, "the Docker runtime tests need a Docker engine: install docker.io and start dockerd (scripts/setup.sh does)");
+}
+
+/// How one app runs on the test edge.
+#[derive(Debug, Clone)]
+pub enum Runtime {
+    /// A child process of edged running this binary.
+    Process(PathBuf),
+    /// A Docker container of this image.
+    Docker(String),
+}
+
+/// One app of the test edge.
+#[derive(Debug, Clone)]
+pub struct App {
+    /// Name clients open.
+    pub name: String,
+    /// Base volume.
+    pub base: PathBuf,
+    /// Runtime.
+    pub runtime: Runtime,
+}
+
+/// Base volumes of the example apps, built once per test.
+#[derive(Debug)]
+pub struct Bases {
+    _dir: tempfile::TempDir,
+    /// Empty base of the List app.
+    pub list: PathBuf,
+    /// Base of the Search app, with `dictionary.db`.
+    pub search: PathBuf,
+}
+
+impl Bases {
+    /// Builds the bases in a temporary directory.
+    pub fn new() -> Bases {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("list");
+        let search = dir.path().join("search");
+        std::fs::create_dir_all(&list).unwrap();
+        std::fs::create_dir_all(&search).unwrap();
+        let words: Vec<String> = edgeshift_examples::search::word_list().into_iter().take(20_000).collect();
+        edgeshift_examples::search::build_dictionary(&search.join("dictionary.db"), &words).unwrap();
+        Bases { _dir: dir, list, search }
+    }
+
+    /// The two example apps with the process runtime.
+    pub fn process_apps(&self) -> Vec<App> {
+        vec![
+            App { name: "list".into(), base: self.list.clone(), runtime: Runtime::Process(bin("list-app")) },
+            App { name: "search".into(), base: self.search.clone(), runtime: Runtime::Process(bin("search-app")) },
+        ]
+    }
+}
+
+impl Default for Bases {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A free TCP port on `ip`.
+pub fn free_addr(ip: &str) -> SocketAddr {
+    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
+}
+
+/// A running `edged serve`.
+#[derive(Debug)]
+pub struct Edge {
+    child: Option<Child>,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its configuration file.
+    pub config: PathBuf,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Edge {
+    /// Starts an edge on `ip` serving `apps`; `extra` is appended to the config's top level.
+    pub fn start(id: &str, ip: &str, apps: &[App], extra: &str) -> Edge {
+        require_fuse();
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let addr = free_addr(ip);
+        let mut toml = format!(
+            "edge_id = {id:?}\nlisten = \"{addr}\"\ndata_dir = {:?}\nsession_ttl = 3600\nmax_payload = 1048576\nstart_timeout = 20\nblock_size = 65536\nvolfs_binary = {:?}\n{extra}\n",
+            data_dir.display().to_string(),
+            bin("volfs").display().to_string(),
+        );
+        for a in apps {
+            let rt = match &a.runtime {
+                Runtime::Process(p) => format!("{{ kind = \"process\", command = {:?} }}", p.display().to_string()),
+                Runtime::Docker(i) => format!("{{ kind = \"docker\", image = {i:?} }}"),
+            };
+            toml += &format!("\n[apps.{}]\nbase_volume = {:?}\nruntime = {rt}\n", a.name, a.base.display().to_string());
+        }
+        let config = dir.path().join("edged.toml");
+        std::fs::write(&config, toml).unwrap();
+        let mut e = Edge { child: None, addr, config, data_dir, _dir: dir };
+        e.spawn();
+        e
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.config.with_extension("log")).unwrap();
+        let child = Command::new(bin("edged"))
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(self.addr).is_err() {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("edged exited ({st}): {}", self.log());
+            }
+            assert!(Instant::now() < deadline, "edged did not listen: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// edged's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.config.with_extension("log")).unwrap_or_default()
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Kills edged with SIGKILL (sessions, shims and instances live on).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts edged again on the same configuration.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Session directories on disk.
+    pub fn session_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.data_dir.join("sessions"))
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Mounts under the data directory, from /proc/self/mountinfo.
+    pub fn mounts(&self) -> Vec<String> {
+        let d = self.data_dir.display().to_string();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .filter(|m| m.starts_with(&d))
+            .collect()
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+        // Sessions outlive edged by design: remove them.
+        let _ = Command::new(bin("edged")).args(["cleanup", "--config"]).arg(&self.config).output();
+    }
+}
+
+/// Whether a pid runs (and is not a zombie).
+pub fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| !r.trim_start().starts_with(['Z', 'X'])))
+}
+
+/// The operator's view of an edge.
+pub async fn sessions(url: &str) -> Vec<edge_proto::v1::SessionInfo> {
+    let mut c = edge_proto::v1::admin_client::AdminClient::connect(url.to_string()).await.unwrap();
+    c.list_sessions(edge_proto::v1::ListSessionsRequest {}).await.unwrap().into_inner().sessions
+}
+
+/// The pid of a session's process instance.
+pub async fn instance_pid(url: &str, session: &str) -> u32 {
+    let s = sessions(url).await.into_iter().find(|s| s.session_id == session).expect("session listed");
+    s.container_id.strip_prefix("pid:").expect("a process instance").parse().unwrap()
+}
