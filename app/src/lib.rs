@@ -67,15 +67,21 @@ pub fn session_id() -> Option<String> {
     std::env::var(ENV_SESSION_ID).ok()
 }
 
-/// Serves the app's services on the session's socket until SIGTERM or
-/// SIGINT, then finishes the calls in flight and returns.
+/// Serves the app's services (and grpc.health.v1) on the session's socket
+/// until SIGTERM or SIGINT, then finishes the calls in flight and returns.
 pub async fn serve(router: tonic::transport::server::Router) -> Result<(), ServeError> {
     let path = socket_path()?;
     let _ = std::fs::remove_file(&path);
     let listener =
         UnixListener::bind(&path).map_err(|e| ServeError::Bind(path.display().to_string(), e))?;
     tracing::info!(socket = %path.display(), data = %data_dir().display(), "serving");
+    // grpc.health.v1 on every app: a standard no-op edged and operators can probe.
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     router
+        .add_service(health_svc)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown())
         .await?;
     let _ = std::fs::remove_file(&path);

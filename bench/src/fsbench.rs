@@ -222,7 +222,7 @@ fn main() -> anyhow::Result<()> {
     handle.live().refresh()?;
     let f = vol_mnt.join("hash.dat");
     let data: Vec<u8> = (0..(a.size_mib << 20))
-        .map(|i| (i * 2_654_435_761 >> 17) as u8)
+        .map(|i| ((i * 2_654_435_761) >> 17) as u8)
         .collect();
     fs::write(&f, &data)?;
     handle.live().flush()?;

@@ -9,6 +9,7 @@ use edge_proto::v1 as pb;
 use edge_proto::v1::admin_server::{Admin, AdminServer};
 use edge_proto::v1::edge_server::{Edge as EdgeSvc, EdgeServer};
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
@@ -139,6 +140,13 @@ pub async fn run(
         })
     };
     let limit = edge.cfg.max_payload + 4096;
+    // Small unary calls must not wait for Nagle's algorithm (a 40 ms stall
+    // against delayed ACKs); tonic sets no option on a caller's listener.
+    let incoming = TcpListenerStream::new(listener).map(|s| {
+        s.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    });
     let result = tonic::transport::Server::builder()
         .add_service(health_svc)
         .add_service(
@@ -147,7 +155,7 @@ pub async fn run(
                 .max_encoding_message_size(limit),
         )
         .add_service(AdminServer::new(AdminService(edge.clone())))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     reaper.abort();
     result

@@ -266,13 +266,10 @@ impl Session {
     /// Starts the instance (or restarts a dead one) and returns a client of it.
     async fn ensure_running(&self, cfg: &Config) -> Result<AppClient, EdgeError> {
         let mut inst = self.instance.lock().await;
-        if let Some((id, client)) = inst.as_ref() {
-            if self.runtime.alive(id).await {
-                return Ok(client.clone());
-            }
-            tracing::warn!(session = %self.id, instance = %id, "instance is gone; restarting it");
-            let _ = self.runtime.stop(id).await;
-            *inst = None;
+        // Liveness is checked when a call fails (see `mark_failed`), not on
+        // every call: for Docker it is a round trip to the engine.
+        if let Some((_, client)) = inst.as_ref() {
+            return Ok(client.clone());
         }
         let _ = std::fs::remove_file(self.spec.socket_dir.join(SOCKET_NAME));
         let id = self.runtime.start(&self.spec).await?;
@@ -291,6 +288,21 @@ impl Session {
                 Err(e)
             }
         }
+    }
+
+    /// After a failed call: if the instance is gone, forget it (the next
+    /// call starts a new one) and say so with its last output.
+    async fn check_after_failure(&self) -> Option<String> {
+        let mut inst = self.instance.lock().await;
+        let id = inst.as_ref().map(|(i, _)| i.clone())?;
+        if self.runtime.alive(&id).await {
+            return None;
+        }
+        let logs = self.runtime.logs(&id, &self.spec, 5).await.join(" | ");
+        tracing::warn!(session = %self.id, instance = %id, "instance exited; the next call restarts it");
+        let _ = self.runtime.stop(&id).await;
+        *inst = None;
+        Some(logs)
     }
 
     /// Stops the instance, unmounts and removes the session directory.
@@ -585,25 +597,19 @@ impl Edge {
                 },
                 Ok(client) => match client.call(&method, payload).await {
                     Ok(b) => Outcome::Ok(b),
-                    Err(st) => {
-                        let inst = s2.instance.lock().await.as_ref().map(|(i, _)| i.clone());
-                        match inst {
-                            Some(i) if !s2.runtime.alive(&i).await => {
-                                let logs = s2.runtime.logs(&i, &s2.spec, 5).await.join(" | ");
-                                Outcome::Err {
-                                    code: tonic::Code::Unavailable as i32,
-                                    message: format!(
-                                        "app instance exited during the call ({}); last output: {logs}",
-                                        st.message()
-                                    ),
-                                }
-                            }
-                            _ => Outcome::Err {
-                                code: st.code() as i32,
-                                message: st.message().to_string(),
-                            },
-                        }
-                    }
+                    Err(st) => match s2.check_after_failure().await {
+                        Some(logs) => Outcome::Err {
+                            code: tonic::Code::Unavailable as i32,
+                            message: format!(
+                                "app instance exited during the call ({}); last output: {logs}",
+                                st.message()
+                            ),
+                        },
+                        None => Outcome::Err {
+                            code: st.code() as i32,
+                            message: st.message().to_string(),
+                        },
+                    },
                 },
             };
             s2.ops.fetch_add(1, Ordering::Relaxed);

@@ -13,23 +13,45 @@ use std::time::{Duration, Instant};
 /// A binary of the workspace, next to the test executable's directory.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
     let p = dir.join(name);
-    assert!(p.is_file(), "{} is missing: run `cargo build --workspace` before the tests", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: run `cargo build --workspace` before the tests",
+        p.display()
+    );
     p
 }
 
 /// Fails (never skips) without FUSE or root.
 pub fn require_fuse() {
-    assert!(Path::new("/dev/fuse").exists(), "these tests mount volfs volumes: /dev/fuse is missing (install fuse3)");
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "these tests mount volfs volumes: /dev/fuse is missing (install fuse3)"
+    );
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "these tests mount FUSE and run containers: run them as root");
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(
+        uid, 0,
+        "these tests mount FUSE and run containers: run them as root"
+    );
 }
 
 /// Fails (never skips) when no Docker engine answers.
 pub fn require_docker() {
-    let ok = Command::new("docker").arg("info").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
-    assert!(ok, "the Docker runtime tests need a Docker engine: install docker.io and start dockerd (scripts/setup.sh does)");
+    let ok = Command::new("docker")
+        .arg("info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "the Docker runtime tests need a Docker engine: install docker.io and start dockerd (scripts/setup.sh does)"
+    );
 }
 
 /// How one app runs on the test edge.
@@ -70,16 +92,32 @@ impl Bases {
         let search = dir.path().join("search");
         std::fs::create_dir_all(&list).unwrap();
         std::fs::create_dir_all(&search).unwrap();
-        let words: Vec<String> = edgeshift_examples::search::word_list().into_iter().take(20_000).collect();
-        edgeshift_examples::search::build_dictionary(&search.join("dictionary.db"), &words).unwrap();
-        Bases { _dir: dir, list, search }
+        let words: Vec<String> = edgeshift_examples::search::word_list()
+            .into_iter()
+            .take(20_000)
+            .collect();
+        edgeshift_examples::search::build_dictionary(&search.join("dictionary.db"), &words)
+            .unwrap();
+        Bases {
+            _dir: dir,
+            list,
+            search,
+        }
     }
 
     /// The two example apps with the process runtime.
     pub fn process_apps(&self) -> Vec<App> {
         vec![
-            App { name: "list".into(), base: self.list.clone(), runtime: Runtime::Process(bin("list-app")) },
-            App { name: "search".into(), base: self.search.clone(), runtime: Runtime::Process(bin("search-app")) },
+            App {
+                name: "list".into(),
+                base: self.list.clone(),
+                runtime: Runtime::Process(bin("list-app")),
+            },
+            App {
+                name: "search".into(),
+                base: self.search.clone(),
+                runtime: Runtime::Process(bin("search-app")),
+            },
         ]
     }
 }
@@ -122,14 +160,27 @@ impl Edge {
         );
         for a in apps {
             let rt = match &a.runtime {
-                Runtime::Process(p) => format!("{{ kind = \"process\", command = {:?} }}", p.display().to_string()),
+                Runtime::Process(p) => format!(
+                    "{{ kind = \"process\", command = {:?} }}",
+                    p.display().to_string()
+                ),
                 Runtime::Docker(i) => format!("{{ kind = \"docker\", image = {i:?} }}"),
             };
-            toml += &format!("\n[apps.{}]\nbase_volume = {:?}\nruntime = {rt}\n", a.name, a.base.display().to_string());
+            toml += &format!(
+                "\n[apps.{}]\nbase_volume = {:?}\nruntime = {rt}\n",
+                a.name,
+                a.base.display().to_string()
+            );
         }
         let config = dir.path().join("edged.toml");
         std::fs::write(&config, toml).unwrap();
-        let mut e = Edge { child: None, addr, config, data_dir, _dir: dir };
+        let mut e = Edge {
+            child: None,
+            addr,
+            config,
+            data_dir,
+            _dir: dir,
+        };
         e.spawn();
         e
     }
@@ -149,7 +200,11 @@ impl Edge {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("edged exited ({st}): {}", self.log());
             }
-            assert!(Instant::now() < deadline, "edged did not listen: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "edged did not listen: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -205,24 +260,43 @@ impl Drop for Edge {
             let _ = c.wait();
         }
         // Sessions outlive edged by design: remove them.
-        let _ = Command::new(bin("edged")).args(["cleanup", "--config"]).arg(&self.config).output();
+        let _ = Command::new(bin("edged"))
+            .args(["cleanup", "--config"])
+            .arg(&self.config)
+            .output();
     }
 }
 
 /// Whether a pid runs (and is not a zombie).
 pub fn pid_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| !r.trim_start().starts_with(['Z', 'X'])))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| !r.trim_start().starts_with(['Z', 'X']))
+    })
 }
 
 /// The operator's view of an edge.
 pub async fn sessions(url: &str) -> Vec<edge_proto::v1::SessionInfo> {
-    let mut c = edge_proto::v1::admin_client::AdminClient::connect(url.to_string()).await.unwrap();
-    c.list_sessions(edge_proto::v1::ListSessionsRequest {}).await.unwrap().into_inner().sessions
+    let mut c = edge_proto::v1::admin_client::AdminClient::connect(url.to_string())
+        .await
+        .unwrap();
+    c.list_sessions(edge_proto::v1::ListSessionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions
 }
 
 /// The pid of a session's process instance.
 pub async fn instance_pid(url: &str, session: &str) -> u32 {
-    let s = sessions(url).await.into_iter().find(|s| s.session_id == session).expect("session listed");
-    s.container_id.strip_prefix("pid:").expect("a process instance").parse().unwrap()
+    let s = sessions(url)
+        .await
+        .into_iter()
+        .find(|s| s.session_id == session)
+        .expect("session listed");
+    s.container_id
+        .strip_prefix("pid:")
+        .expect("a process instance")
+        .parse()
+        .unwrap()
 }

@@ -20,11 +20,17 @@ fn add(item: &str) -> Bytes {
 }
 
 fn items_req(delay: u32) -> Bytes {
-    ItemsRequest { delay_ms_per_item: delay }.encode_to_vec().into()
+    ItemsRequest {
+        delay_ms_per_item: delay,
+    }
+    .encode_to_vec()
+    .into()
 }
 
 fn items_of(b: Bytes) -> Vec<String> {
-    edgeshift_examples::pb::list::ItemsReply::decode(b).unwrap().items
+    edgeshift_examples::pb::list::ItemsReply::decode(b)
+        .unwrap()
+        .items
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,30 +43,62 @@ async fn both_apps_end_to_end_and_close_cleans_up() {
     assert_eq!(list.edge_id(), "e2e");
     let mut stub = ListClient::new(list.channel());
     for (i, item) in ["milk", "eggs", "bread"].iter().enumerate() {
-        let r = stub.add(AddRequest { item: (*item).into() }).await.unwrap().into_inner();
+        let r = stub
+            .add(AddRequest {
+                item: (*item).into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(r.count, i as u64 + 1);
     }
-    let items = stub.items(ItemsRequest { delay_ms_per_item: 1 }).await.unwrap().into_inner().items;
+    let items = stub
+        .items(ItemsRequest {
+            delay_ms_per_item: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
     assert_eq!(items, ["milk", "eggs", "bread"]);
     // The state is a SQLite database on the session's volume.
     let dirs = edge.session_dirs();
     assert_eq!(dirs.len(), 1);
     assert!(dirs[0].join("volume/list.db").is_file());
     // An app's own error reaches the client as its status.
-    let err = stub.add(AddRequest { item: String::new() }).await.unwrap_err();
+    let err = stub
+        .add(AddRequest {
+            item: String::new(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
     let search = client.open_session("search", "phone-1").await.unwrap();
     let mut s = SearchClient::new(search.channel());
-    let r = s.find(FindRequest { letters: "aeo".into(), sleep_ms: 0 }).await.unwrap().into_inner();
+    let r = s
+        .find(FindRequest {
+            letters: "aeo".into(),
+            sleep_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.patterns, 6);
     assert!(!r.words.is_empty());
-    assert!(r.words.iter().all(|w| w.contains('a') && w.contains('e') && w.contains('o')));
+    assert!(
+        r.words
+            .iter()
+            .all(|w| w.contains('a') && w.contains('e') && w.contains('o'))
+    );
 
     let infos = sessions(&edge.url()).await;
     assert_eq!(infos.len(), 2);
     let li = infos.iter().find(|i| i.session_id == list.id()).unwrap();
-    assert_eq!((li.app.as_str(), li.client_id.as_str(), li.state.as_str()), ("list", "phone-1", "serving"));
+    assert_eq!(
+        (li.app.as_str(), li.client_id.as_str(), li.state.as_str()),
+        ("list", "phone-1", "serving")
+    );
     assert!(li.ops >= 5 && li.volume_bytes > 0, "{li:?}");
     let pid = instance_pid(&edge.url(), list.id()).await;
     assert!(pid_alive(pid));
@@ -68,9 +106,19 @@ async fn both_apps_end_to_end_and_close_cleans_up() {
     list.close().await.unwrap();
     search.close().await.unwrap();
     assert!(!pid_alive(pid), "instance stopped");
-    assert!(edge.session_dirs().is_empty(), "session directories removed");
-    assert!(edge.mounts().is_empty(), "volumes unmounted: {:?}", edge.mounts());
-    assert_eq!(list.invoke(ITEMS, items_req(0)).await.unwrap_err().code(), Code::NotFound);
+    assert!(
+        edge.session_dirs().is_empty(),
+        "session directories removed"
+    );
+    assert!(
+        edge.mounts().is_empty(),
+        "volumes unmounted: {:?}",
+        edge.mounts()
+    );
+    assert_eq!(
+        list.invoke(ITEMS, items_req(0)).await.unwrap_err().code(),
+        Code::NotFound
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +133,10 @@ async fn ops_run_once_and_results_survive_a_reconnect() {
     let a = s.invoke_op(op, ADD, add("once")).await.unwrap();
     let b = s.invoke_op(op, ADD, add("once")).await.unwrap();
     assert_eq!(a, b);
-    assert_eq!(items_of(s.invoke(ITEMS, items_req(0)).await.unwrap()), ["once"]);
+    assert_eq!(
+        items_of(s.invoke(ITEMS, items_req(0)).await.unwrap()),
+        ["once"]
+    );
 
     // A slow call whose client goes away keeps running; its result is
     // collected through a new connection.
@@ -95,9 +146,18 @@ async fn ops_run_once_and_results_survive_a_reconnect() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     call.abort();
     let fresh = edge_client::connect(&edge.url()).await.unwrap();
-    let again = edge_client::Session::attach(&fresh, s.id().into(), s.token().clone(), "ops".into(), vec![]);
+    let again = edge_client::Session::attach(
+        &fresh,
+        s.id().into(),
+        s.token().clone(),
+        "ops".into(),
+        vec![],
+    );
     assert_eq!(items_of(again.result(slow).await.unwrap()), ["once"]);
-    assert_eq!(again.result(12345).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        again.result(12345).await.unwrap_err().code(),
+        Code::NotFound
+    );
     s.close().await.unwrap();
 }
 
@@ -108,27 +168,80 @@ async fn bad_input_gets_a_clear_status_and_the_edge_keeps_serving() {
     let client = edge_client::connect(&edge.url()).await.unwrap();
     let code = |r: Result<edge_client::Session, tonic::Status>| r.unwrap_err().code();
     assert_eq!(code(client.open_session("nope", "c").await), Code::NotFound);
-    assert_eq!(code(client.open_session("../etc", "c").await), Code::InvalidArgument);
-    assert_eq!(code(client.open_session("list", "").await), Code::InvalidArgument);
+    assert_eq!(
+        code(client.open_session("../etc", "c").await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(client.open_session("list", "").await),
+        Code::InvalidArgument
+    );
 
     let s = client.open_session("list", "c").await.unwrap();
     let other = client.open_session("list", "d").await.unwrap();
-    let wrong_token = edge_client::Session::attach(&client, s.id().into(), other.token().clone(), "bad".into(), vec![]);
-    assert_eq!(wrong_token.invoke(ITEMS, items_req(0)).await.unwrap_err().code(), Code::PermissionDenied);
-    assert_eq!(wrong_token.close().await.unwrap_err().code(), Code::PermissionDenied);
-    let unknown = edge_client::Session::attach(&client, "0".repeat(32), s.token().clone(), "bad".into(), vec![]);
-    assert_eq!(unknown.invoke(ITEMS, items_req(0)).await.unwrap_err().code(), Code::NotFound);
-    assert_eq!(s.invoke("no-slash", items_req(0)).await.unwrap_err().code(), Code::InvalidArgument);
-    assert_eq!(s.invoke("/list.v1.List/Nope", items_req(0)).await.unwrap_err().code(), Code::Unimplemented);
+    let wrong_token = edge_client::Session::attach(
+        &client,
+        s.id().into(),
+        other.token().clone(),
+        "bad".into(),
+        vec![],
+    );
+    assert_eq!(
+        wrong_token
+            .invoke(ITEMS, items_req(0))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        wrong_token.close().await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    let unknown = edge_client::Session::attach(
+        &client,
+        "0".repeat(32),
+        s.token().clone(),
+        "bad".into(),
+        vec![],
+    );
+    assert_eq!(
+        unknown
+            .invoke(ITEMS, items_req(0))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        s.invoke("no-slash", items_req(0)).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        s.invoke("/list.v1.List/Nope", items_req(0))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unimplemented
+    );
     let big = Bytes::from(vec![b'x'; 1_048_576 + 10]);
-    assert_eq!(s.invoke(ADD, big).await.unwrap_err().code(), Code::ResourceExhausted);
+    assert_eq!(
+        s.invoke(ADD, big).await.unwrap_err().code(),
+        Code::ResourceExhausted
+    );
     // Garbage the app cannot decode is the app's error, not the edge's.
-    let garbage = s.invoke(ADD, Bytes::from_static(&[0xff, 0xff, 0xff])).await.unwrap_err();
+    let garbage = s
+        .invoke(ADD, Bytes::from_static(&[0xff, 0xff, 0xff]))
+        .await
+        .unwrap_err();
     assert_eq!(garbage.code(), Code::Internal, "{garbage:?}");
     // Everything still works.
     s.invoke(ADD, add("fine")).await.unwrap();
     other.invoke(ADD, add("also fine")).await.unwrap();
-    assert_eq!(items_of(s.invoke(ITEMS, items_req(0)).await.unwrap()), ["fine"]);
+    assert_eq!(
+        items_of(s.invoke(ITEMS, items_req(0)).await.unwrap()),
+        ["fine"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -140,13 +253,32 @@ async fn fifty_clients_each_with_an_isolated_volume() {
     for i in 0..50 {
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
-            let s = client.open_session("list", &format!("phone-{i}")).await.unwrap();
+            let s = client
+                .open_session("list", &format!("phone-{i}"))
+                .await
+                .unwrap();
             let mut stub = ListClient::new(s.channel());
             for j in 0..3 {
-                stub.add(AddRequest { item: format!("client {i} item {j}") }).await.unwrap();
+                stub.add(AddRequest {
+                    item: format!("client {i} item {j}"),
+                })
+                .await
+                .unwrap();
             }
-            let items = stub.items(ItemsRequest { delay_ms_per_item: 0 }).await.unwrap().into_inner().items;
-            assert_eq!(items, (0..3).map(|j| format!("client {i} item {j}")).collect::<Vec<_>>());
+            let items = stub
+                .items(ItemsRequest {
+                    delay_ms_per_item: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .items;
+            assert_eq!(
+                items,
+                (0..3)
+                    .map(|j| format!("client {i} item {j}"))
+                    .collect::<Vec<_>>()
+            );
             s
         }));
     }
@@ -157,8 +289,21 @@ async fn fifty_clients_each_with_an_isolated_volume() {
     assert_eq!(sessions(&edge.url()).await.len(), 50);
     assert_eq!(edge.mounts().len(), 50, "one volume per session");
     // One client's token opens nothing of another's.
-    let intruder = edge_client::Session::attach(&client, all[1].id().into(), all[0].token().clone(), String::new(), vec![]);
-    assert_eq!(intruder.invoke(ITEMS, items_req(0)).await.unwrap_err().code(), Code::PermissionDenied);
+    let intruder = edge_client::Session::attach(
+        &client,
+        all[1].id().into(),
+        all[0].token().clone(),
+        String::new(),
+        vec![],
+    );
+    assert_eq!(
+        intruder
+            .invoke(ITEMS, items_req(0))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
     for s in all {
         s.close().await.unwrap();
     }
@@ -186,14 +331,40 @@ async fn a_restarted_edge_recovers_its_sessions() {
     edge.restart();
 
     let client = edge_client::connect(&edge.url()).await.unwrap();
-    let a = edge_client::Session::attach(&client, a.id().into(), a.token().clone(), String::new(), vec![]);
-    let b = edge_client::Session::attach(&client, b.id().into(), b.token().clone(), String::new(), vec![]);
+    let a = edge_client::Session::attach(
+        &client,
+        a.id().into(),
+        a.token().clone(),
+        String::new(),
+        vec![],
+    );
+    let b = edge_client::Session::attach(
+        &client,
+        b.id().into(),
+        b.token().clone(),
+        String::new(),
+        vec![],
+    );
     a.invoke(ADD, add("a2")).await.unwrap();
     b.invoke(ADD, add("b2")).await.unwrap();
-    assert_eq!(items_of(a.invoke(ITEMS, items_req(0)).await.unwrap()), ["a1", "a2"]);
-    assert_eq!(items_of(b.invoke(ITEMS, items_req(0)).await.unwrap()), ["b1", "b2"]);
-    assert_eq!(instance_pid(&edge.url(), a.id()).await, pid_a, "a live instance is re-attached");
-    assert_ne!(instance_pid(&edge.url(), b.id()).await, pid_b, "a dead one is restarted");
+    assert_eq!(
+        items_of(a.invoke(ITEMS, items_req(0)).await.unwrap()),
+        ["a1", "a2"]
+    );
+    assert_eq!(
+        items_of(b.invoke(ITEMS, items_req(0)).await.unwrap()),
+        ["b1", "b2"]
+    );
+    assert_eq!(
+        instance_pid(&edge.url(), a.id()).await,
+        pid_a,
+        "a live instance is re-attached"
+    );
+    assert_ne!(
+        instance_pid(&edge.url(), b.id()).await,
+        pid_b,
+        "a dead one is restarted"
+    );
     a.close().await.unwrap();
     b.close().await.unwrap();
     assert!(edge.mounts().is_empty());
@@ -220,7 +391,10 @@ async fn an_app_crash_fails_its_call_clearly_and_the_session_carries_on() {
 
     bystander.invoke(ADD, add("unaffected")).await.unwrap();
     // The next call restarts the instance; the volume kept the state.
-    assert_eq!(items_of(s.invoke(ITEMS, items_req(0)).await.unwrap()), ["kept"]);
+    assert_eq!(
+        items_of(s.invoke(ITEMS, items_req(0)).await.unwrap()),
+        ["kept"]
+    );
     assert_ne!(instance_pid(&edge.url(), s.id()).await, pid);
 }
 
@@ -233,10 +407,16 @@ async fn idle_sessions_are_reaped() {
     s.invoke(ADD, add("x")).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while !edge.session_dirs().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "idle session was not reaped");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle session was not reaped"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(s.invoke(ITEMS, items_req(0)).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        s.invoke(ITEMS, items_req(0)).await.unwrap_err().code(),
+        Code::NotFound
+    );
     assert!(edge.mounts().is_empty());
 }
 
@@ -248,7 +428,11 @@ impl WithTtl for Edge {
     /// Rewrites the TTL and restarts (the config is read at start).
     fn with_ttl(mut self, secs: u64) -> Self {
         let text = std::fs::read_to_string(&self.config).unwrap();
-        std::fs::write(&self.config, text.replace("session_ttl = 3600", &format!("session_ttl = {secs}"))).unwrap();
+        std::fs::write(
+            &self.config,
+            text.replace("session_ttl = 3600", &format!("session_ttl = {secs}")),
+        )
+        .unwrap();
         self.restart();
         self
     }

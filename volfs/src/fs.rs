@@ -328,18 +328,16 @@ impl VolFs {
         Ok(())
     }
 
-    fn do_setattr(
-        &self,
-        req: &Request,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        fh: Option<FileHandle>,
-    ) -> R<FileAttr> {
+    fn do_setattr(&self, req: &Request, ino: INodeNo, a: SetAttr) -> R<FileAttr> {
+        let SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+            fh,
+        } = a;
         let i = self.inode(ino)?;
         let fd = i.fd.as_raw_fd();
         if uid.is_some() || gid.is_some() {
@@ -448,6 +446,17 @@ impl VolFs {
     }
 }
 
+/// The changes of one `setattr` request.
+struct SetAttr {
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    size: Option<u64>,
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+    fh: Option<FileHandle>,
+}
+
 thread_local! {
     static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -521,7 +530,19 @@ impl Filesystem for VolFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(req, ino, mode, uid, gid, size, atime, mtime, fh) {
+        match self.do_setattr(
+            req,
+            ino,
+            SetAttr {
+                mode,
+                uid,
+                gid,
+                size,
+                atime,
+                mtime,
+                fh,
+            },
+        ) {
             Ok(a) => reply.attr(&TTL, &a),
             Err(e) => reply.error(e),
         }

@@ -361,9 +361,10 @@ pub struct Tracked {
     pub local: BTreeMap<Vec<u8>, LocalStat>,
 }
 
-fn decode_persisted(
-    b: &[u8],
-) -> Result<(Manifest, BTreeMap<Vec<u8>, LocalStat>, bool), ManifestError> {
+/// A persisted manifest: the manifest, its local stats, its clean mark.
+type Decoded = (Manifest, BTreeMap<Vec<u8>, LocalStat>, bool);
+
+fn decode_persisted(b: &[u8]) -> Result<Decoded, ManifestError> {
     let pm = pb::PersistedManifest::decode(b).map_err(|e| ManifestError::Corrupt(e.to_string()))?;
     if pm.version != edge_proto::PROTOCOL_VERSION {
         return Err(ManifestError::Corrupt(format!(

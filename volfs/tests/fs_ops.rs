@@ -290,6 +290,7 @@ fn xattrs_statfs_fsync_fallocate_and_seek_data() {
     assert_eq!(unsafe { libc::removexattr(cf.as_ptr(), name.as_ptr()) }, 0);
 
     // statfs answers with the backing filesystem's numbers.
+    // SAFETY: statvfs is plain data; all-zero is a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid path and out pointer.
     assert_eq!(unsafe { libc::statvfs(c(&m.mnt).as_ptr(), &mut st) }, 0);
@@ -387,6 +388,7 @@ fn posix_locks_conflict_between_processes() {
         .write(true)
         .open(&f)
         .unwrap();
+    // SAFETY: flock is plain data; all-zero is a valid value.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = libc::F_WRLCK as i16;
     fl.l_whence = libc::SEEK_SET as i16;

@@ -93,7 +93,16 @@ async fn main() -> anyhow::Result<()> {
         edge.cfg.edge_id
     );
 
-    let client = edge_client::connect(&addr.to_string()).await?;
+    // Sessions are closed even when a step fails.
+    let result = calls(&addr.to_string()).await;
+    edge.close_all().await;
+    let _ = stop_tx.send(());
+    server.await??;
+    result
+}
+
+async fn calls(addr: &str) -> anyhow::Result<()> {
+    let client = edge_client::connect(addr).await?;
 
     println!("\n== List app");
     let list = client.open_session("list", "demo-phone").await?;
@@ -172,8 +181,6 @@ async fn main() -> anyhow::Result<()> {
     list.close().await?;
     search.close().await?;
     println!("\nsessions closed: instances stopped, volumes unmounted and removed");
-    let _ = stop_tx.send(());
-    server.await??;
     Ok(())
 }
 

@@ -1,0 +1,99 @@
+//! The Docker runtime through bollard: an image built FROM scratch from the
+//! List app's binary, one hardened container per session, cleaned up on close.
+
+use std::process::Command;
+
+use edgeshift_examples::pb::list::list_client::ListClient;
+use edgeshift_examples::pb::list::{AddRequest, ItemsRequest};
+use edgeshift_tests::{App, Bases, Edge, Runtime, bin, require_docker, sessions};
+
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker CLI");
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_runtime_end_to_end() {
+    require_docker();
+    let tag = format!("edgeshift-test/list-app:{}", std::process::id());
+    let out = Command::new(bin("edged"))
+        .args(["image", "build", "--binary"])
+        .arg(bin("list-app"))
+        .args(["--tag", &tag])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "image build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let bases = Bases::new();
+    let apps = [App {
+        name: "list".into(),
+        base: bases.list.clone(),
+        runtime: Runtime::Docker(tag.clone()),
+    }];
+    let edge = Edge::start("docker", "127.0.0.1", &apps, "");
+    let client = edge_client::connect(&edge.url()).await.unwrap();
+    let s = client.open_session("list", "phone").await.unwrap();
+    let mut stub = ListClient::new(s.channel());
+    stub.add(AddRequest {
+        item: "in a container".into(),
+    })
+    .await
+    .unwrap();
+    stub.add(AddRequest {
+        item: "on volfs".into(),
+    })
+    .await
+    .unwrap();
+    let items = stub
+        .items(ItemsRequest {
+            delay_ms_per_item: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert_eq!(items, ["in a container", "on volfs"]);
+    assert!(
+        edge.session_dirs()[0].join("volume/list.db").is_file(),
+        "state is on the session's volume"
+    );
+
+    let info = sessions(&edge.url()).await;
+    let cid = &info[0].container_id;
+    assert!(!cid.is_empty() && !cid.starts_with("pid:"), "{cid}");
+    let label = format!("label=edgeshift.session={}", s.id());
+    let full = docker(&["ps", "-q", "--no-trunc", "--filter", &label]);
+    assert!(
+        full.starts_with(cid.as_str()),
+        "container {cid} runs ({full})"
+    );
+    let hc = docker(&[
+        "inspect",
+        "--format",
+        "{{.HostConfig.NetworkMode}} {{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CapDrop}} {{.HostConfig.SecurityOpt}} {{.HostConfig.Memory}} {{.HostConfig.PidsLimit}}",
+        &full,
+    ]);
+    assert_eq!(hc, "none true [ALL] [no-new-privileges] 268435456 128");
+
+    s.close().await.unwrap();
+    assert_eq!(
+        docker(&["ps", "-aq", "--filter", &label]),
+        "",
+        "container removed"
+    );
+    assert!(edge.session_dirs().is_empty());
+    assert!(edge.mounts().is_empty());
+    let _ = Command::new("docker").args(["rmi", "-f", &tag]).output();
+}
