@@ -2,7 +2,11 @@
 //! build needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["edge/v1/volume.proto", "edge/v1/edge.proto"];
+    let protos = [
+        "edge/v1/volume.proto",
+        "edge/v1/edge.proto",
+        "edge/v1/peer.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

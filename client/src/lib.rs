@@ -3,7 +3,10 @@
 //! Connect to an edge, open a session for an app, then call the app either
 //! with raw [`Session::invoke`] or, transparently, through the app's own
 //! generated tonic client built over [`Session::channel`]: each call becomes
-//! an `Invoke` carrying the session, its token and a fresh op id.
+//! an `Invoke` carrying the session, its token and a fresh op id. When the
+//! user moves, [`Session::handover_to`] (or a [`Follower`] watching a
+//! locator) moves the session to the new nearest edge; the same handle and
+//! the same stubs keep working.
 //!
 //! ```ignore
 //! let edge = edge_client::connect("http://127.0.0.1:50051").await?;
@@ -14,23 +17,34 @@
 //!
 //! # Layout
 //! - this file: [`connect`], [`EdgeClient`], [`Session`];
-//! - [`channel`]: [`SessionChannel`], the tower service generated stubs call.
+//! - [`channel`]: [`SessionChannel`], the tower service generated stubs call;
+//! - [`locator`]: which edge is nearest ([`FileLocator`] watches a file) and
+//!   a [`Follower`] that hands the session over when it changes.
 
 #![warn(missing_docs)]
 
 pub mod channel;
+pub mod locator;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use edge_proto::v1 as pb;
 use edge_proto::v1::edge_client::EdgeClient as EdgeStub;
+use tokio::sync::watch;
 use tonic::Status;
 use tonic::transport::Channel;
 
 pub use channel::SessionChannel;
+/// Progress of a handover, as the new edge reports it.
+pub use edge_proto::v1::HandoverProgress;
+pub use locator::{FileLocator, Follower};
+
+/// Metadata key on a call refused because its session is moving (edged's
+/// `session::MOVING_KEY`).
+pub const MOVING_KEY: &str = "edgeshift-moving";
 
 /// Errors of connecting.
 #[derive(Debug, thiserror::Error)]
@@ -105,17 +119,28 @@ impl EdgeClient {
     }
 }
 
-struct Inner {
+/// The edge serving a session now.
+#[derive(Clone)]
+struct Current {
     stub: EdgeStub<Channel>,
+    addr: String,
+    edge_id: String,
+}
+
+struct Inner {
+    /// Swapped by a handover.
+    edge: RwLock<Current>,
     id: String,
     token: Bytes,
-    edge_id: String,
     next_op: AtomicU64,
     phases: Vec<(String, Duration)>,
+    /// Bumped whenever a handover ends (either way): calls refused as
+    /// "moving" wait for it, then go again.
+    handovers: watch::Sender<u64>,
 }
 
 /// An open session: a handle to the client's own instance of an app.
-/// Cheap to clone; clones share the op id sequence.
+/// Cheap to clone; clones share the op id sequence and follow handovers.
 #[derive(Clone)]
 pub struct Session {
     inner: Arc<Inner>,
@@ -125,7 +150,7 @@ impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("id", &self.inner.id)
-            .field("edge", &self.inner.edge_id)
+            .field("edge", &self.current().edge_id)
             .finish()
     }
 }
@@ -143,16 +168,33 @@ impl Session {
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed).expect("the OS random source works");
         let start = u64::from_le_bytes(seed) >> 16;
+        let current = Current {
+            stub: edge.stub.clone(),
+            addr: edge.addr.clone(),
+            edge_id,
+        };
         Session {
             inner: Arc::new(Inner {
-                stub: edge.stub.clone(),
+                edge: RwLock::new(current),
                 id,
                 token,
-                edge_id,
                 next_op: AtomicU64::new(start),
                 phases,
+                handovers: watch::channel(0).0,
             }),
         }
+    }
+
+    fn current(&self) -> Current {
+        self.inner
+            .edge
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn stub(&self) -> EdgeStub<Channel> {
+        self.current().stub
     }
 
     /// Session id.
@@ -166,8 +208,13 @@ impl Session {
     }
 
     /// Id of the edge serving the session.
-    pub fn edge_id(&self) -> &str {
-        &self.inner.edge_id
+    pub fn edge_id(&self) -> String {
+        self.current().edge_id
+    }
+
+    /// Address of the edge serving the session.
+    pub fn edge_addr(&self) -> String {
+        self.current().addr
     }
 
     /// How long each phase of the open took on the edge.
@@ -186,33 +233,39 @@ impl Session {
     }
 
     /// Calls with a given op id: a retry with the same id is not run twice.
+    /// A call refused because the session is moving waits for the handover
+    /// and goes again, with the same op id, to whichever edge serves then.
     pub async fn invoke_op(
         &self,
         op_id: u64,
         method: &str,
         payload: Bytes,
     ) -> Result<Bytes, Status> {
-        let r = self
-            .inner
-            .stub
-            .clone()
-            .invoke(pb::InvokeRequest {
-                session_id: self.inner.id.clone(),
-                token: self.inner.token.to_vec(),
-                op_id,
-                method: method.into(),
-                payload: payload.to_vec(),
-            })
-            .await?;
-        Ok(r.into_inner().payload.into())
+        let req = pb::InvokeRequest {
+            session_id: self.inner.id.clone(),
+            token: self.inner.token.to_vec(),
+            op_id,
+            method: method.into(),
+            payload: payload.to_vec(),
+        };
+        loop {
+            let mut ended = self.inner.handovers.subscribe();
+            match self.stub().invoke(req.clone()).await {
+                Ok(r) => return Ok(r.into_inner().payload.into()),
+                Err(st) if st.metadata().get(MOVING_KEY).is_some() => {
+                    // Wait for the handover to end (ours, or one we do not drive).
+                    let _ = tokio::time::timeout(Duration::from_millis(200), ended.changed()).await;
+                }
+                Err(st) => return Err(st),
+            }
+        }
     }
 
-    /// The result of op `op_id`, waiting while it runs (e.g. after a reconnect).
+    /// The result of op `op_id`, waiting while it runs (e.g. after a reconnect
+    /// or a handover).
     pub async fn result(&self, op_id: u64) -> Result<Bytes, Status> {
         let r = self
-            .inner
-            .stub
-            .clone()
+            .stub()
             .result(pb::ResultRequest {
                 session_id: self.inner.id.clone(),
                 token: self.inner.token.to_vec(),
@@ -224,9 +277,7 @@ impl Session {
 
     /// Closes the session: the edge stops the instance and removes its volume.
     pub async fn close(&self) -> Result<(), Status> {
-        self.inner
-            .stub
-            .clone()
+        self.stub()
             .close_session(pb::CloseSessionRequest {
                 session_id: self.inner.id.clone(),
                 token: self.inner.token.to_vec(),
@@ -236,8 +287,49 @@ impl Session {
     }
 
     /// A channel for the app's generated tonic client: calls through it are
-    /// invokes of this session.
+    /// invokes of this session (and follow it across handovers).
     pub fn channel(&self) -> SessionChannel {
         SessionChannel::new(self.clone())
+    }
+
+    /// Moves the session to the edge `to` (the user moved): `to` pulls it
+    /// from the edge serving it now. `progress` sees every phase; on success
+    /// the session is served by `to`. On failure the old edge still serves it
+    /// and the error says why.
+    pub async fn handover_to(
+        &self,
+        to: &EdgeClient,
+        mut progress: impl FnMut(&HandoverProgress),
+    ) -> Result<(), Status> {
+        let from = self.current();
+        let result = async {
+            let mut stream = to
+                .stub
+                .clone()
+                .handover(pb::HandoverRequest {
+                    session_id: self.inner.id.clone(),
+                    token: self.inner.token.to_vec(),
+                    from_addr: from.addr.trim_start_matches("http://").to_string(),
+                })
+                .await?
+                .into_inner();
+            while let Some(p) = stream.message().await? {
+                progress(&p);
+                if p.phase == "ready" {
+                    *self.inner.edge.write().unwrap_or_else(|e| e.into_inner()) = Current {
+                        stub: to.stub.clone(),
+                        addr: to.addr.clone(),
+                        edge_id: p.edge_id.clone(),
+                    };
+                    return Ok(());
+                }
+            }
+            Err(Status::unavailable(
+                "the new edge ended the handover without being ready",
+            ))
+        }
+        .await;
+        self.inner.handovers.send_modify(|g| *g += 1);
+        result
     }
 }

@@ -238,6 +238,39 @@ impl Journal {
         }
     }
 
+    /// Whether an op is running.
+    pub fn has_running(&self) -> bool {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.ops.values().any(|s| matches!(s, Slot::Running(_)))
+    }
+
+    /// Every finished op, oldest first (what moves with a session).
+    pub fn done_ops(&self) -> Vec<(u64, Outcome)> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.done_order
+            .iter()
+            .filter_map(|id| match st.ops.get(id) {
+                Some(Slot::Done(o)) => Some((*id, o.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Records an op that finished on another edge.
+    pub fn import(&self, op_id: u64, outcome: Outcome) {
+        if self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ops
+            .contains_key(&op_id)
+        {
+            return;
+        }
+        let (tx, _rx) = watch::channel(None);
+        self.finish(op_id, tx, outcome);
+    }
+
     /// Ops known (running or done).
     pub fn len(&self) -> usize {
         self.state

@@ -1,4 +1,4 @@
-//! The gRPC boundary: the `Edge` and `Admin` services and grpc.health.v1,
+//! The gRPC boundary: the `Edge`, `Admin` and `Peer` services and grpc.health.v1,
 //! where session errors become statuses.
 
 use std::future::Future;
@@ -8,8 +8,11 @@ use std::time::Duration;
 use edge_proto::v1 as pb;
 use edge_proto::v1::admin_server::{Admin, AdminServer};
 use edge_proto::v1::edge_server::{Edge as EdgeSvc, EdgeServer};
+use edge_proto::v1::peer_server::{Peer, PeerServer};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
@@ -87,6 +90,24 @@ impl EdgeSvc for EdgeService {
             .map_err(|e| e.status())?;
         Ok(Response::new(pb::CloseSessionResponse {}))
     }
+
+    type HandoverStream = ReceiverStream<Result<pb::HandoverProgress, Status>>;
+
+    async fn handover(
+        &self,
+        req: Request<pb::HandoverRequest>,
+    ) -> Result<Response<Self::HandoverStream>, Status> {
+        let r = req.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let edge = self.0.clone();
+        tokio::spawn(async move {
+            if let Err(st) = edge.take(&r.session_id, &r.token, &r.from_addr, &tx).await {
+                tracing::warn!(session = %r.session_id, error = %st.message(), "handover failed");
+                let _ = tx.send(Err(st)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 }
 
 /// Implements `edge.v1.Admin` over an [`Edge`].
@@ -114,6 +135,66 @@ impl Admin for AdminService {
             .await
             .map_err(|e| e.status())?;
         Ok(Response::new(pb::CloseSessionResponse {}))
+    }
+}
+
+/// Implements `edge.v1.Peer` over an [`Edge`].
+#[derive(Debug, Clone)]
+pub struct PeerService(pub Arc<Edge>);
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn hello(
+        &self,
+        req: Request<pb::HelloRequest>,
+    ) -> Result<Response<pb::HelloResponse>, Status> {
+        let r = req.into_inner();
+        if r.version != edge_proto::PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "this edge speaks edge.v{}, the peer v{}",
+                edge_proto::PROTOCOL_VERSION,
+                r.version
+            )));
+        }
+        Ok(Response::new(pb::HelloResponse {
+            version: edge_proto::PROTOCOL_VERSION,
+            edge_id: self.0.cfg.edge_id.clone(),
+        }))
+    }
+
+    type HandoverStream = ReceiverStream<Result<pb::HandoverChunk, Status>>;
+
+    async fn handover(
+        &self,
+        req: Request<pb::PeerHandoverRequest>,
+    ) -> Result<Response<Self::HandoverStream>, Status> {
+        let (tx, rx) = mpsc::channel(64);
+        let edge = self.0.clone();
+        tokio::spawn(async move { edge.give(req.into_inner(), tx).await });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let r = req.into_inner();
+        self.0
+            .release(&r.session_id, &r.token)
+            .await
+            .map_err(|e| e.status())?;
+        Ok(Response::new(pb::ReleaseResponse {}))
+    }
+
+    async fn abort(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let r = req.into_inner();
+        self.0
+            .abort_handover(&r.session_id, &r.token)
+            .map_err(|e| e.status())?;
+        Ok(Response::new(pb::ReleaseResponse {}))
     }
 }
 
@@ -155,6 +236,11 @@ pub async fn run(
                 .max_encoding_message_size(limit),
         )
         .add_service(AdminServer::new(AdminService(edge.clone())))
+        .add_service(
+            PeerServer::new(PeerService(edge.clone()))
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     reaper.abort();

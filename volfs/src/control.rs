@@ -8,7 +8,7 @@
 //! | `status`                | dirty files, blocks, bytes (after flushing the kernel's cache) |
 //! | `hash`                  | flush, rehash dirty blocks, root hash                  |
 //! | `manifest OUT`          | flush, refresh, write the manifest to OUT               |
-//! | `diff OUT [BASE]`       | flush, refresh, write the delta since manifest file BASE (or since empty) to OUT |
+//! | `diff OUT [BASE [RESULT]]` | flush, refresh, write the delta since manifest file BASE (`-` or none: since empty) to OUT; RESULT receives the manifest the receiver will hold |
 //! | `unmount`               | unmount (lazily if busy)                                |
 //!
 //! The socket is created mode 0600 in a root-owned directory: only the
@@ -92,11 +92,15 @@ fn execute(req: &str, live: &LiveVolume, unmounter: &Unmounter) -> Result<String
             Ok(format!("root={}", hex(&root)))
         }
         ["diff", out, rest @ ..] => {
-            let base = match rest {
-                [] => Manifest::empty(live.block_size()),
-                [b] => Manifest::from_bytes(&fs::read(b).map_err(|x| format!("base {b}: {x}"))?)
-                    .map_err(|x| format!("base {b}: {x}"))?,
-                _ => return Err("usage: diff OUT [BASE]".into()),
+            let (base, result) = match rest {
+                [] | ["-"] => (Manifest::empty(live.block_size()), None),
+                ["-", r] => (Manifest::empty(live.block_size()), Some(*r)),
+                [b] | [b, _] => (
+                    Manifest::from_bytes(&fs::read(b).map_err(|x| format!("base {b}: {x}"))?)
+                        .map_err(|x| format!("base {b}: {x}"))?,
+                    rest.get(1).copied(),
+                ),
+                _ => return Err("usage: diff OUT [BASE|- [RESULT]]".into()),
             };
             let tmp = format!("{out}.partial");
             let f = fs::File::create(&tmp).map_err(|x| format!("{tmp}: {x}"))?;
@@ -109,6 +113,10 @@ fn execute(req: &str, live: &LiveVolume, unmounter: &Unmounter) -> Result<String
                 }
             };
             fs::rename(&tmp, out).map_err(|x| e(&x))?;
+            if let Some(r) = result {
+                // What the receiver holds once it applied the delta: the base of the next round.
+                write_atomic(Path::new(r), &s.manifest.to_bytes()).map_err(|x| e(&x))?;
+            }
             Ok(summary(&s))
         }
         ["unmount"] => {

@@ -11,13 +11,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tonic::Status;
+use tracing::Instrument;
 
 use crate::config::{AppConfig, Config, RuntimeConfig, valid_name};
 use crate::forward::{AppClient, SOCKET_NAME, valid_method};
@@ -26,6 +27,8 @@ use crate::runtime::docker::DockerRuntime;
 use crate::runtime::process::ProcessRuntime;
 use crate::runtime::{InstanceId, InstanceSpec, Runtime, RuntimeError};
 use crate::volume::{self, Shim, VolumeError};
+
+pub mod migrate;
 
 /// Errors of session handling; [`EdgeError::status`] maps them to gRPC.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +160,9 @@ pub struct Session {
     journal: Journal,
     ops: AtomicU64,
     runtime: Arc<dyn Runtime>,
+    /// Set while another edge pulls the session: new calls are refused
+    /// (the client sends them to the new edge).
+    migrating: AtomicBool,
 }
 
 impl std::fmt::Debug for Session {
@@ -354,6 +360,17 @@ impl Session {
     }
 }
 
+/// Metadata key on the status of a call refused because its session is
+/// moving; the client retries it (same op id) on the new edge.
+pub const MOVING_KEY: &str = "edgeshift-moving";
+
+fn moving_status() -> Status {
+    let mut st = Status::unavailable("session is moving to another edge");
+    st.metadata_mut()
+        .insert(MOVING_KEY, tonic::metadata::MetadataValue::from_static("1"));
+    st
+}
+
 /// The timings of an open, phase by phase.
 pub type Phases = Vec<(&'static str, Duration)>;
 
@@ -364,6 +381,8 @@ pub struct Edge {
     volfs_bin: PathBuf,
     runtimes: tokio::sync::Mutex<HashMap<String, Arc<dyn Runtime>>>,
     sessions: RwLock<HashMap<String, Arc<Session>>>,
+    /// Sessions released to another edge (a repeated Release answers OK).
+    released: Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Edge {
@@ -403,6 +422,7 @@ impl Edge {
             volfs_bin,
             runtimes: tokio::sync::Mutex::new(HashMap::new()),
             sessions: RwLock::new(HashMap::new()),
+            released: Mutex::new(Default::default()),
         }))
     }
 
@@ -468,6 +488,7 @@ impl Edge {
             shim: tokio::sync::Mutex::new(None),
             ops: AtomicU64::new(0),
             runtime,
+            migrating: AtomicBool::new(false),
         })
     }
 
@@ -508,7 +529,6 @@ impl Edge {
         }
         let session = Arc::new(self.build_session(&rec, blake3::hash(&token), runtime)?);
         let span = tracing::info_span!("open", session = %id, app, client = client_id);
-        let _enter = span.enter();
         let mut phases = Phases::new();
         let result = async {
             session.save_record().await?;
@@ -532,9 +552,10 @@ impl Edge {
             phases.push(("start+ready", t.elapsed()));
             Ok::<_, EdgeError>(())
         }
+        .instrument(span.clone())
         .await;
         if let Err(e) = result {
-            tracing::warn!(error = %e, "open failed; cleaning up");
+            tracing::warn!(parent: &span, error = %e, "open failed; cleaning up");
             session.teardown().await;
             return Err(e);
         }
@@ -543,7 +564,7 @@ impl Edge {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), session.clone());
-        tracing::info!(phases = ?phases, "session open");
+        tracing::info!(parent: &span, phases = ?phases, "session open");
         Ok((session, token, phases))
     }
 
@@ -580,6 +601,9 @@ impl Edge {
             return Err(EdgeError::TooLarge(payload.len(), self.cfg.max_payload).status());
         }
         s.touch();
+        if s.migrating.load(Ordering::SeqCst) {
+            return Err(moving_status());
+        }
         let tx = match s.journal.begin(op_id, method) {
             Begin::Existing(w) => return w.wait().await.into_result(),
             Begin::New(tx) => tx,

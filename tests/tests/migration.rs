@@ -1,0 +1,239 @@
+//! Handover between edges on 127.0.0.1, 127.0.0.2 and 127.0.0.3 (process
+//! runtime): state follows the client, a running call's result arrives
+//! through the new edge, calls made during the move are served once, a
+//! failed move leaves the session whole on the old edge.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use edge_client::{FileLocator, Follower, locator::FollowEvent};
+use edgeshift_examples::pb::list::{AddRequest, ItemsReply, ItemsRequest};
+use edgeshift_tests::{App, Bases, Edge, Runtime, bin};
+use prost::Message;
+use tonic::Code;
+
+const ADD: &str = "/list.v1.List/Add";
+const ITEMS: &str = "/list.v1.List/Items";
+
+fn add(item: &str) -> Bytes {
+    AddRequest { item: item.into() }.encode_to_vec().into()
+}
+
+fn items_req(delay: u32) -> Bytes {
+    ItemsRequest {
+        delay_ms_per_item: delay,
+    }
+    .encode_to_vec()
+    .into()
+}
+
+fn items_of(b: Bytes) -> Vec<String> {
+    ItemsReply::decode(b).unwrap().items
+}
+
+async fn items(s: &edge_client::Session) -> Vec<String> {
+    items_of(s.invoke(ITEMS, items_req(0)).await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_follows_the_client_a_b_c_and_back_to_a() {
+    let bases = Bases::new();
+    let apps = bases.process_apps();
+    let edges = [
+        Edge::start("a", "127.0.0.1", &apps, ""),
+        Edge::start("b", "127.0.0.2", &apps, ""),
+        Edge::start("c", "127.0.0.3", &apps, ""),
+    ];
+    let clients: Vec<_> = futures_join(&edges).await;
+    let s = clients[0].open_session("list", "walker").await.unwrap();
+    s.invoke(ADD, add("at a")).await.unwrap();
+    let mut expect = vec!["at a".to_string()];
+    for (i, to) in [1usize, 2, 0].into_iter().enumerate() {
+        let mut phases = Vec::new();
+        s.handover_to(&clients[to], |p| phases.push(p.phase.clone()))
+            .await
+            .unwrap();
+        assert_eq!(s.edge_id(), ["a", "b", "c"][to]);
+        assert!(
+            phases.contains(&"quiesced".to_string()) && phases.last().unwrap() == "ready",
+            "{phases:?}"
+        );
+        assert_eq!(items(&s).await, expect, "state intact after move {i}");
+        let item = format!("at {}", ["a", "b", "c"][to]);
+        s.invoke(ADD, add(&item)).await.unwrap();
+        expect.push(item);
+        // The old edge kept nothing.
+        let from = [0usize, 1, 2][i];
+        assert!(
+            edges[from].session_dirs().is_empty(),
+            "old edge {from} left a session directory"
+        );
+        assert!(
+            edges[from].mounts().is_empty(),
+            "old edge {from} left a mount"
+        );
+        assert_eq!(edges[to].session_dirs().len(), 1);
+    }
+    // The volume on the final edge hashes like a fresh scan of it.
+    let backing = edges[0].session_dirs()[0].join("volume");
+    s.close().await.unwrap();
+    assert!(!backing.exists());
+}
+
+async fn futures_join(edges: &[Edge]) -> Vec<edge_client::EdgeClient> {
+    let mut v = Vec::new();
+    for e in edges {
+        v.push(edge_client::connect(&e.url()).await.unwrap());
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_call_finishes_and_its_result_is_had_through_the_new_edge() {
+    let bases = Bases::new();
+    let apps = bases.process_apps();
+    let (a, b) = (
+        Edge::start("a", "127.0.0.1", &apps, ""),
+        Edge::start("b", "127.0.0.2", &apps, ""),
+    );
+    let (ca, cb) = (
+        edge_client::connect(&a.url()).await.unwrap(),
+        edge_client::connect(&b.url()).await.unwrap(),
+    );
+    let s = ca.open_session("list", "walker").await.unwrap();
+    for i in 0..5 {
+        s.invoke(ADD, add(&format!("item {i}"))).await.unwrap();
+    }
+    // A slow call (5 items × 200 ms) whose client loses its link to A.
+    let op = s.next_op_id();
+    let s2 = s.clone();
+    let lost = tokio::spawn(async move { s2.invoke_op(op, ITEMS, items_req(200)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    lost.abort();
+    let mut downtime = 0;
+    s.handover_to(&cb, |p| downtime = p.downtime_micros)
+        .await
+        .unwrap();
+    assert_eq!(s.edge_id(), "b");
+    let r = items_of(s.result(op).await.unwrap());
+    assert_eq!(
+        r.len(),
+        5,
+        "the call ran to its end on A and its result moved to B"
+    );
+    assert!(downtime > 0);
+    assert_eq!(items(&s).await.len(), 5, "and it was not run again");
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_made_during_the_move_are_served_once() {
+    let bases = Bases::new();
+    let apps = bases.process_apps();
+    let (a, b) = (
+        Edge::start("a", "127.0.0.1", &apps, ""),
+        Edge::start("b", "127.0.0.2", &apps, ""),
+    );
+    let (ca, cb) = (
+        edge_client::connect(&a.url()).await.unwrap(),
+        edge_client::connect(&b.url()).await.unwrap(),
+    );
+    let s = ca.open_session("list", "walker").await.unwrap();
+    let done = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (s, done) = (s.clone(), done.clone());
+        tokio::spawn(async move {
+            for i in 0..60 {
+                s.invoke(ADD, add(&format!("w{i}"))).await.unwrap();
+                done.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    s.handover_to(&cb, |_| {}).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(done.load(Ordering::SeqCst), 60);
+    let got = items(&s).await;
+    assert_eq!(
+        got,
+        (0..60).map(|i| format!("w{i}")).collect::<Vec<_>>(),
+        "every call exactly once, in order"
+    );
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_move_leaves_the_session_whole_on_the_old_edge() {
+    let bases = Bases::new();
+    let apps = bases.process_apps();
+    let a = Edge::start("a", "127.0.0.1", &apps, "");
+    // B cannot run the app: its start fails after the volume arrived.
+    let broken = [App {
+        name: "list".into(),
+        base: bases.list.clone(),
+        runtime: Runtime::Process("/nonexistent/list-app".into()),
+    }];
+    let b = Edge::start("b", "127.0.0.2", &broken, "");
+    let (ca, cb) = (
+        edge_client::connect(&a.url()).await.unwrap(),
+        edge_client::connect(&b.url()).await.unwrap(),
+    );
+    let s = ca.open_session("list", "walker").await.unwrap();
+    s.invoke(ADD, add("before")).await.unwrap();
+    let err = s.handover_to(&cb, |_| {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(s.edge_id(), "a");
+    // A serves again (its instance restarts), nothing lost, and B owns nothing.
+    s.invoke(ADD, add("after")).await.unwrap();
+    assert_eq!(items(&s).await, ["before", "after"]);
+    assert!(b.session_dirs().is_empty());
+    assert!(b.mounts().is_empty());
+
+    // A move to an edge whose source is gone fails clearly, too.
+    let c = Edge::start("c", "127.0.0.3", &bases.process_apps(), "");
+    let cc = edge_client::connect(&c.url()).await.unwrap();
+    drop(a);
+    let err = s.handover_to(&cc, |_| {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(c.session_dirs().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_moves_the_session_when_the_location_file_changes() {
+    let bases = Bases::new();
+    let apps = bases.process_apps();
+    let (a, b) = (
+        Edge::start("a", "127.0.0.1", &apps, ""),
+        Edge::start("b", "127.0.0.2", &apps, ""),
+    );
+    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let s = ca.open_session("list", "walker").await.unwrap();
+    s.invoke(ADD, add("x")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("nearest");
+    std::fs::write(&file, a.addr.to_string()).unwrap();
+    let mut follower = Follower::start(s.clone(), FileLocator::new(&file)).unwrap();
+    // The user moves: the shared file names B (written atomically).
+    let tmp = dir.path().join("nearest.tmp");
+    std::fs::write(&tmp, format!("{}\n", b.addr)).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    let moved = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match follower.next_event().await {
+                Some(FollowEvent::Moved(to)) => return to,
+                Some(FollowEvent::Failed(to, e)) => panic!("move to {to} failed: {e}"),
+                Some(FollowEvent::Progress(_)) => {}
+                None => panic!("follower stopped"),
+            }
+        }
+    })
+    .await
+    .expect("the follower moved the session");
+    assert_eq!(moved, b.addr.to_string());
+    assert_eq!(s.edge_id(), "b");
+    assert_eq!(items(&s).await, ["x"]);
+    let _ = bin("edged");
+}
