@@ -45,6 +45,52 @@ pub struct Config {
     pub block_size: u32,
     /// The apps this edge serves, by name.
     pub apps: BTreeMap<String, AppConfig>,
+    /// Edges sessions may move to next: pre-copy candidates.
+    #[serde(default)]
+    pub neighbours: Vec<Neighbour>,
+    /// Pre-copy to the neighbours.
+    #[serde(default)]
+    pub precopy: PrecopyConfig,
+}
+
+/// A neighbour edge.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Neighbour {
+    /// Its edge id.
+    pub id: String,
+    /// Its address, `host:port`.
+    pub addr: String,
+}
+
+/// How sessions are pre-copied to the neighbours.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrecopyConfig {
+    /// Pre-copy at all (when there are neighbours).
+    pub enabled: bool,
+    /// A session that changed gets a round this often.
+    #[serde(with = "secs")]
+    pub interval: Duration,
+    /// ... or as soon as this many bytes are dirty.
+    pub dirty_threshold: u64,
+    /// Cap on pre-copy traffic of the whole edge, Mbit/s; 0 for none.
+    pub bandwidth_mbit: f64,
+    /// A staged copy nobody took over is dropped after this long.
+    #[serde(with = "secs")]
+    pub staged_ttl: Duration,
+}
+
+impl Default for PrecopyConfig {
+    fn default() -> Self {
+        PrecopyConfig {
+            enabled: true,
+            interval: Duration::from_secs(5),
+            dirty_threshold: 1 << 20,
+            bandwidth_mbit: 0.0,
+            staged_ttl: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// One offloadable application.
@@ -140,6 +186,23 @@ base_volume = "/var/lib/edgeshift/base/search"
 runtime = { kind = "process", command = "/usr/local/bin/search-app" }
 memory_mib = 256
 pids_limit = 128
+
+# Neighbour edges: sessions are pre-copied to them, so a move sends only
+# the last changes.
+# [[neighbours]]
+# id = "edge-b"
+# addr = "127.0.0.2:50051"
+
+[precopy]
+enabled = true
+# A session that changed gets a round this often (s) ...
+interval = 5
+# ... or as soon as this many bytes are dirty.
+dirty_threshold = 1048576
+# Cap on pre-copy traffic of the whole edge (Mbit/s), 0 for none.
+bandwidth_mbit = 0
+# Staged copies nobody took over are dropped after this long (s).
+staged_ttl = 3600
 
 # [apps.list-docker]
 # base_volume = "/var/lib/edgeshift/base/list"

@@ -174,6 +174,21 @@ impl Peer for PeerService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    async fn precopy(
+        &self,
+        req: Request<tonic::Streaming<pb::PrecopyChunk>>,
+    ) -> Result<Response<pb::PrecopyAck>, Status> {
+        Ok(Response::new(self.0.stage(req.into_inner()).await?))
+    }
+
+    async fn drop(
+        &self,
+        req: Request<pb::DropRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        self.0.drop_staged(&req.into_inner().session_id).await;
+        Ok(Response::new(pb::ReleaseResponse {}))
+    }
+
     async fn release(
         &self,
         req: Request<pb::ReleaseRequest>,
@@ -193,6 +208,7 @@ impl Peer for PeerService {
         let r = req.into_inner();
         self.0
             .abort_handover(&r.session_id, &r.token)
+            .await
             .map_err(|e| e.status())?;
         Ok(Response::new(pb::ReleaseResponse {}))
     }
@@ -217,9 +233,11 @@ pub async fn run(
             loop {
                 t.tick().await;
                 edge.reap_idle().await;
+                edge.prune_staged().await;
             }
         })
     };
+    let precopy = tokio::spawn(edge.clone().precopy_loop());
     let limit = edge.cfg.max_payload + 4096;
     // Small unary calls must not wait for Nagle's algorithm (a 40 ms stall
     // against delayed ACKs); tonic sets no option on a caller's listener.
@@ -244,5 +262,6 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     reaper.abort();
+    precopy.abort();
     result
 }

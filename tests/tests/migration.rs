@@ -237,3 +237,72 @@ async fn a_follower_moves_the_session_when_the_location_file_changes() {
     assert_eq!(items(&s).await, ["x"]);
     let _ = bin("edged");
 }
+
+fn dir_bytes(p: &std::path::Path) -> u64 {
+    std::fs::read_dir(p)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_copy_leaves_only_the_last_changes_for_the_handover() {
+    let bases = Bases::new();
+    let apps = bases.process_apps();
+    let b = Edge::start("b", "127.0.0.2", &apps, "");
+    let extra = format!(
+        "[[neighbours]]\nid = \"b\"\naddr = \"{}\"\n[precopy]\ninterval = 0.3\n",
+        b.addr
+    );
+    let a = Edge::start("a", "127.0.0.1", &apps, &extra);
+    let (ca, cb) = (
+        edge_client::connect(&a.url()).await.unwrap(),
+        edge_client::connect(&b.url()).await.unwrap(),
+    );
+    let s = ca.open_session("list", "walker").await.unwrap();
+    let big = "x".repeat(4000);
+    for i in 0..300 {
+        s.invoke(ADD, add(&format!("{i} {big}"))).await.unwrap();
+    }
+    // B stages the volume in the background.
+    let staged = b.data_dir.join("staging").join(s.id()).join("volume");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while dir_bytes(&staged) < 1_000_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing was pre-copied to B: {}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    s.invoke(ADD, add("the last change")).await.unwrap();
+    let mut received = 0;
+    s.handover_to(&cb, |p| received = p.bytes_received)
+        .await
+        .unwrap();
+    let total = dir_bytes(&b.session_dirs()[0].join("volume"));
+    assert!(total > 1_000_000, "volume is {total} bytes");
+    assert!(
+        received < 300_000,
+        "handover sent {received} bytes of a {total}-byte volume"
+    );
+    // The list moved whole: one more item makes 302 (Items would exceed the payload limit).
+    let r = s.invoke(ADD, add("after the move")).await.unwrap();
+    assert_eq!(
+        edgeshift_examples::pb::list::AddReply::decode(r)
+            .unwrap()
+            .count,
+        302
+    );
+    assert!(
+        !b.data_dir.join("staging").join(s.id()).exists(),
+        "the staged copy became the session"
+    );
+    s.close().await.unwrap();
+}

@@ -105,6 +105,8 @@ impl Runtime for DockerRuntime {
             let InstanceId::Container(c) = id else {
                 return Err(RuntimeError::Docker(format!("{id} is not a container")));
             };
+            // A container paused by a handover must run to stop.
+            let _ = self.docker.unpause_container(c).await;
             let stop = StopContainerOptionsBuilder::default().t(5).build();
             match self.docker.stop_container(c, Some(stop)).await {
                 Ok(()) => {}
@@ -131,6 +133,24 @@ impl Runtime for DockerRuntime {
                 }) => Ok(()),
                 Err(e) => Err(derr(e)),
             }
+        })
+    }
+
+    fn pause<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            let InstanceId::Container(c) = id else {
+                return Err(RuntimeError::Docker(format!("{id} is not a container")));
+            };
+            self.docker.pause_container(c).await.map_err(derr)
+        })
+    }
+
+    fn resume<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            let InstanceId::Container(c) = id else {
+                return Err(RuntimeError::Docker(format!("{id} is not a container")));
+            };
+            self.docker.unpause_container(c).await.map_err(derr)
         })
     }
 

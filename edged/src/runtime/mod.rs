@@ -78,6 +78,13 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     fn stop<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>>;
     /// Whether the instance still runs.
     fn alive<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, bool>;
+    /// Freezes the instance (SIGSTOP, `docker pause`): the quiesce of a
+    /// handover. A frozen app writes nothing and keeps its state, so the
+    /// final delta is a crash-consistent snapshot, and it can go on
+    /// unchanged if the handover fails.
+    fn pause<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>>;
+    /// Thaws a paused instance.
+    fn resume<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>>;
     /// The last `n` lines the instance printed.
     fn logs<'a>(
         &'a self,

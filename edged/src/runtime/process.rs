@@ -42,6 +42,11 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+fn signal_group(pid: u32, sig: i32) {
+    // SAFETY: kill has no memory-safety preconditions; a negative pid names the group.
+    unsafe { libc::kill(-(pid as i32), sig) };
+}
+
 fn signal(pid: u32, sig: i32) {
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(pid as i32, sig) };
@@ -97,6 +102,8 @@ impl Runtime for ProcessRuntime {
                 return Ok(());
             }
             signal(pid, libc::SIGTERM);
+            // A paused instance handles SIGTERM once it runs again.
+            signal_group(pid, libc::SIGCONT);
             let graceful = async {
                 match child {
                     Some(mut c) => {
@@ -116,6 +123,27 @@ impl Runtime for ProcessRuntime {
                 tracing::warn!(pid, "instance ignored SIGTERM; killing it");
                 signal(pid, libc::SIGKILL);
             }
+            Ok(())
+        })
+    }
+
+    fn pause<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            let InstanceId::Pid(pid) = *id else {
+                return Err(RuntimeError::Process(format!("{id} is not a process")));
+            };
+            // The whole process group: the app and any children it started.
+            signal_group(pid, libc::SIGSTOP);
+            Ok(())
+        })
+    }
+
+    fn resume<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            let InstanceId::Pid(pid) = *id else {
+                return Err(RuntimeError::Process(format!("{id} is not a process")));
+            };
+            signal_group(pid, libc::SIGCONT);
             Ok(())
         })
     }

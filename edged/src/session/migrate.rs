@@ -46,7 +46,7 @@ fn frames(bytes: &[u8]) -> Result<Vec<pb::DeltaFrame>, Status> {
 }
 
 impl Edge {
-    fn staging_dir(&self, id: &str) -> PathBuf {
+    pub(super) fn staging_dir(&self, id: &str) -> PathBuf {
         self.cfg.data_dir.join("staging").join(id)
     }
 
@@ -60,7 +60,7 @@ impl Edge {
         let r = self.give_inner(&req, &tx).instrument(span).await;
         if let Err(st) = r {
             if let Ok(s) = self.session(&req.session_id, &req.token) {
-                s.migrating.store(false, Ordering::SeqCst);
+                s.serve_again().await;
             }
             let _ = tx.send(Err(st)).await;
         }
@@ -79,6 +79,7 @@ impl Edge {
                 "a handover of this session is already under way",
             ));
         }
+        *s.moving_to.lock().unwrap_or_else(|p| p.into_inner()) = Some(req.to_edge.clone());
         tracing::info!("handover requested");
         let send = |c: Chunk| async {
             tx.send(Ok(pb::HandoverChunk { chunk: Some(c) }))
@@ -87,6 +88,7 @@ impl Edge {
         };
         let tmp = tempfile_dir(&s.dir)?;
         send(Chunk::Meta(pb::SessionMeta {
+            session_id: s.id.clone(),
             app: s.app.clone(),
             client_id: s.client_id.clone(),
             token_hash: s.token_hash.to_hex().to_string(),
@@ -134,8 +136,10 @@ impl Edge {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let waited = t.elapsed();
-        if let Some((id, _)) = s.instance.lock().await.take() {
-            s.runtime.stop(&id).await.map_err(io_status)?;
+        // Freeze the instance (it keeps its state and can go on if the move fails).
+        if let Some((id, _)) = s.instance.lock().await.as_ref() {
+            s.runtime.pause(id).await.map_err(io_status)?;
+            *s.paused.lock().unwrap_or_else(|p| p.into_inner()) = true;
         }
         send(Chunk::Quiesced(pb::Quiesced {
             waited_ops_micros: waited.as_micros() as u64,
@@ -172,13 +176,12 @@ impl Edge {
         .await?;
         tracing::info!(root = %volfs::hex(&root), "final delta sent; owner until released");
         // Without a Release or Abort within a while, serve again.
-        let edge_sessions = s.clone();
+        let pending = s.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(60)).await;
-            if edge_sessions.state() == State::Serving
-                && edge_sessions.migrating.swap(false, Ordering::SeqCst)
-            {
-                tracing::warn!(session = %edge_sessions.id, "no release from the new edge; serving again");
+            if pending.state() == State::Serving && pending.migrating.load(Ordering::SeqCst) {
+                tracing::warn!(session = %pending.id, "no release from the new edge; serving again");
+                pending.serve_again().await;
             }
         });
         Ok(())
@@ -209,14 +212,21 @@ impl Edge {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.to_string());
         s.teardown().await;
-        tracing::info!(session = %id, "released to the new edge");
+        let to = s
+            .moving_to
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default();
+        self.tell_candidates_to_drop(id, &to);
+        tracing::info!(session = %id, to = %to, "released to the new edge");
         Ok(())
     }
 
     /// A side: the new edge failed; serve again.
-    pub fn abort_handover(&self, id: &str, token: &[u8]) -> Result<(), EdgeError> {
+    pub async fn abort_handover(&self, id: &str, token: &[u8]) -> Result<(), EdgeError> {
         let s = self.session(id, token)?;
-        s.migrating.store(false, Ordering::SeqCst);
+        s.serve_again().await;
         tracing::warn!(session = %id, "handover aborted by the new edge; serving again");
         Ok(())
     }
@@ -501,6 +511,20 @@ impl Edge {
 }
 
 impl Session {
+    /// Ends a handover that did not happen: thaws the instance, takes calls again.
+    async fn serve_again(&self) {
+        let was_paused =
+            std::mem::take(&mut *self.paused.lock().unwrap_or_else(|p| p.into_inner()));
+        if was_paused {
+            if let Some((id, _)) = self.instance.lock().await.as_ref() {
+                if let Err(e) = self.runtime.resume(id).await {
+                    tracing::error!(session = %self.id, error = %e, "could not thaw the instance");
+                }
+            }
+        }
+        self.migrating.store(false, Ordering::SeqCst);
+    }
+
     /// Stops the instance and the shim but keeps the volume, moved to `to`.
     async fn teardown_keep_volume(&self, to: &Path) {
         if let Some((id, _)) = self.instance.lock().await.take() {

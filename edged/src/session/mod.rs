@@ -29,6 +29,7 @@ use crate::runtime::{InstanceId, InstanceSpec, Runtime, RuntimeError};
 use crate::volume::{self, Shim, VolumeError};
 
 pub mod migrate;
+pub mod precopy;
 
 /// Errors of session handling; [`EdgeError::status`] maps them to gRPC.
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +164,12 @@ pub struct Session {
     /// Set while another edge pulls the session: new calls are refused
     /// (the client sends them to the new edge).
     migrating: AtomicBool,
+    /// The edge pulling the session, while `migrating`.
+    moving_to: Mutex<Option<String>>,
+    /// The instance is frozen by a handover.
+    paused: Mutex<bool>,
+    /// Pre-copy bookkeeping.
+    precopy: tokio::sync::Mutex<precopy::PrecopyState>,
 }
 
 impl std::fmt::Debug for Session {
@@ -489,6 +496,9 @@ impl Edge {
             ops: AtomicU64::new(0),
             runtime,
             migrating: AtomicBool::new(false),
+            moving_to: Mutex::new(None),
+            paused: Mutex::new(false),
+            precopy: tokio::sync::Mutex::new(Default::default()),
         })
     }
 
@@ -668,6 +678,7 @@ impl Edge {
             s
         };
         s.teardown().await;
+        self.tell_candidates_to_drop(id, "");
         tracing::info!(session = %id, "session closed");
         Ok(())
     }

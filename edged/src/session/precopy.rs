@@ -1,0 +1,334 @@
+//! Pre-copy: while a client stays put, its edge sends what changed in the
+//! session's volume to the neighbour edges the client may move to next, so
+//! a handover sends only the last dirty delta.
+//!
+//! Every tick the owner asks each session's volfs how much is dirty; a
+//! session that changed gets a round once `interval` passed since its last
+//! one, or at once past `dirty_threshold`. A round is one delta per
+//! candidate against the manifest that candidate holds (tracked per
+//! candidate; a full delta when unknown), pushed over `Peer.Precopy` under a
+//! bandwidth cap shared by every session of the edge. Candidates stage what
+//! they receive in `DATA_DIR/staging/SESSION/`, verified like any delta, and
+//! drop it after `staged_ttl` or when told the session went elsewhere.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use edge_proto::v1 as pb;
+use edge_proto::v1::peer_client::PeerClient;
+use prost::Message;
+use tokio::sync::Mutex;
+use tonic::Status;
+
+use super::{Edge, Session, State};
+use crate::config::Neighbour;
+use crate::volume;
+
+/// Per-session pre-copy bookkeeping.
+#[derive(Debug, Default)]
+pub struct PrecopyState {
+    /// When the last round ended.
+    last_round: Option<Instant>,
+    /// Per candidate (edge id): the manifest file it holds.
+    held: HashMap<String, PathBuf>,
+}
+
+/// A token bucket over bytes, shared by all sessions of the edge.
+#[derive(Debug)]
+pub struct RateLimiter {
+    bytes_per_sec: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl RateLimiter {
+    /// A cap of `mbit` Mbit/s; 0 means none.
+    pub fn new(mbit: f64) -> Self {
+        RateLimiter {
+            bytes_per_sec: mbit * 1e6 / 8.0,
+            state: Mutex::new((0.0, Instant::now())),
+        }
+    }
+
+    /// Waits until `n` more bytes may go.
+    pub async fn take(&self, n: usize) {
+        if self.bytes_per_sec <= 0.0 {
+            return;
+        }
+        let wait = {
+            let mut st = self.state.lock().await;
+            let now = Instant::now();
+            // Refill, with at most 100 ms of burst.
+            let (tokens, last) = *st;
+            let tokens = (tokens + now.duration_since(last).as_secs_f64() * self.bytes_per_sec)
+                .min(self.bytes_per_sec / 10.0);
+            let left = tokens - n as f64;
+            *st = (left, now);
+            if left < 0.0 {
+                Duration::from_secs_f64(-left / self.bytes_per_sec)
+            } else {
+                Duration::ZERO
+            }
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+fn reply_field(reply: &str, key: &str) -> u64 {
+    volume::field(reply, key).unwrap_or(0)
+}
+
+impl Edge {
+    /// Runs pre-copy rounds until the edge stops (spawned by `server::run`).
+    pub async fn precopy_loop(self: Arc<Self>) {
+        if !self.cfg.precopy.enabled || self.cfg.neighbours.is_empty() {
+            return;
+        }
+        let limiter = Arc::new(RateLimiter::new(self.cfg.precopy.bandwidth_mbit));
+        let mut peers: HashMap<String, PeerClient<tonic::transport::Channel>> = HashMap::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            let sessions: Vec<Arc<Session>> = self
+                .sessions
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned()
+                .collect();
+            for s in sessions {
+                if s.state() != State::Serving || s.migrating.load(Ordering::SeqCst) {
+                    continue;
+                }
+                if let Err(e) = self.maybe_round(&s, &limiter, &mut peers).await {
+                    tracing::debug!(session = %s.id, error = %e, "pre-copy round failed");
+                }
+            }
+        }
+    }
+
+    async fn maybe_round(
+        &self,
+        s: &Arc<Session>,
+        limiter: &RateLimiter,
+        peers: &mut HashMap<String, PeerClient<tonic::transport::Channel>>,
+    ) -> Result<(), Status> {
+        let mut st = s.precopy.lock().await;
+        let status = volume::control(&s.layout().backing(), "status")
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let changed =
+            reply_field(&status, "files") > 0 || reply_field(&status, "metadata_changes") > 0;
+        let missing = self
+            .cfg
+            .neighbours
+            .iter()
+            .any(|n| !st.held.contains_key(&n.id));
+        let since = st.last_round.map(|t| t.elapsed());
+        let due = match since {
+            None => true,
+            Some(d) => {
+                (changed || missing)
+                    && (d >= self.cfg.precopy.interval
+                        || reply_field(&status, "bytes") >= self.cfg.precopy.dirty_threshold)
+            }
+        };
+        if !due {
+            return Ok(());
+        }
+        for n in &self.cfg.neighbours {
+            let t = Instant::now();
+            match self.round(s, n, &mut st, limiter, peers).await {
+                Ok(bytes) => {
+                    tracing::debug!(session = %s.id, to = %n.id, bytes, ms = t.elapsed().as_millis() as u64, "pre-copy round")
+                }
+                Err(e) => {
+                    // Unknown state on the candidate: the next round sends everything.
+                    st.held.remove(&n.id);
+                    peers.remove(&n.id);
+                    tracing::debug!(session = %s.id, to = %n.id, error = %e.message(), "pre-copy round failed");
+                }
+            }
+        }
+        st.last_round = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn round(
+        &self,
+        s: &Session,
+        n: &Neighbour,
+        st: &mut PrecopyState,
+        limiter: &RateLimiter,
+        peers: &mut HashMap<String, PeerClient<tonic::transport::Channel>>,
+    ) -> Result<u64, Status> {
+        let dir = s.dir.join("precopy");
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let out = dir.join(format!("{}.delta", n.id));
+        let next = dir.join(format!("{}.next", n.id));
+        let base = st
+            .held
+            .get(&n.id)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "-".into());
+        volume::control(
+            &s.layout().backing(),
+            &format!("diff {} {base} {}", out.display(), next.display()),
+        )
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let bytes = tokio::fs::read(&out)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let peer = match peers.get(&n.id) {
+            Some(p) => p.clone(),
+            None => {
+                let p = PeerClient::connect(format!("http://{}", n.addr))
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?
+                    .max_encoding_message_size(64 << 20);
+                peers.insert(n.id.clone(), p.clone());
+                p
+            }
+        };
+        let mut frames = Vec::new();
+        let mut rest = bytes.as_slice();
+        while !rest.is_empty() {
+            frames.push(
+                pb::DeltaFrame::decode_length_delimited(&mut rest)
+                    .map_err(|e| Status::internal(e.to_string()))?,
+            );
+        }
+        let meta = pb::SessionMeta {
+            session_id: s.id.clone(),
+            app: s.app.clone(),
+            client_id: s.client_id.clone(),
+            token_hash: s.token_hash.to_hex().to_string(),
+            created_unix: s.created,
+            block_size: self.cfg.block_size,
+        };
+        let mut chunks = vec![pb::PrecopyChunk {
+            chunk: Some(pb::precopy_chunk::Chunk::Meta(meta)),
+        }];
+        chunks.extend(frames.into_iter().map(|f| pb::PrecopyChunk {
+            chunk: Some(pb::precopy_chunk::Chunk::Frame(f)),
+        }));
+        // The cap is taken before each chunk is handed to the stream.
+        let mut paced = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            limiter.take(c.encoded_len()).await;
+            paced.push(c);
+        }
+        let total = bytes.len() as u64;
+        let mut peer = peer;
+        peer.precopy(tokio_stream::iter(paced)).await?;
+        let held = dir.join(format!("{}.manifest", n.id));
+        tokio::fs::rename(&next, &held)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        st.held.insert(n.id.clone(), held);
+        Ok(total)
+    }
+
+    /// Candidate side: stages one pre-copy round.
+    pub async fn stage(
+        &self,
+        mut stream: tonic::Streaming<pb::PrecopyChunk>,
+    ) -> Result<pb::PrecopyAck, Status> {
+        let Some(pb::PrecopyChunk {
+            chunk: Some(pb::precopy_chunk::Chunk::Meta(meta)),
+        }) = stream.message().await?
+        else {
+            return Err(Status::invalid_argument(
+                "a pre-copy stream starts with the session's identity",
+            ));
+        };
+        if !crate::config::valid_name(&meta.session_id) {
+            return Err(Status::invalid_argument("bad session id"));
+        }
+        if self
+            .sessions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&meta.session_id)
+        {
+            return Err(Status::failed_precondition("this edge serves that session"));
+        }
+        let vol = self.staging_dir(&meta.session_id).join("volume");
+        tokio::fs::create_dir_all(&vol)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let mut buf = Vec::new();
+        let mut full = false;
+        while let Some(c) = stream.message().await? {
+            if let Some(pb::precopy_chunk::Chunk::Frame(f)) = c.chunk {
+                if let Some(pb::delta_frame::Frame::Header(h)) = &f.frame {
+                    full = h.base_root == volfs::Manifest::empty(h.block_size).root();
+                }
+                buf.extend_from_slice(&f.encode_length_delimited_to_vec());
+            }
+        }
+        if full {
+            // Against nothing: start the staged copy afresh.
+            let _ = tokio::fs::remove_dir_all(&vol).await;
+            tokio::fs::create_dir_all(&vol)
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
+        let n = buf.len() as u64;
+        let v = vol.clone();
+        let report = tokio::task::spawn_blocking(move || volfs::offline::apply(&v, buf.as_slice()))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::data_loss(e.to_string()))?;
+        Ok(pb::PrecopyAck {
+            root: report.root.to_vec(),
+            bytes: n,
+        })
+    }
+
+    /// Candidate side: drops what is staged for a session.
+    pub async fn drop_staged(&self, id: &str) {
+        if crate::config::valid_name(id) {
+            let _ = tokio::fs::remove_dir_all(self.staging_dir(id)).await;
+        }
+    }
+
+    /// Candidate side: drops staged copies older than the TTL.
+    pub async fn prune_staged(&self) {
+        let Ok(mut rd) = tokio::fs::read_dir(self.cfg.data_dir.join("staging")).await else {
+            return;
+        };
+        while let Ok(Some(e)) = rd.next_entry().await {
+            let old = e
+                .metadata()
+                .await
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > self.cfg.precopy.staged_ttl);
+            if old {
+                tracing::info!(staged = %e.path().display(), "dropping an expired staged copy");
+                let _ = tokio::fs::remove_dir_all(e.path()).await;
+            }
+        }
+    }
+
+    /// Owner side, after a session moved to `to`: the other candidates drop their copies.
+    pub fn tell_candidates_to_drop(&self, id: &str, to: &str) {
+        for n in self.cfg.neighbours.iter().filter(|n| n.id != to) {
+            let (addr, id) = (n.addr.clone(), id.to_string());
+            tokio::spawn(async move {
+                if let Ok(mut p) = PeerClient::connect(format!("http://{addr}")).await {
+                    let _ = p.drop(pb::DropRequest { session_id: id }).await;
+                }
+            });
+        }
+    }
+}
