@@ -46,6 +46,9 @@ pub use locator::{FileLocator, Follower};
 /// `session::MOVING_KEY`).
 pub const MOVING_KEY: &str = "edgeshift-moving";
 
+/// How long a call refused as "moving" waits for the session to land.
+pub const MOVE_WAIT: Duration = Duration::from_secs(60);
+
 /// Errors of connecting.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -248,11 +251,15 @@ impl Session {
             method: method.into(),
             payload: payload.to_vec(),
         };
+        let deadline = tokio::time::Instant::now() + MOVE_WAIT;
         loop {
             let mut ended = self.inner.handovers.subscribe();
             match self.stub().invoke(req.clone()).await {
                 Ok(r) => return Ok(r.into_inner().payload.into()),
-                Err(st) if st.metadata().get(MOVING_KEY).is_some() => {
+                Err(st)
+                    if st.metadata().get(MOVING_KEY).is_some()
+                        && tokio::time::Instant::now() < deadline =>
+                {
                     // Wait for the handover to end (ours, or one we do not drive).
                     let _ = tokio::time::timeout(Duration::from_millis(200), ended.changed()).await;
                 }

@@ -300,3 +300,74 @@ pub async fn instance_pid(url: &str, session: &str) -> u32 {
         .parse()
         .unwrap()
 }
+
+/// A TCP relay on 127.0.0.1 to a target, for faults: on every connection
+/// it can flip one byte of what the target sends, or cut the connection
+/// after some bytes from the target.
+#[derive(Debug)]
+pub struct Relay {
+    /// Where to connect instead of the target.
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What a [`Relay`] does to the bytes coming back from the target.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    /// Flip the byte at this offset of each connection's return stream.
+    pub corrupt_at: Option<u64>,
+    /// Close each connection after this many bytes came back.
+    pub cut_after: Option<u64>,
+}
+
+impl Relay {
+    /// Starts relaying to `target`.
+    pub async fn start(target: SocketAddr, faults: Faults) -> Relay {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let f = faults;
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16384];
+                    let mut seen = 0u64;
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if let Some(at) = f.corrupt_at {
+                            if at >= seen && at < seen + n as u64 {
+                                buf[(at - seen) as usize] ^= 0x5a;
+                            }
+                        }
+                        seen += n as u64;
+                        if f.cut_after.is_some_and(|c| seen >= c) {
+                            break;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = cw.shutdown().await;
+                });
+            }
+        });
+        Relay { addr, task }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use edge_client::{FileLocator, Follower, locator::FollowEvent};
 use edgeshift_examples::pb::list::{AddRequest, ItemsReply, ItemsRequest};
-use edgeshift_tests::{App, Bases, Edge, Runtime, bin};
+use edgeshift_tests::{App, Bases, Edge, Faults, Relay, Runtime, bin};
 use prost::Message;
 use tonic::Code;
 
@@ -305,4 +305,202 @@ async fn pre_copy_leaves_only_the_last_changes_for_the_handover() {
         "the staged copy became the session"
     );
     s.close().await.unwrap();
+}
+
+/// Random letters, so the volume does not compress into few distinct blocks.
+fn noise(i: usize, n: usize) -> String {
+    let mut x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corruption_or_a_cut_link_in_transit_leaves_one_owner_and_a_retry_works() {
+    let bases = Bases::new();
+    let apps = bases.process_apps();
+    let (a, b) = (
+        Edge::start("a", "127.0.0.1", &apps, ""),
+        Edge::start("b", "127.0.0.2", &apps, ""),
+    );
+    let cb = edge_client::connect(&b.url()).await.unwrap();
+    let direct = edge_client::connect(&a.url()).await.unwrap();
+    let s = direct.open_session("list", "walker").await.unwrap();
+    for i in 0..200 {
+        s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
+    }
+    let count = |r: Bytes| {
+        edgeshift_examples::pb::list::AddReply::decode(r)
+            .unwrap()
+            .count
+    };
+    for faults in [
+        Faults {
+            corrupt_at: Some(300_000),
+            cut_after: None,
+        },
+        Faults {
+            corrupt_at: None,
+            cut_after: Some(200_000),
+        },
+    ] {
+        // B reaches A through a relay that damages the first connection.
+        let relay = Relay::start(a.addr, faults).await;
+        let via = edge_client::connect(&relay.addr.to_string()).await.unwrap();
+        let moving = edge_client::Session::attach(
+            &via,
+            s.id().into(),
+            s.token().clone(),
+            "a".into(),
+            vec![],
+        );
+        let err = moving.handover_to(&cb, |_| {}).await.unwrap_err();
+        assert!(
+            matches!(
+                err.code(),
+                Code::DataLoss | Code::Internal | Code::Unavailable | Code::Unknown
+            ),
+            "{faults:?}: {err:?}"
+        );
+        // Exactly one owner: A, whole; B serves nothing.
+        assert!(b.session_dirs().is_empty(), "{faults:?}: B took a session");
+        assert!(b.mounts().is_empty());
+        let n = count(s.invoke(ADD, add("still on a")).await.unwrap());
+        assert_eq!(s.edge_id(), "a");
+        assert!(n > 200);
+    }
+    // Without faults the move goes through.
+    let n = count(s.invoke(ADD, add("last on a")).await.unwrap());
+    s.handover_to(&cb, |_| {}).await.unwrap();
+    assert_eq!(count(s.invoke(ADD, add("on b")).await.unwrap()), n + 1);
+    assert!(a.session_dirs().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_failed_start_and_a_restart_of_the_new_edge_resumes_from_what_it_holds() {
+    let bases = Bases::new();
+    let apps = bases.process_apps();
+    let a = Edge::start("a", "127.0.0.1", &apps, "");
+    let broken = [App {
+        name: "list".into(),
+        base: bases.list.clone(),
+        runtime: Runtime::Process("/nonexistent/list-app".into()),
+    }];
+    let mut b = Edge::start("b", "127.0.0.2", &broken, "");
+    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let s = ca.open_session("list", "walker").await.unwrap();
+    for i in 0..200 {
+        s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
+    }
+    let cb = edge_client::connect(&b.url()).await.unwrap();
+    let mut first = 0;
+    assert!(
+        s.handover_to(&cb, |p| first = first.max(p.bytes_received))
+            .await
+            .is_err()
+    );
+    assert!(
+        first > 500_000,
+        "the first attempt sent the volume ({first} bytes)"
+    );
+    // The operator fixes B and restarts it; the staged volume survived.
+    let cfg = std::fs::read_to_string(&b.config).unwrap();
+    std::fs::write(
+        &b.config,
+        cfg.replace("/nonexistent/list-app", bin("list-app").to_str().unwrap()),
+    )
+    .unwrap();
+    b.restart();
+    s.invoke(ADD, add("one more")).await.unwrap();
+    let cb = edge_client::connect(&b.url()).await.unwrap();
+    let mut second = 0;
+    s.handover_to(&cb, |p| second = p.bytes_received)
+        .await
+        .unwrap();
+    assert!(
+        second < first / 4,
+        "the retry resumed: {second} bytes after {first}"
+    );
+    assert_eq!(s.edge_id(), "b");
+    let r = s.invoke(ADD, add("on b")).await.unwrap();
+    assert_eq!(
+        edgeshift_examples::pb::list::AddReply::decode(r)
+            .unwrap()
+            .count,
+        202
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_clients_moving_among_three_edges_lose_no_call_and_run_none_twice() {
+    let bases = Bases::new();
+    let apps = bases.process_apps();
+    let edges = [
+        Edge::start("a", "127.0.0.1", &apps, ""),
+        Edge::start("b", "127.0.0.2", &apps, ""),
+        Edge::start("c", "127.0.0.3", &apps, ""),
+    ];
+    let clients = Arc::new(futures_join(&edges).await);
+    let mut tasks = Vec::new();
+    for i in 0..20usize {
+        let clients = clients.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = clients[i % 3]
+                .open_session("list", &format!("walker-{i}"))
+                .await
+                .unwrap();
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let writer = {
+                let (s, stop) = (s.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut acked = Vec::new();
+                    let mut k = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        let item = format!("{i}-{k}");
+                        s.invoke(ADD, add(&item)).await.unwrap();
+                        acked.push(item);
+                        k += 1;
+                    }
+                    acked
+                })
+            };
+            for m in 1..=3usize {
+                tokio::time::sleep(Duration::from_millis(50 + (i as u64 * 7) % 40)).await;
+                let to = (i + m) % 3;
+                s.handover_to(&clients[to], |_| {}).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            stop.store(true, Ordering::SeqCst);
+            let acked = writer.await.unwrap();
+            assert_eq!(
+                items(&s).await,
+                acked,
+                "client {i}: every acknowledged call once, in order"
+            );
+            s.close().await.unwrap();
+            acked.len()
+        }));
+    }
+    let mut calls = 0;
+    for t in tasks {
+        match t.await {
+            Ok(n) => calls += n,
+            Err(e) => {
+                for e in &edges {
+                    eprintln!("---- log of an edge\n{}", e.log());
+                }
+                panic!("a client failed: {e}");
+            }
+        }
+    }
+    assert!(calls > 100, "only {calls} calls were made");
+    for e in &edges {
+        assert!(e.session_dirs().is_empty());
+        assert!(e.mounts().is_empty());
+    }
 }

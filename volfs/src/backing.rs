@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use crate::manifest::{DEFAULT_BLOCK_SIZE, Manifest, ManifestError, Tracked};
 use crate::scan::{self, META_DIR, RefreshStats, Trust};
 
+/// How long opening a volume waits for a busy lock before saying "in use".
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
+
 /// Errors of opening a backing directory.
 #[derive(Debug, thiserror::Error)]
 pub enum BackingError {
@@ -72,9 +75,16 @@ impl Backing {
             .write(true)
             .open(meta.join("lock"))
             .map_err(io)?;
+        // A lock released by another thread of this process can linger for a
+        // moment: a child forked meanwhile shares the lock's open file until
+        // it execs. So a busy lock is tried again for a short while.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
         // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(BackingError::InUse(root.display().to_string()));
+        while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            if std::time::Instant::now() > deadline {
+                return Err(BackingError::InUse(root.display().to_string()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
         Ok(Backing {
             root,

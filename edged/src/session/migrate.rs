@@ -203,14 +203,15 @@ impl Edge {
                 "release of a session that is not being handed over".into(),
             ));
         }
-        self.sessions
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        // Tombstone first: a call arriving now is told "moving", never "not found".
         self.released
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.to_string());
+        self.sessions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         s.teardown().await;
         let to = s
             .moving_to
@@ -489,6 +490,10 @@ impl Edge {
             )));
         }
         session.set_state(State::Serving);
+        self.released
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         self.sessions
             .write()
             .unwrap_or_else(|p| p.into_inner())

@@ -49,6 +49,9 @@ pub enum EdgeError {
     /// A payload over the configured limit.
     #[error("payload of {0} bytes exceeds the limit of {1}")]
     TooLarge(usize, usize),
+    /// The session moved to another edge (calls go there).
+    #[error("session {0:?} moved to another edge")]
+    Moved(String),
     /// The op id is unknown to the journal.
     #[error("op {0} is unknown to session {1:?}")]
     UnknownOp(u64, String),
@@ -80,6 +83,7 @@ impl EdgeError {
                 Status::not_found(m)
             }
             EdgeError::BadToken(_) => Status::permission_denied(m),
+            EdgeError::Moved(_) => moving_status(),
             EdgeError::Invalid(_) => Status::invalid_argument(m),
             EdgeError::TooLarge(..) => Status::resource_exhausted(m),
             EdgeError::Volume(_) | EdgeError::Io(_) => Status::internal(m),
@@ -305,11 +309,26 @@ impl Session {
 
     /// After a failed call: if the instance is gone, forget it (the next
     /// call starts a new one) and say so with its last output.
-    async fn check_after_failure(&self) -> Option<String> {
+    async fn check_after_failure(&self, st: &Status) -> Option<String> {
         let mut inst = self.instance.lock().await;
         let id = inst.as_ref().map(|(i, _)| i.clone())?;
-        if self.runtime.alive(&id).await {
-            return None;
+        // A dying process closes its socket a moment before it is seen to
+        // exit: after a transport failure, look a little longer.
+        let transport = matches!(
+            st.code(),
+            tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
+        );
+        let deadline = Instant::now()
+            + if transport {
+                Duration::from_millis(500)
+            } else {
+                Duration::ZERO
+            };
+        while self.runtime.alive(&id).await {
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let logs = self.runtime.logs(&id, &self.spec, 5).await.join(" | ");
         tracing::warn!(session = %self.id, instance = %id, "instance exited; the next call restarts it");
@@ -580,6 +599,14 @@ impl Edge {
 
     /// The session, if the token matches.
     pub fn session(&self, id: &str, token: &[u8]) -> Result<Arc<Session>, EdgeError> {
+        if self
+            .released
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+        {
+            return Err(EdgeError::Moved(id.to_string()));
+        }
         let s = self
             .sessions
             .read()
@@ -631,7 +658,7 @@ impl Edge {
                 },
                 Ok(client) => match client.call(&method, payload).await {
                     Ok(b) => Outcome::Ok(b),
-                    Err(st) => match s2.check_after_failure().await {
+                    Err(st) => match s2.check_after_failure(&st).await {
                         Some(logs) => Outcome::Err {
                             code: tonic::Code::Unavailable as i32,
                             message: format!(
