@@ -53,7 +53,7 @@ impl DockerRuntime {
 impl Runtime for DockerRuntime {
     fn start<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFut<'a, Result<InstanceId, RuntimeError>> {
         Box::pin(async move {
-            let name = format!("edgeshift-{}", spec.session_id);
+            let name = format!("edgeshift-{}-{}", spec.edge_id, spec.session_id);
             let host = HostConfig {
                 binds: Some(vec![
                     format!("{}:{DATA_IN_CONTAINER}", spec.volume.display()),
@@ -82,6 +82,7 @@ impl Runtime for DockerRuntime {
                 labels: Some(HashMap::from([
                     ("edgeshift.session".to_string(), spec.session_id.clone()),
                     ("edgeshift.app".to_string(), spec.app.clone()),
+                    ("edgeshift.edge".to_string(), spec.edge_id.clone()),
                 ])),
                 host_config: Some(host),
                 ..Default::default()

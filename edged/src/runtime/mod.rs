@@ -29,6 +29,10 @@ pub enum RuntimeError {
 /// Everything a runtime needs to start one session's instance.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstanceSpec {
+    /// The edge running it (names the container with the session: edges
+    /// on one host share an engine).
+    #[serde(default)]
+    pub edge_id: String,
     /// Session id (names the container).
     pub session_id: String,
     /// App name.

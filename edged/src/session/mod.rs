@@ -491,6 +491,7 @@ impl Edge {
         let dir = self.sessions_dir().join(&rec.id);
         let layout = Layout { dir: dir.clone() };
         let spec = InstanceSpec {
+            edge_id: self.cfg.edge_id.clone(),
             session_id: rec.id.clone(),
             app: rec.app.clone(),
             volume: layout.mnt(),
