@@ -7,7 +7,9 @@
 //! # Layout
 //! - [`config`]: `edged.toml`, with a commented default.
 //! - [`session`]: sessions and the [`session::Edge`] that owns them: open,
-//!   invoke, result, close, idle reaping, recovery after a restart.
+//!   invoke, result, close, idle reaping, recovery after a restart;
+//!   [`session::migrate`]: handover to another edge (the new edge pulls);
+//!   [`session::precopy`]: pre-copy rounds to the neighbour edges.
 //! - [`journal`]: each session's op journal (run once by op id, results kept).
 //! - [`forward`]: calls to the app over its socket with a raw-bytes codec.
 //! - [`volume`]: seeding a volume and its volfs shim process.

@@ -371,3 +371,20 @@ impl Drop for Relay {
         self.task.abort();
     }
 }
+
+impl Edge {
+    /// Waits (up to 10 s) until the edge holds no session directory and no
+    /// mount: a released session is torn down in the background.
+    pub async fn wait_empty(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(self.session_dirs().is_empty() && self.mounts().is_empty()) {
+            assert!(
+                Instant::now() < deadline,
+                "edge kept {:?} and mounts {:?}",
+                self.session_dirs(),
+                self.mounts()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -102,29 +102,66 @@ async fn docker_runtime_end_to_end() {
 async fn a_docker_session_moves_between_edges() {
     require_docker();
     let tag = format!("edgeshift-test/list-app-move:{}", std::process::id());
-    let out = Command::new(bin("edged")).args(["image", "build", "--binary"]).arg(bin("list-app")).args(["--tag", &tag]).output().unwrap();
-    assert!(out.status.success(), "image build: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin("edged"))
+        .args(["image", "build", "--binary"])
+        .arg(bin("list-app"))
+        .args(["--tag", &tag])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "image build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let bases = Bases::new();
-    let apps = [App { name: "list".into(), base: bases.list.clone(), runtime: Runtime::Docker(tag.clone()) }];
+    let apps = [App {
+        name: "list".into(),
+        base: bases.list.clone(),
+        runtime: Runtime::Docker(tag.clone()),
+    }];
     let a = Edge::start("a", "127.0.0.1", &apps, "");
     let b = Edge::start("b", "127.0.0.2", &apps, "");
     let ca = edge_client::connect(&a.url()).await.unwrap();
     let cb = edge_client::connect(&b.url()).await.unwrap();
     let s = ca.open_session("list", "phone").await.unwrap();
     let mut stub = ListClient::new(s.channel());
-    stub.add(AddRequest { item: "packed on a".into() }).await.unwrap();
+    stub.add(AddRequest {
+        item: "packed on a".into(),
+    })
+    .await
+    .unwrap();
     let label = format!("label=edgeshift.session={}", s.id());
     let on_a = docker(&["ps", "-q", "--no-trunc", "--filter", &label]);
     let mut downtime = 0;
-    s.handover_to(&cb, |p| downtime = p.downtime_micros).await.unwrap();
+    s.handover_to(&cb, |p| downtime = p.downtime_micros)
+        .await
+        .unwrap();
     assert_eq!(s.edge_id(), "b");
-    stub.add(AddRequest { item: "unpacked on b".into() }).await.unwrap();
-    let items = stub.items(ItemsRequest { delay_ms_per_item: 0 }).await.unwrap().into_inner().items;
+    stub.add(AddRequest {
+        item: "unpacked on b".into(),
+    })
+    .await
+    .unwrap();
+    let items = stub
+        .items(ItemsRequest {
+            delay_ms_per_item: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
     assert_eq!(items, ["packed on a", "unpacked on b"]);
     let on_b = docker(&["ps", "-q", "--no-trunc", "--filter", &label]);
-    assert!(!on_b.is_empty() && on_b != on_a, "one new container on b ({on_a} -> {on_b})");
-    assert_eq!(docker(&["ps", "-aq", "--no-trunc", "--filter", &format!("id={on_a}")]), "", "a's container removed");
-    assert!(a.session_dirs().is_empty() && a.mounts().is_empty());
+    assert!(
+        !on_b.is_empty() && on_b != on_a,
+        "one new container on b ({on_a} -> {on_b})"
+    );
+    a.wait_empty().await;
+    assert_eq!(
+        docker(&["ps", "-aq", "--no-trunc", "--filter", &format!("id={on_a}")]),
+        "",
+        "a's container removed"
+    );
     eprintln!("docker handover downtime: {:.1} ms", downtime as f64 / 1e3);
     s.close().await.unwrap();
     assert_eq!(docker(&["ps", "-aq", "--filter", &label]), "");

@@ -7,7 +7,7 @@
 //! place and metadata set. Finally the tree is rehashed and its root must be
 //! the sender's, or the apply fails loudly.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ffi::CString;
 use std::fs;
 use std::io::{self, Read};
@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use crate::backing::{Backing, BackingError};
 use crate::blockstore::BlockStore;
 use crate::delta::{DeltaError, ReadDelta, read_delta};
+use crate::dirty::DirtyMap;
 use crate::manifest::{Entry, Hash, Kind, Manifest, Tracked, hex};
 use crate::scan::{self, Trust, abs};
 use crate::sys;
@@ -137,20 +138,72 @@ pub fn apply_read(
     let staging = backing.meta_dir().join("staging");
     let _ = fs::remove_dir_all(&staging);
     fs::create_dir_all(&staging).map_err(io_err(&staging))?;
+    let written = DirtyMap::new(new.block_size);
     let result = (|| {
-        // 1. Assemble every file whose bytes change, before the tree is touched.
+        // 1. Assemble every file whose bytes change, before the tree is
+        //    touched: a new copy in staging, or (a file whose blocks mostly
+        //    stay) the changed blocks read into memory for a patch in place.
         let base_index = old.block_index();
+        let linked: HashSet<&[u8]> = old
+            .entries
+            .values()
+            .chain(new.entries.values())
+            .filter(|e| e.kind == Kind::Hardlink)
+            .map(|e| e.link_target.as_slice())
+            .collect();
         let mut staged: HashMap<&[u8], PathBuf> = HashMap::new();
+        let mut patches: Vec<(&[u8], Vec<(u64, Vec<u8>)>)> = Vec::new();
+        let mut patch_bytes = 0usize;
         for p in &delta.changed {
             let e = &new.entries[p];
-            let prior = old.entries.get(p);
-            let same_bytes = prior
-                .is_some_and(|o| o.kind == Kind::File && o.blocks == e.blocks && o.size == e.size);
-            if e.kind == Kind::File && !same_bytes {
+            let prior = old.entries.get(p).filter(|o| o.kind == Kind::File);
+            if e.kind != Kind::File
+                || prior.is_some_and(|o| o.blocks == e.blocks && o.size == e.size)
+            {
+                continue;
+            }
+            let changed: Vec<usize> = (0..e.blocks.len())
+                .filter(|&i| prior.and_then(|o| o.blocks.get(i)) != Some(&e.blocks[i]))
+                .collect();
+            let bs = new.block_size as usize;
+            let small = changed.len() * 2 <= e.blocks.len()
+                && patch_bytes + changed.len() * bs <= PATCH_MEMORY;
+            if prior.is_some()
+                && old.block_size == new.block_size
+                && !linked.contains(p.as_slice())
+                && small
+            {
+                let mut blocks = Vec::with_capacity(changed.len());
+                for i in changed {
+                    let data = block_data(root, new.block_size, &base_index, store, e, i)?;
+                    patch_bytes += data.len();
+                    blocks.push((i as u64, data));
+                }
+                patches.push((p.as_slice(), blocks));
+            } else {
                 let dst = staging.join(staged.len().to_string());
                 assemble(root, new.block_size, &base_index, store, e, &dst)?;
                 staged.insert(p, dst);
             }
+        }
+        // Patches in place, recording what they wrote so the check below
+        // rehashes only that.
+        for (p, blocks) in &patches {
+            let path = abs(root, p);
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            let ino = f.metadata().map_err(io_err(&path))?.ino();
+            let bs = u64::from(new.block_size);
+            for (i, data) in blocks {
+                sys::pwrite_all(f.as_raw_fd(), data, i * bs).map_err(io_err(&path))?;
+                written.mark_range(ino, i * bs, data.len() as u64);
+            }
+            let size = new.entries[*p].size;
+            let was = f.metadata().map_err(io_err(&path))?.len();
+            f.set_len(size).map_err(io_err(&path))?;
+            written.mark_range(ino, was.min(size), was.abs_diff(size));
         }
         // 2. Remove what is gone or changes kind, deepest first.
         let mut doomed: BTreeSet<&[u8]> = delta.removed.iter().map(|p| p.as_slice()).collect();
@@ -241,7 +294,9 @@ pub fn apply_read(
 
     // 6. The tree must now hash to the sender's root.
     let (now, _) = if base.manifest.block_size == new.block_size {
-        scan::refresh(root, base, None, Trust::Stat)
+        // Only this apply changed the tree since `base` was checked: files it
+        // replaced have new inodes (hashed whole), patched ones are marked.
+        scan::refresh(root, base, Some(&written), Trust::DirtyMarks)
     } else {
         let fresh = Tracked {
             manifest: Manifest::empty(new.block_size),
@@ -269,6 +324,41 @@ pub fn apply_read(
             wire_bytes: delta.wire_bytes,
         },
     ))
+}
+
+/// Most memory a patch in place may hold; larger changes go through staging.
+const PATCH_MEMORY: usize = 256 << 20;
+
+/// The bytes of block `i` of `e`, from the block store or the base tree.
+fn block_data(
+    root: &Path,
+    block_size: u32,
+    base_index: &HashMap<Hash, (Vec<u8>, u64)>,
+    store: &BlockStore,
+    e: &Entry,
+    i: usize,
+) -> Result<Vec<u8>, ApplyError> {
+    let bs = u64::from(block_size);
+    let h = &e.blocks[i];
+    let len = e.size.saturating_sub(i as u64 * bs).min(bs) as usize;
+    if store.contains(h) {
+        let d = store.get(h).map_err(DeltaError::from)?;
+        if d.len() == len {
+            return Ok(d);
+        }
+    }
+    let (p, j) = base_index
+        .get(h)
+        .ok_or_else(|| DeltaError::MissingBlock(hex(h)))?;
+    let sp = abs(root, p);
+    let f = fs::File::open(&sp).map_err(io_err(&sp))?;
+    let mut buf = vec![0u8; len];
+    let n = sys::pread_full(f.as_raw_fd(), &mut buf, j * bs).map_err(io_err(&sp))?;
+    buf[n..].fill(0);
+    if blake3::hash(&buf).as_bytes() != h {
+        return Err(DeltaError::CorruptBlock(hex(h)).into());
+    }
+    Ok(buf)
 }
 
 /// Writes a file's bytes to `dst` from the block store or the base tree.

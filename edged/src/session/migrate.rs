@@ -80,6 +80,9 @@ impl Edge {
             ));
         }
         *s.moving_to.lock().unwrap_or_else(|p| p.into_inner()) = Some(req.to_edge.clone());
+        // No pre-copy round of this session may run during the handover
+        // (it would change what the new edge holds under its feet).
+        let _precopy = s.precopy.lock().await;
         tracing::info!("handover requested");
         let send = |c: Chunk| async {
             tx.send(Ok(pb::HandoverChunk { chunk: Some(c) }))
@@ -212,7 +215,10 @@ impl Edge {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
-        s.teardown().await;
+        // The new edge owns the session from here: answer at once and clean
+        // up behind (the teardown is not part of anyone's downtime).
+        let gone = s.clone();
+        tokio::spawn(async move { gone.teardown().await });
         let to = s
             .moving_to
             .lock()
@@ -273,6 +279,7 @@ impl Edge {
             )));
         }
         let span = tracing::info_span!("take", session = %id, from = %from);
+        let _pulling = PullingGuard(self, id.to_string());
         let r = self
             .pull(&mut peer, id, token, progress)
             .instrument(span)
@@ -298,15 +305,25 @@ impl Edge {
         let staging = self.staging_dir(id);
         let vol = staging.join("volume");
         tokio::fs::create_dir_all(&vol).await.map_err(io_status)?;
-        let held = if vol.join(".volfs/manifest.pb").exists() {
-            let v = vol.clone();
-            tokio::task::spawn_blocking(move || volfs::offline::manifest(&v))
-                .await
-                .map_err(io_status)?
-                .map_err(io_status)?
-                .to_bytes()
-        } else {
-            Vec::new()
+        // What is staged, read under the staging lock; from here on pre-copy
+        // rounds for this session are refused, so it stays what we said.
+        let held = {
+            let lock = self.staging_lock(id);
+            let _g = lock.lock().await;
+            self.pulling
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.to_string());
+            if vol.join(".volfs/manifest.pb").exists() {
+                let v = vol.clone();
+                tokio::task::spawn_blocking(move || volfs::offline::manifest(&v))
+                    .await
+                    .map_err(io_status)?
+                    .map_err(io_status)?
+                    .to_bytes()
+            } else {
+                Vec::new()
+            }
         };
         let mut stream = peer
             .handover(pb::PeerHandoverRequest {
@@ -548,4 +565,29 @@ fn tempfile_dir(dir: &Path) -> Result<PathBuf, Status> {
     let _ = std::fs::remove_dir_all(&t);
     std::fs::create_dir_all(&t).map_err(io_status)?;
     Ok(t)
+}
+
+/// Clears the "pulling" mark of a session when a pull ends, however it ends.
+struct PullingGuard<'a>(&'a Edge, String);
+
+impl Drop for PullingGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .pulling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+    }
+}
+
+impl Edge {
+    /// The staging lock of a session.
+    pub(super) fn staging_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.staging_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
 }

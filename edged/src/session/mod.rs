@@ -369,7 +369,11 @@ impl Session {
             session_id: self.id.clone(),
             app: self.app.clone(),
             client_id: self.client_id.clone(),
-            state: self.state().name().into(),
+            state: if self.migrating.load(Ordering::SeqCst) {
+                "moving".into()
+            } else {
+                self.state().name().into()
+            },
             volume_bytes: size,
             dirty_bytes: dirty.unwrap_or(0),
             container_id: self
@@ -409,6 +413,11 @@ pub struct Edge {
     sessions: RwLock<HashMap<String, Arc<Session>>>,
     /// Sessions released to another edge (a repeated Release answers OK).
     released: Mutex<std::collections::HashSet<String>>,
+    /// Sessions this edge is pulling: pre-copy rounds for them are refused.
+    pulling: Mutex<std::collections::HashSet<String>>,
+    /// One lock per staged session: a pre-copy apply and the read of what is
+    /// staged never overlap.
+    staging_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for Edge {
@@ -449,6 +458,8 @@ impl Edge {
             runtimes: tokio::sync::Mutex::new(HashMap::new()),
             sessions: RwLock::new(HashMap::new()),
             released: Mutex::new(Default::default()),
+            pulling: Mutex::new(Default::default()),
+            staging_locks: Mutex::new(Default::default()),
         }))
     }
 

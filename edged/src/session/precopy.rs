@@ -260,6 +260,18 @@ impl Edge {
         {
             return Err(Status::failed_precondition("this edge serves that session"));
         }
+        let lock = self.staging_lock(&meta.session_id);
+        let _g = lock.lock().await;
+        if self
+            .pulling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&meta.session_id)
+        {
+            return Err(Status::failed_precondition(
+                "a handover of this session is under way",
+            ));
+        }
         let vol = self.staging_dir(&meta.session_id).join("volume");
         tokio::fs::create_dir_all(&vol)
             .await

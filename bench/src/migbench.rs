@@ -1,0 +1,689 @@
+//! Migration deltas, fio-style: a volume of a given size is written through
+//! volfs on edge A while pre-copy sends it to edge B; then some bytes are
+//! dirtied and the session is handed over to B. In the same run, the same
+//! volume and the same dirty bytes move the way the original framework
+//! moved them: rsync while the app runs, rsync again after it stopped, the
+//! app started on the target. Both cross the same shaped link (a relay with
+//! a rate and a one-way delay in each direction).
+//!
+//! ```text
+//! cargo build --release --workspace
+//! target/release/migbench [--quick] [--out bench/out]
+//! ```
+//!
+//! Reported per case: bytes sent at handover, downtime (A's quiesce → B
+//! serving), the extra latency of a call running at the move, total time.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Parser)]
+struct Args {
+    /// Smaller cases only (no 1 GB volume).
+    #[arg(long)]
+    quick: bool,
+    /// Run only the cases whose volume size reads like this (e.g. "1 GB").
+    #[arg(long)]
+    only: Option<String>,
+    /// Keep the working directories (edged logs) of each case.
+    #[arg(long)]
+    keep: bool,
+    /// Where to write the CSV and the SVG.
+    #[arg(long, default_value = "bench/out")]
+    out: PathBuf,
+}
+
+fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let p = std::env::current_exe()?
+        .parent()
+        .context("exe dir")?
+        .join(name);
+    anyhow::ensure!(
+        p.is_file(),
+        "{} missing: cargo build --release --workspace",
+        p.display()
+    );
+    Ok(p)
+}
+
+/// A link shape: rate in bits/s and one-way delay.
+#[derive(Clone, Copy, Debug)]
+struct Link {
+    name: &'static str,
+    bits_per_sec: f64,
+    delay: Duration,
+}
+
+const LINKS: [Link; 2] = [
+    Link {
+        name: "100Mbit/10ms",
+        bits_per_sec: 100e6,
+        delay: Duration::from_millis(5),
+    },
+    Link {
+        name: "1Gbit/1ms",
+        bits_per_sec: 1e9,
+        delay: Duration::from_micros(500),
+    },
+];
+
+/// One direction of a shaped link: bytes leave at the link's rate and arrive
+/// `delay` later.
+async fn shape(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    link: Link,
+    cut: Arc<AtomicBool>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((at, buf)) = rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            if w.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+        let _ = w.shutdown().await;
+    });
+    let mut next_free = tokio::time::Instant::now();
+    let mut buf = vec![0u8; 16384];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if cut.load(Ordering::SeqCst) {
+            break;
+        }
+        let now = tokio::time::Instant::now();
+        next_free =
+            next_free.max(now) + Duration::from_secs_f64(n as f64 * 8.0 / link.bits_per_sec);
+        // Do not let the sender run more than a second ahead of the wire.
+        if next_free > now + Duration::from_secs(1) {
+            tokio::time::sleep_until(next_free - Duration::from_secs(1)).await;
+        }
+        if tx
+            .send((next_free + link.delay, buf[..n].to_vec()))
+            .is_err()
+        {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// A shaped TCP relay to `target`; returns its address and a switch that
+/// cuts every connection through it.
+async fn relay(
+    target: SocketAddr,
+    link: Link,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>, Arc<AtomicBool>)> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let cut = Arc::new(AtomicBool::new(false));
+    let cut2 = cut.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((c, _)) = l.accept().await {
+            if cut2.load(Ordering::SeqCst) {
+                continue;
+            }
+            let Ok(s) = tokio::net::TcpStream::connect(target).await else {
+                continue;
+            };
+            let _ = c.set_nodelay(true);
+            let _ = s.set_nodelay(true);
+            let (cr, cw) = c.into_split();
+            let (sr, sw) = s.into_split();
+            tokio::spawn(shape(cr, sw, link, cut2.clone()));
+            tokio::spawn(shape(sr, cw, link, cut2.clone()));
+        }
+    });
+    Ok((addr, task, cut))
+}
+
+struct Edge {
+    child: Child,
+    config: PathBuf,
+    data: PathBuf,
+    addr: SocketAddr,
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = Command::new(bin("edged").unwrap())
+            .args(["cleanup", "--config"])
+            .arg(&self.config)
+            .output();
+    }
+}
+
+fn start_edge(dir: &Path, id: &str, ip: &str, base: &Path, extra: &str) -> anyhow::Result<Edge> {
+    let addr = std::net::TcpListener::bind((ip, 0))?.local_addr()?;
+    let data = dir.join(id);
+    let cfg = format!(
+        "edge_id = {id:?}\nlisten = \"{addr}\"\ndata_dir = {:?}\nsession_ttl = 3600\nmax_payload = 1048576\nstart_timeout = 30\nblock_size = 65536\nvolfs_binary = {:?}\n{extra}\n[apps.list]\nbase_volume = {:?}\nruntime = {{ kind = \"process\", command = {:?} }}\n",
+        data.display().to_string(),
+        bin("volfs")?.display().to_string(),
+        base.display().to_string(),
+        bin("list-app")?.display().to_string(),
+    );
+    let config = dir.join(format!("{id}.toml"));
+    std::fs::write(&config, cfg)?;
+    let log = std::fs::File::create(dir.join(format!("{id}.log")))?;
+    let child = Command::new(bin("edged")?)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let e = Edge {
+        child,
+        config,
+        data,
+        addr,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "edged {id} did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(e)
+}
+
+/// Deterministic incompressible bytes.
+fn fill(buf: &mut [u8], seed: u64) {
+    // Every seed its own stream (a plain `seed | 1` would give seeds 2k and
+    // 2k+1 the same bytes, and volfs would send such blocks once).
+    let mut x = (seed.wrapping_add(1)).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for c in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        c.copy_from_slice(&b[..c.len()]);
+    }
+}
+
+fn write_volume(file: &Path, size: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(file)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    let mut i = 0;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        fill(&mut buf[..n], 7 + i);
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+        i += 1;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Dirties `bytes` of `file` in 64 KiB blocks spread over it.
+fn dirty(file: &Path, size: u64, bytes: u64, seed: u64) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(file)?;
+    let block = 65536u64;
+    let blocks = bytes.div_ceil(block);
+    let total_blocks = size.div_ceil(block).max(1);
+    let mut buf = vec![0u8; block as usize];
+    for k in 0..blocks {
+        let b = (k * 7919 + seed) % total_blocks;
+        let len = block.min(size - b * block).min(bytes - k * block) as usize;
+        fill(&mut buf[..len], seed * 1000 + k + 99);
+        f.write_all_at(&buf[..len], b * block)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+fn dir_file_bytes(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+struct Case {
+    size: u64,
+    dirty: u64,
+    link: Link,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Outcome {
+    bytes: u64,
+    /// Bytes of blocks dirtied since the last pre-copy round.
+    dirty_since_round: u64,
+    downtime: Duration,
+    total: Duration,
+    extra_latency: Duration,
+}
+
+async fn edgeshift_case(work: &Path, c: &Case) -> anyhow::Result<Outcome> {
+    let base = work.join("base");
+    std::fs::create_dir_all(&base)?;
+    let b = start_edge(work, "b", "127.0.0.2", &base, "")?;
+    let (ab, ab_task, precopy_link) = relay(b.addr, c.link).await?;
+    // Pre-copy rounds every 2 s; the dirty bytes below land right before the move.
+    let extra = format!(
+        "[[neighbours]]\nid = \"b\"\naddr = \"{ab}\"\n[precopy]\ninterval = 2\ndirty_threshold = 1099511627776\n"
+    );
+    let a = start_edge(work, "a", "127.0.0.1", &base, &extra)?;
+    let (ba, ba_task, _) = relay(a.addr, c.link).await?;
+    let ca = edge_client::connect(&a.addr.to_string()).await?;
+    let cb = edge_client::connect(&b.addr.to_string()).await?;
+    let s = ca.open_session("list", "bench").await?;
+    let blob = a.data.join("sessions").join(s.id()).join("mnt/blob");
+    let f = blob.clone();
+    let size = c.size;
+    tokio::task::spawn_blocking(move || write_volume(&f, size)).await??;
+    // Wait until B staged everything (and one more round found nothing new).
+    let staged = b.data.join("staging").join(s.id()).join("volume/blob");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while dir_file_bytes(&staged) != c.size {
+        anyhow::ensure!(Instant::now() < deadline, "pre-copy did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // From here no pre-copy round may run: the pre-copy link goes down, so
+    // exactly the bytes dirtied below are "dirty since the last round".
+    precopy_link.store(true, Ordering::SeqCst);
+    // Dirty, then move, with a call running.
+    let (f, size, d) = (blob.clone(), c.size, c.dirty);
+    tokio::task::spawn_blocking(move || dirty(&f, size, d, 3)).await??;
+    // What volfs counts as dirty since the last pre-copy round (its refresh).
+    let backing = a.data.join("sessions").join(s.id()).join("volume");
+    let st =
+        tokio::task::spawn_blocking(move || volfs::control::request(&backing, "status")).await??;
+    let since_round = match st {
+        Some(Ok(r)) => r
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix("bytes=")?.parse().ok())
+            .unwrap_or(0),
+        _ => bail!("no status from A's volume"),
+    };
+    let via = edge_client::connect(&ba.to_string()).await?;
+    let moving =
+        edge_client::Session::attach(&via, s.id().into(), s.token().clone(), "a".into(), vec![]);
+    let items = prost::Message::encode_to_vec(&edgeshift_examples::pb::list::ItemsRequest {
+        delay_ms_per_item: 0,
+    });
+    let op = moving.next_op_id();
+    let t = Instant::now();
+    let call = {
+        let m = moving.clone();
+        let items = items.clone();
+        tokio::spawn(async move { m.invoke_op(op, "/list.v1.List/Items", items.into()).await })
+    };
+    let mut out = Outcome {
+        dirty_since_round: since_round,
+        ..Outcome::default()
+    };
+    moving
+        .handover_to(&cb, |p| {
+            out.bytes = p.bytes_received;
+            out.downtime = Duration::from_micros(p.downtime_micros);
+        })
+        .await?;
+    out.total = t.elapsed();
+    let _ = call.await;
+    moving.result(op).await?;
+    out.extra_latency = t.elapsed();
+    moving.close().await?;
+    drop((ab_task, ba_task));
+    drop(a);
+    drop(b);
+    Ok(out)
+}
+
+/// rsync daemon serving `dir` as module `vol` on 127.0.0.2.
+fn rsyncd(work: &Path, dir: &Path) -> anyhow::Result<(Child, SocketAddr)> {
+    let addr = std::net::TcpListener::bind(("127.0.0.2", 0))?.local_addr()?;
+    let conf = work.join("rsyncd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "use chroot = no\n[vol]\npath = {}\nread only = false\nuid = root\ngid = root\n",
+            dir.display()
+        ),
+    )?;
+    let child = Command::new("rsync")
+        .args([
+            "--daemon",
+            "--no-detach",
+            "--address",
+            "127.0.0.2",
+            "--port",
+            &addr.port().to_string(),
+            "--config",
+        ])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("rsync (apt-get install rsync)")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "rsync daemon did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((child, addr))
+}
+
+fn rsync_pass(src: &Path, relay: SocketAddr) -> anyhow::Result<u64> {
+    let out = Command::new("rsync")
+        .args(["-a", "--inplace", "--stats"])
+        .arg(format!("{}/", src.display()))
+        .arg(format!("rsync://{}:{}/vol/", relay.ip(), relay.port()))
+        .output()?;
+    if !out.status.success() {
+        bail!("rsync: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Total bytes sent:"))
+        .context("rsync --stats")?;
+    Ok(line
+        .trim_start_matches("Total bytes sent:")
+        .trim()
+        .replace(',', "")
+        .parse()?)
+}
+
+async fn rsync_case(work: &Path, c: &Case) -> anyhow::Result<Outcome> {
+    let src = work.join("rsync-src");
+    let dst = work.join("rsync-dst");
+    let sock = work.join("rsync-run");
+    for d in [&src, &dst, &sock] {
+        std::fs::create_dir_all(d)?;
+    }
+    let (mut daemon, addr) = rsyncd(work, &dst)?;
+    let (r, task, _) = relay(addr, c.link).await?;
+    let size = c.size;
+    let f = src.join("blob");
+    tokio::task::spawn_blocking(move || write_volume(&f, size)).await??;
+    // Pass 1 while the app runs (not downtime).
+    let s2 = src.clone();
+    tokio::task::spawn_blocking(move || rsync_pass(&s2, r)).await??;
+    let (f, d) = (src.join("blob"), c.dirty);
+    tokio::task::spawn_blocking(move || dirty(&f, size, d, 3)).await??;
+    // The second pass comes later than the first: its mtime says so (rsync
+    // compares size and mtime, and both passes fall in one second here).
+    if c.dirty > 0 {
+        let later = std::time::SystemTime::now() + Duration::from_secs(2);
+        std::fs::File::options()
+            .write(true)
+            .open(src.join("blob"))?
+            .set_modified(later)?;
+    }
+    // The app stops: downtime runs from here to the app serving on the target.
+    let t = Instant::now();
+    let s2 = src.clone();
+    let bytes = tokio::task::spawn_blocking(move || rsync_pass(&s2, r)).await??;
+    let mut app = Command::new(bin("list-app")?)
+        .env("EDGE_DATA_DIR", &dst)
+        .env("EDGE_SOCKET_DIR", &sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let socket = sock.join("app.sock");
+    loop {
+        if socket.exists()
+            && edged::forward::AppClient::connect(&socket, 1 << 20)
+                .await
+                .is_ok()
+        {
+            break;
+        }
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(30), "app did not start");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let downtime = t.elapsed();
+    let _ = app.kill();
+    let _ = app.wait();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    drop(task);
+    for d in [&src, &dst, &sock] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    Ok(Outcome {
+        bytes,
+        dirty_since_round: 0,
+        downtime,
+        total: downtime,
+        extra_latency: Duration::ZERO,
+    })
+}
+
+fn human(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{} GB", b >> 30),
+        b if b >= 1 << 20 => format!("{} MB", b >> 20),
+        b if b >= 1 << 10 => format!("{} kB", b >> 10),
+        b => format!("{b} B"),
+    }
+}
+
+fn svg(points: &[(u64, f64, f64)], title: &str) -> String {
+    // x: volume size (log), y: downtime ms (log).
+    let (w, h, l, b) = (640.0, 400.0, 70.0, 50.0);
+    let xs: Vec<f64> = points.iter().map(|p| (p.0 as f64).log10()).collect();
+    let ys: Vec<f64> = points
+        .iter()
+        .flat_map(|p| [p.1.max(0.1).log10(), p.2.max(0.1).log10()])
+        .collect();
+    let (x0, x1) = (
+        xs.iter().cloned().fold(f64::MAX, f64::min) - 0.3,
+        xs.iter().cloned().fold(f64::MIN, f64::max) + 0.3,
+    );
+    let (y0, y1) = (
+        ys.iter().cloned().fold(f64::MAX, f64::min).floor(),
+        ys.iter().cloned().fold(f64::MIN, f64::max).ceil(),
+    );
+    let px = |x: f64| l + (x - x0) / (x1 - x0) * (w - l - 20.0);
+    let py = |y: f64| h - b - (y - y0) / (y1 - y0).max(1e-9) * (h - b - 30.0);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">{title}</text>\n",
+        w / 2.0
+    );
+    s += &format!(
+        "<line x1=\"{l}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{l}\" y1=\"30\" x2=\"{l}\" y2=\"{}\" stroke=\"black\"/>\n",
+        h - b,
+        w - 20.0,
+        h - b,
+        h - b
+    );
+    let mut y = y0;
+    while y <= y1 + 1e-9 {
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{} ms</text>\n<line x1=\"{l}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#ddd\"/>\n",
+            l - 5.0,
+            py(y) + 4.0,
+            10f64.powf(y),
+            py(y),
+            w - 20.0,
+            py(y)
+        );
+        y += 1.0;
+    }
+    for (i, p) in points.iter().enumerate() {
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
+            px(xs[i]),
+            h - b + 18.0,
+            human(p.0)
+        );
+    }
+    s += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">volume size</text>\n",
+        w / 2.0,
+        h - 10.0
+    );
+    for (k, (color, name)) in [
+        ("#1f77b4", "edgeshift (pre-copy + final delta)"),
+        ("#d62728", "rsync, two passes + app start"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let pts: Vec<String> = points
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                format!(
+                    "{:.1},{:.1}",
+                    px(xs[i]),
+                    py(if k == 0 { p.1 } else { p.2 }.max(0.1).log10())
+                )
+            })
+            .collect();
+        s += &format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n",
+            pts.join(" ")
+        );
+        for pt in &pts {
+            let (x, y) = pt.split_once(',').unwrap();
+            s += &format!("<circle cx=\"{x}\" cy=\"{y}\" r=\"3\" fill=\"{color}\"/>\n");
+        }
+        s += &format!(
+            "<rect x=\"{}\" y=\"{}\" width=\"12\" height=\"3\" fill=\"{color}\"/><text x=\"{}\" y=\"{}\">{name}</text>\n",
+            l + 10.0,
+            40.0 + 16.0 * k as f64,
+            l + 28.0,
+            45.0 + 16.0 * k as f64
+        );
+    }
+    s + "</svg>\n"
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    // SAFETY: geteuid has no preconditions.
+    anyhow::ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "migbench mounts FUSE volumes: run it as root"
+    );
+    const KB: u64 = 1 << 10;
+    const MB: u64 = 1 << 20;
+    let mut cases = Vec::new();
+    for link in LINKS {
+        for (size, dirties) in [
+            (10 * KB, vec![0, 10 * KB]),
+            (MB, vec![0, MB]),
+            (30 * MB, vec![0, MB, 10 * MB]),
+        ] {
+            for d in dirties {
+                cases.push(Case {
+                    size,
+                    dirty: d,
+                    link,
+                });
+            }
+        }
+    }
+    if !a.quick {
+        for d in [MB, 10 * MB] {
+            cases.push(Case {
+                size: 1 << 30,
+                dirty: d,
+                link: LINKS[1],
+            });
+        }
+    }
+    let mut table = String::from(
+        "| link | volume | dirty written | dirty since last round | edgeshift bytes | bytes / dirty since round | edgeshift downtime | call's extra latency | rsync bytes | rsync downtime | rsync / edgeshift downtime |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut csv = String::from(
+        "link,volume_bytes,dirty_bytes,dirty_since_round,edgeshift_bytes,edgeshift_downtime_ms,edgeshift_total_ms,call_extra_ms,rsync_bytes,rsync_downtime_ms\n",
+    );
+    let mut plot: Vec<(u64, f64, f64)> = Vec::new();
+    for c in cases
+        .iter()
+        .filter(|c| a.only.as_ref().is_none_or(|o| *o == human(c.size)))
+    {
+        let work = tempfile::Builder::new()
+            .prefix("migbench")
+            .tempdir_in("/var/tmp")?;
+        if a.keep {
+            eprintln!("case directory: {}", work.path().display());
+        }
+        let e = edgeshift_case(work.path(), c)
+            .await
+            .with_context(|| format!("edgeshift {} {}", human(c.size), c.link.name))?;
+        let r = rsync_case(work.path(), c)
+            .await
+            .with_context(|| format!("rsync {} {}", human(c.size), c.link.name))?;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let ratio = if e.dirty_since_round > 0 {
+            format!("{:.2}", e.bytes as f64 / e.dirty_since_round as f64)
+        } else {
+            "-".into()
+        };
+        let line = format!(
+            "| {} | {} | {} | {} | {} | {} | {:.0} ms | {:.0} ms | {} | {:.0} ms | {:.1}x |",
+            c.link.name,
+            human(c.size),
+            human(c.dirty),
+            e.dirty_since_round,
+            e.bytes,
+            ratio,
+            ms(e.downtime),
+            ms(e.extra_latency),
+            r.bytes,
+            ms(r.downtime),
+            ms(r.downtime) / ms(e.downtime).max(0.001)
+        );
+        eprintln!("{line}");
+        writeln!(table, "{line}")?;
+        writeln!(
+            csv,
+            "{},{},{},{},{},{:.1},{:.1},{:.1},{},{:.1}",
+            c.link.name,
+            c.size,
+            c.dirty,
+            e.dirty_since_round,
+            e.bytes,
+            ms(e.downtime),
+            ms(e.total),
+            ms(e.extra_latency),
+            r.bytes,
+            ms(r.downtime)
+        )?;
+        if a.keep {
+            // Leave the logs for a look.
+            std::mem::forget(work);
+        }
+        if c.link.name == LINKS[1].name && c.dirty == MB.min(c.size) {
+            plot.push((c.size, ms(e.downtime), ms(r.downtime)));
+        }
+    }
+    print!("{table}");
+    std::fs::create_dir_all(&a.out)?;
+    std::fs::write(a.out.join("migbench.csv"), csv)?;
+    plot.sort_by_key(|p| p.0);
+    std::fs::write(
+        a.out.join("migbench.svg"),
+        svg(
+            &plot,
+            "Downtime vs volume size (1 MB dirty, 1 Gbit/s, 1 ms)",
+        ),
+    )?;
+    eprintln!("CSV and SVG in {}", a.out.display());
+    Ok(())
+}
