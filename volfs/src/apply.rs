@@ -152,7 +152,7 @@ pub fn apply_read(
             .map(|e| e.link_target.as_slice())
             .collect();
         let mut staged: HashMap<&[u8], PathBuf> = HashMap::new();
-        let mut patches: Vec<(&[u8], Vec<(u64, Vec<u8>)>)> = Vec::new();
+        let mut patches: Vec<(&[u8], Vec<BlockWrite>)> = Vec::new();
         let mut patch_bytes = 0usize;
         for p in &delta.changed {
             let e = &new.entries[p];
@@ -325,6 +325,9 @@ pub fn apply_read(
         },
     ))
 }
+
+/// One block of a patch in place: its index and bytes.
+type BlockWrite = (u64, Vec<u8>);
 
 /// Most memory a patch in place may hold; larger changes go through staging.
 const PATCH_MEMORY: usize = 256 << 20;
