@@ -301,6 +301,8 @@ async fn edgeshift_case(work: &Path, c: &Case) -> anyhow::Result<Outcome> {
     // From here no pre-copy round may run: the pre-copy link goes down, so
     // exactly the bytes dirtied below are "dirty since the last round".
     precopy_link.store(true, Ordering::SeqCst);
+    // A round already past its refresh fails on the cut link; let it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     // Dirty, then move, with a call running.
     let (f, size, d) = (blob.clone(), c.size, c.dirty);
     tokio::task::spawn_blocking(move || dirty(&f, size, d, 3)).await??;
@@ -575,10 +577,8 @@ fn svg(points: &[(u64, f64, f64)], title: &str) -> String {
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     // SAFETY: geteuid has no preconditions.
-    anyhow::ensure!(
-        unsafe { libc::geteuid() } == 0,
-        "migbench mounts FUSE volumes: run it as root"
-    );
+    let uid = unsafe { libc::geteuid() };
+    anyhow::ensure!(uid == 0, "migbench mounts FUSE volumes: run it as root");
     const KB: u64 = 1 << 10;
     const MB: u64 = 1 << 20;
     let mut cases = Vec::new();
