@@ -45,6 +45,10 @@ pub use locator::{FileLocator, Follower};
 /// Metadata key on a call refused because its session is moving (edged's
 /// `session::MOVING_KEY`).
 pub const MOVING_KEY: &str = "edgeshift-moving";
+/// Metadata key: the address of the edge a session moved to.
+pub const MOVED_TO_ADDR: &str = "edgeshift-moved-to";
+/// Metadata key: the id of the edge a session moved to.
+pub const MOVED_TO_ID: &str = "edgeshift-moved-to-id";
 
 /// How long a call refused as "moving" waits for the session to land.
 pub const MOVE_WAIT: Duration = Duration::from_secs(60);
@@ -260,6 +264,29 @@ impl Session {
                     if st.metadata().get(MOVING_KEY).is_some()
                         && tokio::time::Instant::now() < deadline =>
                 {
+                    // The old edge may say where the session went (a move this
+                    // handle did not drive, e.g. by the operator): follow it.
+                    let meta = |k: &str| {
+                        st.metadata()
+                            .get(k)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string)
+                    };
+                    let here = self.edge_addr();
+                    let to = meta(MOVED_TO_ADDR).filter(|a| {
+                        a.trim_start_matches("http://") != here.trim_start_matches("http://")
+                    });
+                    if let Some(addr) = to {
+                        if let Ok(edge) = connect(&addr).await {
+                            let edge_id = meta(MOVED_TO_ID).unwrap_or_default();
+                            *self.inner.edge.write().unwrap_or_else(|e| e.into_inner()) = Current {
+                                stub: edge.stub,
+                                addr: edge.addr,
+                                edge_id,
+                            };
+                            continue;
+                        }
+                    }
                     // Wait for the handover to end (ours, or one we do not drive).
                     let _ = tokio::time::timeout(Duration::from_millis(200), ended.changed()).await;
                 }

@@ -29,6 +29,9 @@ pub struct Config {
     pub edge_id: String,
     /// Address the Edge and Admin services listen on.
     pub listen: SocketAddr,
+    /// Address clients and peers use to reach this edge; default `listen`.
+    #[serde(default)]
+    pub advertise: Option<String>,
     /// Where sessions (volumes, sockets, journals) live.
     pub data_dir: PathBuf,
     /// A session without a call for this long is closed.
@@ -210,6 +213,13 @@ staged_ttl = 3600
 "#;
 
 impl Config {
+    /// Where others reach this edge.
+    pub fn advertised(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
+    }
+
     /// Parses and validates TOML.
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(origin.into(), e))?;

@@ -45,6 +45,17 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:50051")]
         addr: String,
     },
+    /// Move one session of a running edged to a neighbour (Admin service).
+    Migrate {
+        /// Session id.
+        session: String,
+        /// Id of the neighbour edge.
+        #[arg(long)]
+        to: String,
+        /// Address of the edge that serves the session now.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+    },
     /// Stop and remove every session recorded in the data directory (edged not running).
     Cleanup {
         /// Configuration file.
@@ -180,6 +191,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await?;
             println!("closed");
+            Ok(())
+        }
+        Cmd::Migrate { session, to, addr } => {
+            let mut c =
+                edge_proto::v1::admin_client::AdminClient::connect(format!("http://{addr}"))
+                    .await?;
+            let r = c
+                .migrate(edge_proto::v1::MigrateRequest {
+                    session_id: session,
+                    to_edge: to.clone(),
+                })
+                .await?
+                .into_inner();
+            println!(
+                "moved to {to}: {} bytes at handover, downtime {:.1} ms",
+                r.bytes,
+                r.downtime_micros as f64 / 1e3
+            );
             Ok(())
         }
         Cmd::Cleanup { config } => {

@@ -136,6 +136,16 @@ impl Admin for AdminService {
             .map_err(|e| e.status())?;
         Ok(Response::new(pb::CloseSessionResponse {}))
     }
+
+    async fn migrate(
+        &self,
+        req: Request<pb::MigrateRequest>,
+    ) -> Result<Response<pb::MigrateResponse>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.0.migrate(&r.session_id, &r.to_edge).await?,
+        ))
+    }
 }
 
 /// Implements `edge.v1.Peer` over an [`Edge`].
@@ -172,6 +182,13 @@ impl Peer for PeerService {
         let edge = self.0.clone();
         tokio::spawn(async move { edge.give(req.into_inner(), tx).await });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn adopt(
+        &self,
+        req: Request<pb::AdoptRequest>,
+    ) -> Result<Response<pb::MigrateResponse>, Status> {
+        Ok(Response::new(self.0.adopt(req.into_inner()).await?))
     }
 
     async fn precopy(

@@ -497,3 +497,43 @@ async fn twenty_clients_moving_among_three_edges_lose_no_call_and_run_none_twice
         e.wait_empty().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_moves_a_session_and_the_client_follows() {
+    let bases = Bases::new();
+    let apps = bases.process_apps();
+    let b = Edge::start("b", "127.0.0.2", &apps, "");
+    let a = Edge::start(
+        "a",
+        "127.0.0.1",
+        &apps,
+        &format!("[[neighbours]]\nid = \"b\"\naddr = \"{}\"\n", b.addr),
+    );
+    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let s = ca.open_session("list", "walker").await.unwrap();
+    s.invoke(ADD, add("before")).await.unwrap();
+    let mut admin = edge_proto::v1::admin_client::AdminClient::connect(a.url())
+        .await
+        .unwrap();
+    let bad = admin
+        .migrate(edge_proto::v1::MigrateRequest {
+            session_id: s.id().into(),
+            to_edge: "nowhere".into(),
+        })
+        .await;
+    assert_eq!(bad.unwrap_err().code(), Code::InvalidArgument);
+    let r = admin
+        .migrate(edge_proto::v1::MigrateRequest {
+            session_id: s.id().into(),
+            to_edge: "b".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.bytes > 0 && r.downtime_micros > 0, "{r:?}");
+    // The client learns of the move on its next call and follows.
+    s.invoke(ADD, add("after")).await.unwrap();
+    assert_eq!(s.edge_id(), "b");
+    assert_eq!(items(&s).await, ["before", "after"]);
+    a.wait_empty().await;
+}

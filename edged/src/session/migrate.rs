@@ -59,7 +59,7 @@ impl Edge {
         let span = tracing::info_span!("give", session = %req.session_id, to = %req.to_edge);
         let r = self.give_inner(&req, &tx).instrument(span).await;
         if let Err(st) = r {
-            if let Ok(s) = self.session(&req.session_id, &req.token) {
+            if let Ok(s) = self.session_for_peer(&req.session_id, &req.token) {
                 s.serve_again().await;
             }
             let _ = tx.send(Err(st)).await;
@@ -72,8 +72,9 @@ impl Edge {
         tx: &mpsc::Sender<Result<pb::HandoverChunk, Status>>,
     ) -> Result<(), Status> {
         let s = self
-            .session(&req.session_id, &req.token)
+            .session_for_peer(&req.session_id, &req.token)
             .map_err(|e| e.status())?;
+        *s.moving_to_addr.lock().unwrap_or_else(|p| p.into_inner()) = req.to_addr.clone();
         if s.migrating.swap(true, Ordering::SeqCst) {
             return Err(Status::failed_precondition(
                 "a handover of this session is already under way",
@@ -196,21 +197,32 @@ impl Edge {
             .released
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(id)
+            .contains_key(id)
         {
             return Ok(());
         }
-        let s = self.session(id, token)?;
+        let s = self.session_for_peer(id, token)?;
         if !s.migrating.load(Ordering::SeqCst) {
             return Err(EdgeError::Invalid(
                 "release of a session that is not being handed over".into(),
             ));
         }
         // Tombstone first: a call arriving now is told "moving", never "not found".
+        let whereto = s
+            .moving_to
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default();
+        let addr = s
+            .moving_to_addr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         self.released
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string());
+            .insert(id.to_string(), (whereto, addr));
         self.sessions
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -232,7 +244,7 @@ impl Edge {
 
     /// A side: the new edge failed; serve again.
     pub async fn abort_handover(&self, id: &str, token: &[u8]) -> Result<(), EdgeError> {
-        let s = self.session(id, token)?;
+        let s = self.session_for_peer(id, token)?;
         s.serve_again().await;
         tracing::warn!(session = %id, "handover aborted by the new edge; serving again");
         Ok(())
@@ -331,6 +343,7 @@ impl Edge {
                 token: token.to_vec(),
                 held_manifest: held,
                 to_edge: self.cfg.edge_id.clone(),
+                to_addr: self.cfg.advertised(),
             })
             .await?
             .into_inner();
@@ -589,5 +602,100 @@ impl Edge {
             .entry(id.to_string())
             .or_default()
             .clone()
+    }
+}
+
+impl Edge {
+    /// The session, for a peer: the client's token, or the one-time ticket
+    /// of an operator-started move.
+    fn session_for_peer(&self, id: &str, token: &[u8]) -> Result<Arc<Session>, EdgeError> {
+        match self.session(id, token) {
+            Err(EdgeError::BadToken(_)) => {
+                let ok = self
+                    .tickets
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(id)
+                    .is_some_and(|t| *t == blake3::hash(token));
+                if !ok {
+                    return Err(EdgeError::BadToken(id.to_string()));
+                }
+                self.sessions
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(id)
+                    .cloned()
+                    .ok_or_else(|| EdgeError::UnknownSession(id.to_string()))
+            }
+            r => r,
+        }
+    }
+
+    /// Operator side (the owner): moves session `id` to neighbour `to`.
+    pub async fn migrate(&self, id: &str, to: &str) -> Result<pb::MigrateResponse, Status> {
+        let n = self
+            .cfg
+            .neighbours
+            .iter()
+            .find(|n| n.id == to)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("{to:?} is not a neighbour of this edge"))
+            })?;
+        if !self
+            .sessions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id)
+        {
+            return Err(EdgeError::UnknownSession(id.to_string()).status());
+        }
+        let ticket: [u8; 32] = super::random_bytes();
+        self.tickets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), blake3::hash(&ticket));
+        tracing::info!(session = %id, to = %to, "operator moves the session");
+        let r = async {
+            let mut p = PeerClient::connect(format!("http://{}", n.addr))
+                .await
+                .map_err(|e| Status::unavailable(format!("{to} unreachable: {e}")))?;
+            p.adopt(pb::AdoptRequest {
+                session_id: id.into(),
+                ticket: ticket.to_vec(),
+                from_addr: self.cfg.advertised(),
+            })
+            .await
+            .map(|r| r.into_inner())
+        }
+        .await;
+        self.tickets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        r
+    }
+
+    /// New-edge side of an operator's move: pull with the ticket.
+    pub async fn adopt(
+        self: &Arc<Self>,
+        req: pb::AdoptRequest,
+    ) -> Result<pb::MigrateResponse, Status> {
+        let (tx, mut rx) = mpsc::channel::<Result<pb::HandoverProgress, Status>>(64);
+        let last = tokio::spawn(async move {
+            let mut last = pb::MigrateResponse::default();
+            while let Some(Ok(p)) = rx.recv().await {
+                last = pb::MigrateResponse {
+                    bytes: p.bytes_received,
+                    downtime_micros: p.downtime_micros,
+                };
+            }
+            last
+        });
+        let r = self
+            .take(&req.session_id, &req.ticket, &req.from_addr, &tx)
+            .await;
+        drop(tx);
+        let last = last.await.unwrap_or_default();
+        r.map(|()| last)
     }
 }

@@ -50,8 +50,8 @@ pub enum EdgeError {
     #[error("payload of {0} bytes exceeds the limit of {1}")]
     TooLarge(usize, usize),
     /// The session moved to another edge (calls go there).
-    #[error("session {0:?} moved to another edge")]
-    Moved(String),
+    #[error("session {0:?} moved to edge {1:?}")]
+    Moved(String, String, String),
     /// The op id is unknown to the journal.
     #[error("op {0} is unknown to session {1:?}")]
     UnknownOp(u64, String),
@@ -83,7 +83,7 @@ impl EdgeError {
                 Status::not_found(m)
             }
             EdgeError::BadToken(_) => Status::permission_denied(m),
-            EdgeError::Moved(_) => moving_status(),
+            EdgeError::Moved(_, id, addr) => moved_status(id, addr),
             EdgeError::Invalid(_) => Status::invalid_argument(m),
             EdgeError::TooLarge(..) => Status::resource_exhausted(m),
             EdgeError::Volume(_) | EdgeError::Io(_) => Status::internal(m),
@@ -170,6 +170,8 @@ pub struct Session {
     migrating: AtomicBool,
     /// The edge pulling the session, while `migrating`.
     moving_to: Mutex<Option<String>>,
+    /// Its address, as it said.
+    moving_to_addr: Mutex<String>,
     /// The instance is frozen by a handover.
     paused: Mutex<bool>,
     /// Pre-copy bookkeeping.
@@ -394,6 +396,24 @@ impl Session {
 /// moving; the client retries it (same op id) on the new edge.
 pub const MOVING_KEY: &str = "edgeshift-moving";
 
+/// Metadata keys of a status telling where a session went.
+pub const MOVED_TO_ADDR: &str = "edgeshift-moved-to";
+/// See [`MOVED_TO_ADDR`].
+pub const MOVED_TO_ID: &str = "edgeshift-moved-to-id";
+
+fn moved_status(id: &str, addr: &str) -> Status {
+    let mut st = moving_status();
+    for (k, v) in [(MOVED_TO_ID, id), (MOVED_TO_ADDR, addr)] {
+        if v.is_empty() {
+            continue;
+        }
+        if let Ok(v) = v.parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>() {
+            st.metadata_mut().insert(k, v);
+        }
+    }
+    st
+}
+
 fn moving_status() -> Status {
     let mut st = Status::unavailable("session is moving to another edge");
     st.metadata_mut()
@@ -411,8 +431,11 @@ pub struct Edge {
     volfs_bin: PathBuf,
     runtimes: tokio::sync::Mutex<HashMap<String, Arc<dyn Runtime>>>,
     sessions: RwLock<HashMap<String, Arc<Session>>>,
-    /// Sessions released to another edge (a repeated Release answers OK).
-    released: Mutex<std::collections::HashSet<String>>,
+    /// Sessions released to another edge, with where they went (edge id,
+    /// address): a repeated Release answers OK, a late call is redirected.
+    released: Mutex<HashMap<String, (String, String)>>,
+    /// One-time tickets of operator-started moves (blake3 of the ticket).
+    tickets: Mutex<HashMap<String, blake3::Hash>>,
     /// Sessions this edge is pulling: pre-copy rounds for them are refused.
     pulling: Mutex<std::collections::HashSet<String>>,
     /// One lock per staged session: a pre-copy apply and the read of what is
@@ -458,6 +481,7 @@ impl Edge {
             runtimes: tokio::sync::Mutex::new(HashMap::new()),
             sessions: RwLock::new(HashMap::new()),
             released: Mutex::new(Default::default()),
+            tickets: Mutex::new(Default::default()),
             pulling: Mutex::new(Default::default()),
             staging_locks: Mutex::new(Default::default()),
         }))
@@ -528,6 +552,7 @@ impl Edge {
             runtime,
             migrating: AtomicBool::new(false),
             moving_to: Mutex::new(None),
+            moving_to_addr: Mutex::new(String::new()),
             paused: Mutex::new(false),
             precopy: tokio::sync::Mutex::new(Default::default()),
         })
@@ -611,13 +636,17 @@ impl Edge {
 
     /// The session, if the token matches.
     pub fn session(&self, id: &str, token: &[u8]) -> Result<Arc<Session>, EdgeError> {
-        if self
+        if let Some((to_id, to_addr)) = self
             .released
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(id)
+            .get(id)
         {
-            return Err(EdgeError::Moved(id.to_string()));
+            return Err(EdgeError::Moved(
+                id.to_string(),
+                to_id.clone(),
+                to_addr.clone(),
+            ));
         }
         let s = self
             .sessions
