@@ -496,7 +496,18 @@ impl Edge {
                 return Err(e.status());
             }
         };
-        // Only with the old edge's release is this edge the owner.
+        // Only with the old edge's release is this edge the owner. The session
+        // is listed already, as moving: a client redirected here early is
+        // told to wait, not that the session is unknown.
+        session.migrating.store(true, Ordering::SeqCst);
+        self.released
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.sessions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), session.clone());
         let mut released = Err(Status::unavailable("release not sent"));
         for _ in 0..3 {
             released = peer
@@ -513,6 +524,10 @@ impl Edge {
         }
         if let Err(e) = released {
             tracing::error!(error = %e, "the old edge did not release; giving the session back");
+            self.sessions
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(id);
             session.teardown_keep_volume(&staging).await;
             return Err(Status::unavailable(format!(
                 "the old edge did not release the session: {}",
@@ -520,14 +535,7 @@ impl Edge {
             )));
         }
         session.set_state(State::Serving);
-        self.released
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        self.sessions
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string(), session);
+        session.migrating.store(false, Ordering::SeqCst);
         let down = t_q.elapsed();
         tracing::info!(
             downtime_ms = down.as_secs_f64() * 1e3,
