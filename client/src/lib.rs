@@ -320,6 +320,21 @@ impl Session {
         Ok(())
     }
 
+    /// Names the edges this client may move to next (ids of the serving
+    /// edge's neighbours): the session is pre-copied to those only. An empty
+    /// list means all neighbours. Returns the candidates in effect.
+    pub async fn set_candidates(&self, edge_ids: &[&str]) -> Result<Vec<String>, Status> {
+        let r = self
+            .stub()
+            .set_candidates(pb::CandidatesRequest {
+                session_id: self.inner.id.clone(),
+                token: self.inner.token.to_vec(),
+                edge_ids: edge_ids.iter().map(|s| s.to_string()).collect(),
+            })
+            .await?;
+        Ok(r.into_inner().edge_ids)
+    }
+
     /// A channel for the app's generated tonic client: calls through it are
     /// invokes of this session (and follow it across handovers).
     pub fn channel(&self) -> SessionChannel {

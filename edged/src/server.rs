@@ -91,6 +91,18 @@ impl EdgeSvc for EdgeService {
         Ok(Response::new(pb::CloseSessionResponse {}))
     }
 
+    async fn set_candidates(
+        &self,
+        req: Request<pb::CandidatesRequest>,
+    ) -> Result<Response<pb::CandidatesResponse>, Status> {
+        let r = req.into_inner();
+        let ids = self
+            .0
+            .set_candidates(&r.session_id, &r.token, r.edge_ids)
+            .map_err(|e| e.status())?;
+        Ok(Response::new(pb::CandidatesResponse { edge_ids: ids }))
+    }
+
     type HandoverStream = ReceiverStream<Result<pb::HandoverProgress, Status>>;
 
     async fn handover(

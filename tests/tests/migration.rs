@@ -537,3 +537,42 @@ async fn an_operator_moves_a_session_and_the_client_follows() {
     assert_eq!(items(&s).await, ["before", "after"]);
     a.wait_empty().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_copy_goes_to_the_candidates_the_client_names() {
+    let bases = Bases::new();
+    let apps = bases.process_apps();
+    let b = Edge::start("b", "127.0.0.2", &apps, "");
+    let c = Edge::start("c", "127.0.0.3", &apps, "");
+    let extra = format!(
+        "[[neighbours]]\nid = \"b\"\naddr = \"{}\"\n[[neighbours]]\nid = \"c\"\naddr = \"{}\"\n[precopy]\ninterval = 0.3\n",
+        b.addr, c.addr
+    );
+    let a = Edge::start("a", "127.0.0.1", &apps, &extra);
+    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let s = ca.open_session("list", "walker").await.unwrap();
+    assert_eq!(s.set_candidates(&["c", "nowhere"]).await.unwrap(), ["c"]);
+    for i in 0..50 {
+        s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
+    }
+    let staged = |e: &Edge| e.data_dir.join("staging").join(s.id()).join("volume");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while dir_bytes(&staged(&c)) < 100_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing was pre-copied to c"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!staged(&b).exists(), "b is not a candidate and got nothing");
+    // All neighbours again: b gets its copy too.
+    assert_eq!(s.set_candidates(&[]).await.unwrap(), ["b", "c"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while dir_bytes(&staged(&b)) < 100_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing was pre-copied to b"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -176,6 +176,8 @@ pub struct Session {
     paused: Mutex<bool>,
     /// Pre-copy bookkeeping.
     precopy: tokio::sync::Mutex<precopy::PrecopyState>,
+    /// Neighbours the client named as its next edges; `None`: all.
+    candidates: Mutex<Option<Vec<String>>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -555,6 +557,7 @@ impl Edge {
             moving_to_addr: Mutex::new(String::new()),
             paused: Mutex::new(false),
             precopy: tokio::sync::Mutex::new(Default::default()),
+            candidates: Mutex::new(None),
         })
     }
 

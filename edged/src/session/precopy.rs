@@ -23,7 +23,7 @@ use prost::Message;
 use tokio::sync::Mutex;
 use tonic::Status;
 
-use super::{Edge, Session, State};
+use super::{Edge, EdgeError, Session, State};
 use crate::config::Neighbour;
 use crate::volume;
 
@@ -123,11 +123,8 @@ impl Edge {
             .map_err(|e| Status::internal(e.to_string()))?;
         let changed =
             reply_field(&status, "files") > 0 || reply_field(&status, "metadata_changes") > 0;
-        let missing = self
-            .cfg
-            .neighbours
-            .iter()
-            .any(|n| !st.held.contains_key(&n.id));
+        let targets = self.candidates_of(s);
+        let missing = targets.iter().any(|n| !st.held.contains_key(&n.id));
         let since = st.last_round.map(|t| t.elapsed());
         let due = match since {
             None => true,
@@ -140,7 +137,7 @@ impl Edge {
         if !due {
             return Ok(());
         }
-        for n in &self.cfg.neighbours {
+        for n in &targets {
             let t = Instant::now();
             match self.round(s, n, &mut st, limiter, peers).await {
                 Ok(bytes) => {
@@ -342,5 +339,50 @@ impl Edge {
                 }
             });
         }
+    }
+}
+
+impl Edge {
+    /// The neighbours a session is pre-copied to.
+    fn candidates_of(&self, s: &Session) -> Vec<Neighbour> {
+        let named = s
+            .candidates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.cfg
+            .neighbours
+            .iter()
+            .filter(|n| named.as_ref().is_none_or(|c| c.contains(&n.id)))
+            .cloned()
+            .collect()
+    }
+
+    /// The client names its next edges; neighbours no longer named drop
+    /// what they staged. Returns the candidates in effect.
+    pub fn set_candidates(
+        &self,
+        id: &str,
+        token: &[u8],
+        edge_ids: Vec<String>,
+    ) -> Result<Vec<String>, EdgeError> {
+        let s = self.session(id, token)?;
+        let named = (!edge_ids.is_empty()).then_some(edge_ids);
+        *s.candidates.lock().unwrap_or_else(|p| p.into_inner()) = named;
+        let now = self.candidates_of(&s);
+        for n in self
+            .cfg
+            .neighbours
+            .iter()
+            .filter(|n| !now.iter().any(|c| c.id == n.id))
+        {
+            let (addr, id) = (n.addr.clone(), id.to_string());
+            tokio::spawn(async move {
+                if let Ok(mut p) = PeerClient::connect(format!("http://{addr}")).await {
+                    let _ = p.drop(pb::DropRequest { session_id: id }).await;
+                }
+            });
+        }
+        Ok(now.into_iter().map(|n| n.id).collect())
     }
 }
