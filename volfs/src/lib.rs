@@ -17,7 +17,8 @@
 //! - [`blockstore`]: the content-addressed store a receiver stages blocks in.
 //! - [`apply`]: applying a delta to a backing directory, all or nothing.
 //! - [`backing`]: a backing directory and its hidden `.volfs/` metadata.
-//! - [`fs`]: the FUSE passthrough filesystem.
+//! - [`fs`]: the FUSE passthrough filesystem (`fs/ops.rs`: one method per
+//!   kernel request).
 //! - [`mount`]: a live mount and its operations; [`control`]: its control socket.
 //! - [`offline`]: the same operations on an unmounted volume.
 //! - `sys`: thin wrappers over the `*at` system calls.
