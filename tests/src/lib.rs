@@ -318,6 +318,8 @@ pub struct Faults {
     pub corrupt_at: Option<u64>,
     /// Close each connection after this many bytes came back.
     pub cut_after: Option<u64>,
+    /// Wait this long after every chunk (up to 16 KiB) that comes back: a slow link.
+    pub throttle: Option<Duration>,
 }
 
 impl Relay {
@@ -356,6 +358,9 @@ impl Relay {
                         }
                         if cw.write_all(&buf[..n]).await.is_err() {
                             break;
+                        }
+                        if let Some(t) = f.throttle {
+                            tokio::time::sleep(t).await;
                         }
                     }
                     let _ = cw.shutdown().await;

@@ -336,11 +336,11 @@ async fn corruption_or_a_cut_link_in_transit_leaves_one_owner_and_a_retry_works(
     for faults in [
         Faults {
             corrupt_at: Some(300_000),
-            cut_after: None,
+            ..Faults::default()
         },
         Faults {
-            corrupt_at: None,
             cut_after: Some(200_000),
+            ..Faults::default()
         },
     ] {
         // B reaches A through a relay that damages the first connection.
@@ -575,4 +575,107 @@ async fn pre_copy_goes_to_the_candidates_the_client_names() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_of_the_old_edge_during_pre_copy_loses_nothing() {
+    let bases = Bases::new();
+    let apps = bases.process_apps();
+    let b = Edge::start("b", "127.0.0.2", &apps, "");
+    let extra = format!(
+        "[[neighbours]]\nid = \"b\"\naddr = \"{}\"\n[precopy]\ninterval = 0.3\n",
+        b.addr
+    );
+    let mut a = Edge::start("a", "127.0.0.1", &apps, &extra);
+    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let s = ca.open_session("list", "walker").await.unwrap();
+    for i in 0..50 {
+        s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
+    }
+    let staged = b.data_dir.join("staging").join(s.id()).join("volume");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while dir_bytes(&staged) < 100_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing was pre-copied to b"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A dies mid pre-copy and comes back: it recovers the session and
+    // pre-copies again from scratch (it no longer knows what B holds).
+    a.restart();
+    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let s = edge_client::Session::attach(&ca, s.id().into(), s.token().clone(), "a".into(), vec![]);
+    let r = s.invoke(ADD, add("after the restart")).await.unwrap();
+    assert_eq!(
+        edgeshift_examples::pb::list::AddReply::decode(r)
+            .unwrap()
+            .count,
+        51
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let cb = edge_client::connect(&b.url()).await.unwrap();
+    s.handover_to(&cb, |_| {}).await.unwrap();
+    let r = s.invoke(ADD, add("on b")).await.unwrap();
+    assert_eq!(
+        edgeshift_examples::pb::list::AddReply::decode(r)
+            .unwrap()
+            .count,
+        52
+    );
+    a.wait_empty().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_new_edge_mid_handover_leaves_the_session_on_the_old_one() {
+    let bases = Bases::new();
+    let apps = bases.process_apps();
+    let a = Edge::start("a", "127.0.0.1", &apps, "");
+    let mut b = Edge::start("b", "127.0.0.2", &apps, "");
+    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let s = ca.open_session("list", "walker").await.unwrap();
+    for i in 0..200 {
+        s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
+    }
+    // A slow link from A to B: the handover takes seconds.
+    let relay = Relay::start(
+        a.addr,
+        Faults {
+            throttle: Some(Duration::from_millis(40)),
+            ..Faults::default()
+        },
+    )
+    .await;
+    let via = edge_client::connect(&relay.addr.to_string()).await.unwrap();
+    let moving =
+        edge_client::Session::attach(&via, s.id().into(), s.token().clone(), "a".into(), vec![]);
+    let cb = edge_client::connect(&b.url()).await.unwrap();
+    let mv = tokio::spawn(async move { moving.handover_to(&cb, |_| {}).await });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    b.kill();
+    assert!(
+        mv.await.unwrap().is_err(),
+        "the move cannot succeed without B"
+    );
+    // A noticed the broken stream and serves on; nothing was lost.
+    let r = s.invoke(ADD, add("still on a")).await.unwrap();
+    assert_eq!(
+        edgeshift_examples::pb::list::AddReply::decode(r)
+            .unwrap()
+            .count,
+        201
+    );
+    assert_eq!(s.edge_id(), "a");
+    // B comes back; the move goes through.
+    b.restart();
+    let cb = edge_client::connect(&b.url()).await.unwrap();
+    s.handover_to(&cb, |_| {}).await.unwrap();
+    let r = s.invoke(ADD, add("on b")).await.unwrap();
+    assert_eq!(
+        edgeshift_examples::pb::list::AddReply::decode(r)
+            .unwrap()
+            .count,
+        202
+    );
+    a.wait_empty().await;
 }
