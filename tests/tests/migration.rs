@@ -9,29 +9,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use edge_client::{FileLocator, Follower, locator::FollowEvent};
-use edgeshift_examples::pb::list::{AddRequest, ItemsReply, ItemsRequest};
 use edgeshift_tests::{App, Bases, Edge, Faults, Relay, Runtime, bin};
-use prost::Message;
 use tonic::Code;
 
-const ADD: &str = "/list.v1.List/Add";
-const ITEMS: &str = "/list.v1.List/Items";
-
-fn add(item: &str) -> Bytes {
-    AddRequest { item: item.into() }.encode_to_vec().into()
-}
-
-fn items_req(delay: u32) -> Bytes {
-    ItemsRequest {
-        delay_ms_per_item: delay,
-    }
-    .encode_to_vec()
-    .into()
-}
-
-fn items_of(b: Bytes) -> Vec<String> {
-    ItemsReply::decode(b).unwrap().items
-}
+use edgeshift_tests::list::{ADD, ITEMS, add, items_of, items_req};
 
 async fn items(s: &edge_client::Session) -> Vec<String> {
     items_of(s.invoke(ITEMS, items_req(0)).await.unwrap())
@@ -288,12 +269,7 @@ async fn pre_copy_leaves_only_the_last_changes_for_the_handover() {
     );
     // The list moved whole: one more item makes 302 (Items would exceed the payload limit).
     let r = s.invoke(ADD, add("after the move")).await.unwrap();
-    assert_eq!(
-        edgeshift_examples::pb::list::AddReply::decode(r)
-            .unwrap()
-            .count,
-        302
-    );
+    assert_eq!(edgeshift_tests::list::count_of(r), 302);
     assert!(
         !b.data_dir.join("staging").join(s.id()).exists(),
         "the staged copy became the session"
@@ -328,11 +304,7 @@ async fn corruption_or_a_cut_link_in_transit_leaves_one_owner_and_a_retry_works(
     for i in 0..200 {
         s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
     }
-    let count = |r: Bytes| {
-        edgeshift_examples::pb::list::AddReply::decode(r)
-            .unwrap()
-            .count
-    };
+    let count = |r: Bytes| edgeshift_tests::list::count_of(r);
     for faults in [
         Faults {
             corrupt_at: Some(300_000),
@@ -422,12 +394,7 @@ async fn a_retry_after_a_failed_start_and_a_restart_of_the_new_edge_resumes_from
     );
     assert_eq!(s.edge_id(), "b");
     let r = s.invoke(ADD, add("on b")).await.unwrap();
-    assert_eq!(
-        edgeshift_examples::pb::list::AddReply::decode(r)
-            .unwrap()
-            .count,
-        202
-    );
+    assert_eq!(edgeshift_tests::list::count_of(r), 202);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -607,22 +574,12 @@ async fn a_restart_of_the_old_edge_during_pre_copy_loses_nothing() {
     let ca = edge_client::connect(&a.url()).await.unwrap();
     let s = edge_client::Session::attach(&ca, s.id().into(), s.token().clone(), "a".into(), vec![]);
     let r = s.invoke(ADD, add("after the restart")).await.unwrap();
-    assert_eq!(
-        edgeshift_examples::pb::list::AddReply::decode(r)
-            .unwrap()
-            .count,
-        51
-    );
+    assert_eq!(edgeshift_tests::list::count_of(r), 51);
     tokio::time::sleep(Duration::from_millis(700)).await;
     let cb = edge_client::connect(&b.url()).await.unwrap();
     s.handover_to(&cb, |_| {}).await.unwrap();
     let r = s.invoke(ADD, add("on b")).await.unwrap();
-    assert_eq!(
-        edgeshift_examples::pb::list::AddReply::decode(r)
-            .unwrap()
-            .count,
-        52
-    );
+    assert_eq!(edgeshift_tests::list::count_of(r), 52);
     a.wait_empty().await;
 }
 
@@ -659,23 +616,13 @@ async fn killing_the_new_edge_mid_handover_leaves_the_session_on_the_old_one() {
     );
     // A noticed the broken stream and serves on; nothing was lost.
     let r = s.invoke(ADD, add("still on a")).await.unwrap();
-    assert_eq!(
-        edgeshift_examples::pb::list::AddReply::decode(r)
-            .unwrap()
-            .count,
-        201
-    );
+    assert_eq!(edgeshift_tests::list::count_of(r), 201);
     assert_eq!(s.edge_id(), "a");
     // B comes back; the move goes through.
     b.restart();
     let cb = edge_client::connect(&b.url()).await.unwrap();
     s.handover_to(&cb, |_| {}).await.unwrap();
     let r = s.invoke(ADD, add("on b")).await.unwrap();
-    assert_eq!(
-        edgeshift_examples::pb::list::AddReply::decode(r)
-            .unwrap()
-            .count,
-        202
-    );
+    assert_eq!(edgeshift_tests::list::count_of(r), 202);
     a.wait_empty().await;
 }

@@ -9,29 +9,9 @@ use edgeshift_examples::pb::list::{AddRequest, ItemsRequest};
 use edgeshift_examples::pb::search::FindRequest;
 use edgeshift_examples::pb::search::search_client::SearchClient;
 use edgeshift_tests::{Bases, Edge, instance_pid, pid_alive, sessions};
-use prost::Message;
 use tonic::Code;
 
-const ADD: &str = "/list.v1.List/Add";
-const ITEMS: &str = "/list.v1.List/Items";
-
-fn add(item: &str) -> Bytes {
-    AddRequest { item: item.into() }.encode_to_vec().into()
-}
-
-fn items_req(delay: u32) -> Bytes {
-    ItemsRequest {
-        delay_ms_per_item: delay,
-    }
-    .encode_to_vec()
-    .into()
-}
-
-fn items_of(b: Bytes) -> Vec<String> {
-    edgeshift_examples::pb::list::ItemsReply::decode(b)
-        .unwrap()
-        .items
-}
+use edgeshift_tests::list::{ADD, ITEMS, add, items_of, items_req};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_apps_end_to_end_and_close_cleans_up() {

@@ -1,6 +1,8 @@
-//! The edgeshift demo on the embedded defaults: one edge on loopback with
-//! the process runtime, the List and Search apps opened as sessions and
-//! called through their own generated stubs, the operator's view, and close.
+//! The edgeshift demo on the embedded defaults: two edges on loopback with
+//! the process runtime; the List and Search apps opened as sessions and
+//! called through their own generated stubs; the user moves and the List
+//! session follows to the second edge with a call running; the operator's
+//! view; close.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -11,6 +13,7 @@ use edgeshift_examples::pb::list::list_client::ListClient;
 use edgeshift_examples::pb::list::{AddRequest, ItemsRequest};
 use edgeshift_examples::pb::search::FindRequest;
 use edgeshift_examples::pb::search::search_client::SearchClient;
+use prost::Message;
 
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let dir = std::env::current_exe()?
@@ -81,27 +84,51 @@ async fn main() -> anyhow::Result<()> {
         },
     );
 
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
-    let addr = listener.local_addr()?;
-    let edge = edged::session::Edge::new(cfg)?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(edged::server::run(edge.clone(), listener, async {
-        let _ = stop_rx.await;
-    }));
-    println!(
-        "edge {} serving on {addr} (process runtime, volumes on volfs)",
-        edge.cfg.edge_id
-    );
+    // Two edges on loopback; A pre-copies its sessions to B, its neighbour.
+    let b_listener = tokio::net::TcpListener::bind("127.0.0.2:0").await?;
+    let b_addr = b_listener.local_addr()?;
+    let mut cfg_b = cfg.clone();
+    cfg_b.edge_id = "edge-b".into();
+    cfg_b.data_dir = work.path().join("edge-b");
+    let mut cfg_a = cfg;
+    cfg_a.edge_id = "edge-a".into();
+    cfg_a.data_dir = work.path().join("edge-a");
+    cfg_a.neighbours = vec![edged::config::Neighbour {
+        id: "edge-b".into(),
+        addr: b_addr.to_string(),
+    }];
+    cfg_a.precopy.interval = std::time::Duration::from_millis(500);
+    let a_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let a_addr = a_listener.local_addr()?;
+    let edge_a = edged::session::Edge::new(cfg_a)?;
+    let edge_b = edged::session::Edge::new(cfg_b)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let server_a = tokio::spawn(edged::server::run(
+        edge_a.clone(),
+        a_listener,
+        stopped(stop_rx.clone()),
+    ));
+    let server_b = tokio::spawn(edged::server::run(
+        edge_b.clone(),
+        b_listener,
+        stopped(stop_rx),
+    ));
+    println!("edge-a serving on {a_addr}, edge-b on {b_addr} (process runtime, volumes on volfs)");
 
     // Sessions are closed even when a step fails.
-    let result = calls(&addr.to_string()).await;
-    edge.close_all().await;
-    let _ = stop_tx.send(());
-    server.await??;
+    let result = calls(&a_addr.to_string(), &b_addr.to_string()).await;
+    edge_a.close_all().await;
+    edge_b.close_all().await;
+    let _ = stop_tx.send(true);
+    server_a.await??;
+    server_b.await??;
     result
 }
 
-async fn calls(addr: &str) -> anyhow::Result<()> {
+async fn calls(addr: &str, b_addr: &str) -> anyhow::Result<()> {
     let client = edge_client::connect(addr).await?;
 
     println!("\n== List app");
@@ -132,6 +159,45 @@ async fn calls(addr: &str) -> anyhow::Result<()> {
         t.elapsed()
     );
 
+    println!("\n== The user moves: edge-a -> edge-b, with a call running");
+    let edge_b = edge_client::connect(b_addr).await?;
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await; // a pre-copy round to edge-b
+    let op = list.next_op_id();
+    let running = {
+        let l = list.clone();
+        let req = prost::Message::encode_to_vec(&ItemsRequest {
+            delay_ms_per_item: 200,
+        });
+        tokio::spawn(async move { l.invoke_op(op, "/list.v1.List/Items", req.into()).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    list.handover_to(&edge_b, |p| {
+        println!(
+            "  {:<9} round {} {:>7} bytes received, downtime so far {:.1} ms",
+            p.phase,
+            p.round,
+            p.bytes_received,
+            p.downtime_micros as f64 / 1e3
+        )
+    })
+    .await?;
+    let done = edgeshift_examples::pb::list::ItemsReply::decode(running.await??)?;
+    println!(
+        "the call that was running returned {} items; the session is on {} now",
+        done.items.len(),
+        list.edge_id()
+    );
+    let r = stub
+        .add(AddRequest {
+            item: "arrived at edge-b".into(),
+        })
+        .await?
+        .into_inner();
+    println!(
+        "the same stub, now served by edge-b: add -> {} items",
+        r.count
+    );
+
     println!("\n== Search app");
     let search = client.open_session("search", "demo-phone").await?;
     println!(
@@ -157,14 +223,18 @@ async fn calls(addr: &str) -> anyhow::Result<()> {
     );
 
     println!("\n== Operator's view");
-    let mut admin =
-        edge_proto::v1::admin_client::AdminClient::connect(format!("http://{addr}")).await?;
-    for s in admin
-        .list_sessions(edge_proto::v1::ListSessionsRequest {})
-        .await?
-        .into_inner()
-        .sessions
-    {
+    let mut all = Vec::new();
+    for a in [addr, b_addr] {
+        let mut admin =
+            edge_proto::v1::admin_client::AdminClient::connect(format!("http://{a}")).await?;
+        let r = admin
+            .list_sessions(edge_proto::v1::ListSessionsRequest {})
+            .await?
+            .into_inner();
+        all.extend(r.sessions.into_iter().map(|s| (r.edge_id.clone(), s)));
+    }
+    for (edge, s) in all {
+        print!("{edge}: ");
         println!(
             "{} app={} client={} state={} volume={}B dirty={}B ops={} instance={}",
             s.session_id,
