@@ -5,6 +5,7 @@ use std::process::Command;
 
 use edgeshift_examples::pb::list::list_client::ListClient;
 use edgeshift_examples::pb::list::{AddRequest, ItemsRequest};
+use edgeshift_tests::list::{ITEMS, items_of, items_req};
 use edgeshift_tests::{App, Bases, Edge, Runtime, bin, require_docker, sessions};
 
 fn docker(args: &[&str]) -> String {
@@ -163,6 +164,32 @@ async fn a_docker_session_moves_between_edges() {
         "a's container removed"
     );
     eprintln!("docker handover downtime: {:.1} ms", downtime as f64 / 1e3);
+
+    // Back to A with a call running (3 items × 300 ms) whose client lost B:
+    // it finishes on B, is not run again, and its result comes through A.
+    stub.add(AddRequest {
+        item: "third".into(),
+    })
+    .await
+    .unwrap();
+    let op = s.next_op_id();
+    let s2 = s.clone();
+    let lost = tokio::spawn(async move { s2.invoke_op(op, ITEMS, items_req(300)).await });
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    lost.abort();
+    s.handover_to(&ca, |_| {}).await.unwrap();
+    assert_eq!(s.edge_id(), "a");
+    assert_eq!(items_of(s.result(op).await.unwrap()).len(), 3);
+    let items = stub
+        .items(ItemsRequest {
+            delay_ms_per_item: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert_eq!(items, ["packed on a", "unpacked on b", "third"]);
+    b.wait_empty().await;
     s.close().await.unwrap();
     assert_eq!(docker(&["ps", "-aq", "--filter", &label]), "");
     let _ = Command::new("docker").args(["rmi", "-f", &tag]).output();
