@@ -314,7 +314,8 @@ pub struct Relay {
 /// What a [`Relay`] does to the bytes coming back from the target.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Faults {
-    /// Flip the byte at this offset of each connection's return stream.
+    /// Flip the byte at this offset of a connection's return stream (once,
+    /// on the first connection that gets that far).
     pub corrupt_at: Option<u64>,
     /// Close each connection after this many bytes came back.
     pub cut_after: Option<u64>,
@@ -328,8 +329,10 @@ impl Relay {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let corrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                let corrupted = corrupted.clone();
                 let Ok(server) = tokio::net::TcpStream::connect(target).await else {
                     continue;
                 };
@@ -348,7 +351,10 @@ impl Relay {
                             Ok(n) => n,
                         };
                         if let Some(at) = f.corrupt_at {
-                            if at >= seen && at < seen + n as u64 {
+                            if at >= seen
+                                && at < seen + n as u64
+                                && !corrupted.swap(true, std::sync::atomic::Ordering::SeqCst)
+                            {
                                 buf[(at - seen) as usize] ^= 0x5a;
                             }
                         }

@@ -28,6 +28,9 @@ use super::{Edge, EdgeError, Layout, Session, SessionRecord, State, now_unix};
 use crate::journal::Outcome;
 use crate::volume;
 
+/// How often the new edge pulls when what arrives is damaged.
+pub const PULL_ATTEMPTS: u32 = 3;
+
 /// How long the old edge waits for running ops before it gives up the handover.
 pub const OPS_WAIT: Duration = Duration::from_secs(120);
 
@@ -292,19 +295,31 @@ impl Edge {
         }
         let span = tracing::info_span!("take", session = %id, from = %from);
         let _pulling = PullingGuard(self, id.to_string());
-        let r = self
-            .pull(&mut peer, id, token, progress)
-            .instrument(span)
-            .await;
-        if r.is_err() {
-            let _ = peer
-                .abort(pb::ReleaseRequest {
-                    session_id: id.into(),
-                    token: token.to_vec(),
-                })
+        // A block that does not hash to its name (damaged in transit) fails
+        // its round; the old edge serves on (abort) and the pull starts again
+        // from what is staged, so the damaged blocks are sent again.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let r = self
+                .pull(&mut peer, id, token, progress)
+                .instrument(span.clone())
                 .await;
+            if r.is_err() {
+                let _ = peer
+                    .abort(pb::ReleaseRequest {
+                        session_id: id.into(),
+                        token: token.to_vec(),
+                    })
+                    .await;
+            }
+            match r {
+                Err(st) if st.code() == tonic::Code::DataLoss && attempt < PULL_ATTEMPTS => {
+                    tracing::warn!(parent: &span, error = %st.message(), attempt, "damaged in transit; pulling again");
+                }
+                r => return r,
+            }
         }
-        r
     }
 
     async fn pull(
