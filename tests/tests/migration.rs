@@ -632,3 +632,35 @@ async fn killing_the_new_edge_mid_handover_leaves_the_session_on_the_old_one() {
     assert_eq!(edgeshift_tests::list::count_of(r), 202);
     a.wait_empty().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_candidate_during_pre_copy_loses_nothing() {
+    let bases = Bases::new();
+    let apps = bases.process_apps();
+    let mut b = Edge::start("b", "127.0.0.2", &apps, "");
+    let extra = format!(
+        "[[neighbours]]\nid = \"b\"\naddr = \"{}\"\n[precopy]\ninterval = 0.2\n",
+        b.addr
+    );
+    let a = Edge::start("a", "127.0.0.1", &apps, &extra);
+    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let s = ca.open_session("list", "walker").await.unwrap();
+    for i in 0..30 {
+        s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
+    }
+    // B dies while rounds are coming in, more writes land on A meanwhile.
+    b.kill();
+    for i in 30..60 {
+        s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.restart();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let cb = edge_client::connect(&b.url()).await.unwrap();
+    s.handover_to(&cb, |_| {}).await.unwrap();
+    assert_eq!(
+        edgeshift_tests::list::count_of(s.invoke(ADD, add("on b")).await.unwrap()),
+        61
+    );
+    a.wait_empty().await;
+}
