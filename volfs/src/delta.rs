@@ -389,6 +389,18 @@ pub fn read_delta<R: Read>(
                 if entry.kind == Kind::Hardlink {
                     check_path(&entry.link_target)?;
                 }
+                // What the apply would only find out half way through.
+                let nul_free = !entry.link_target.contains(&0)
+                    && entry
+                        .xattrs
+                        .iter()
+                        .all(|(n, _)| !n.is_empty() && !n.contains(&0));
+                if !nul_free || (entry.kind == Kind::Symlink && entry.link_target.is_empty()) {
+                    return Err(DeltaError::Corrupt(format!(
+                        "entry {} has a malformed link target or xattr name",
+                        String::from_utf8_lossy(&e.path)
+                    )));
+                }
                 entries.insert(e.path, entry);
             }
             Some(Frame::Removed(p)) => {
