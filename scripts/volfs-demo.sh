@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main demo, on the embedded defaults: a volume mounted with volfs is
+# volfs on its own: a volume mounted with volfs is
 # written to, shipped to a second "edge" directory as a full delta, changed,
 # and then only the change is shipped; both sides end with the same root hash.
 set -euo pipefail
