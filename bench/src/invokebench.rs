@@ -10,18 +10,20 @@
 //! ```
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::Parser;
+use edges::bin;
 use prost::Message;
 
 const CHECK: &str = "/grpc.health.v1.Health/Check";
+
+mod edges;
 
 #[derive(Parser)]
 struct Args {
@@ -43,69 +45,6 @@ struct Args {
     /// Where to write the CSV.
     #[arg(long, default_value = "bench/out")]
     out: PathBuf,
-}
-
-fn bin(name: &str) -> anyhow::Result<PathBuf> {
-    let p = std::env::current_exe()?
-        .parent()
-        .context("exe dir")?
-        .join(name);
-    anyhow::ensure!(
-        p.is_file(),
-        "{} missing: cargo build --release --workspace",
-        p.display()
-    );
-    Ok(p)
-}
-
-struct EdgeProc(Child, PathBuf);
-
-impl Drop for EdgeProc {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-        let _ = Command::new(bin("edged").unwrap())
-            .args(["cleanup", "--config"])
-            .arg(&self.1)
-            .output();
-    }
-}
-
-fn start_edge(dir: &Path, docker_image: Option<&str>) -> anyhow::Result<(EdgeProc, String)> {
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let base = dir.join("base");
-    std::fs::create_dir_all(&base)?;
-    let rt = match docker_image {
-        Some(i) => format!("{{ kind = \"docker\", image = {i:?} }}"),
-        None => format!(
-            "{{ kind = \"process\", command = {:?} }}",
-            bin("list-app")?.display().to_string()
-        ),
-    };
-    let cfg = format!(
-        "edge_id = \"bench\"\nlisten = \"{addr}\"\ndata_dir = {:?}\nsession_ttl = 3600\nmax_payload = 1048576\nstart_timeout = 30\nblock_size = 65536\nvolfs_binary = {:?}\n[apps.list]\nbase_volume = {:?}\nruntime = {rt}\n",
-        dir.join("data").display().to_string(),
-        bin("volfs")?.display().to_string(),
-        base.display().to_string()
-    );
-    let path = dir.join("edged.toml");
-    std::fs::write(&path, cfg)?;
-    let child = Command::new(bin("edged")?)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "edged=warn")
-        .stdout(Stdio::null())
-        .spawn()?;
-    let e = EdgeProc(child, path);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(addr).is_err() {
-        if Instant::now() > deadline {
-            bail!("edged did not come up");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok((e, format!("http://{addr}")))
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -181,7 +120,10 @@ async fn open_times(url: &str, n: usize) -> anyhow::Result<Vec<(String, Duration
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let tmp = tempfile::tempdir()?;
-    let (edge, url) = start_edge(tmp.path(), None)?;
+    let base = tmp.path().join("base");
+    std::fs::create_dir_all(&base)?;
+    let edge = edges::start(tmp.path(), "bench", "127.0.0.1", &base, None, "")?;
+    let url = edge.url();
     let client = edge_client::connect(&url).await?;
     let session = client.open_session("list", "bench").await?;
     let req: Bytes = tonic_health::pb::HealthCheckRequest {
@@ -200,9 +142,9 @@ async fn main() -> anyhow::Result<()> {
             })
         })
     };
-    let sock = tmp
-        .path()
-        .join("data/sessions")
+    let sock = edge
+        .data
+        .join("sessions")
         .join(session.id())
         .join("run/app.sock");
     let app = edged::forward::AppClient::connect(&sock, 1 << 20).await?;
@@ -281,7 +223,10 @@ async fn main() -> anyhow::Result<()> {
             .status()?;
         anyhow::ensure!(st.success(), "image build failed");
         let tmp2 = tempfile::tempdir()?;
-        let (edge, url) = start_edge(tmp2.path(), Some(tag))?;
+        let base = tmp2.path().join("base");
+        std::fs::create_dir_all(&base)?;
+        let edge = edges::start(tmp2.path(), "bench", "127.0.0.1", &base, Some(tag), "")?;
+        let url = edge.url();
         writeln!(
             out,
             "\nsession open, median of {} (Docker runtime):",

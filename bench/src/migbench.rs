@@ -24,7 +24,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use edges::bin;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+mod edges;
 
 #[derive(Parser)]
 struct Args {
@@ -40,19 +43,6 @@ struct Args {
     /// Where to write the CSV and the SVG.
     #[arg(long, default_value = "bench/out")]
     out: PathBuf,
-}
-
-fn bin(name: &str) -> anyhow::Result<PathBuf> {
-    let p = std::env::current_exe()?
-        .parent()
-        .context("exe dir")?
-        .join(name);
-    anyhow::ensure!(
-        p.is_file(),
-        "{} missing: cargo build --release --workspace",
-        p.display()
-    );
-    Ok(p)
 }
 
 /// A link shape: rate in bits/s and one-way delay.
@@ -151,58 +141,6 @@ async fn relay(
     Ok((addr, task, cut))
 }
 
-struct Edge {
-    child: Child,
-    config: PathBuf,
-    data: PathBuf,
-    addr: SocketAddr,
-}
-
-impl Drop for Edge {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-        let _ = Command::new(bin("edged").unwrap())
-            .args(["cleanup", "--config"])
-            .arg(&self.config)
-            .output();
-    }
-}
-
-fn start_edge(dir: &Path, id: &str, ip: &str, base: &Path, extra: &str) -> anyhow::Result<Edge> {
-    let addr = std::net::TcpListener::bind((ip, 0))?.local_addr()?;
-    let data = dir.join(id);
-    let cfg = format!(
-        "edge_id = {id:?}\nlisten = \"{addr}\"\ndata_dir = {:?}\nsession_ttl = 3600\nmax_payload = 1048576\nstart_timeout = 30\nblock_size = 65536\nvolfs_binary = {:?}\n{extra}\n[apps.list]\nbase_volume = {:?}\nruntime = {{ kind = \"process\", command = {:?} }}\n",
-        data.display().to_string(),
-        bin("volfs")?.display().to_string(),
-        base.display().to_string(),
-        bin("list-app")?.display().to_string(),
-    );
-    let config = dir.join(format!("{id}.toml"));
-    std::fs::write(&config, cfg)?;
-    let log = std::fs::File::create(dir.join(format!("{id}.log")))?;
-    let child = Command::new(bin("edged")?)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?;
-    let e = Edge {
-        child,
-        config,
-        data,
-        addr,
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(addr).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "edged {id} did not come up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(e)
-}
-
 /// Deterministic incompressible bytes.
 fn fill(buf: &mut [u8], seed: u64) {
     // Every seed its own stream (a plain `seed | 1` would give seeds 2k and
@@ -275,16 +213,16 @@ struct Outcome {
 async fn edgeshift_case(work: &Path, c: &Case) -> anyhow::Result<Outcome> {
     let base = work.join("base");
     std::fs::create_dir_all(&base)?;
-    let b = start_edge(work, "b", "127.0.0.2", &base, "")?;
+    let b = edges::start(work, "b", "127.0.0.2", &base, None, "")?;
     let (ab, ab_task, precopy_link) = relay(b.addr, c.link).await?;
     // Pre-copy rounds every 2 s; the dirty bytes below land right before the move.
     let extra = format!(
         "[[neighbours]]\nid = \"b\"\naddr = \"{ab}\"\n[precopy]\ninterval = 2\ndirty_threshold = 1099511627776\n"
     );
-    let a = start_edge(work, "a", "127.0.0.1", &base, &extra)?;
+    let a = edges::start(work, "a", "127.0.0.1", &base, None, &extra)?;
     let (ba, ba_task, _) = relay(a.addr, c.link).await?;
-    let ca = edge_client::connect(&a.addr.to_string()).await?;
-    let cb = edge_client::connect(&b.addr.to_string()).await?;
+    let ca = edge_client::connect(&a.url()).await?;
+    let cb = edge_client::connect(&b.url()).await?;
     let s = ca.open_session("list", "bench").await?;
     let blob = a.data.join("sessions").join(s.id()).join("mnt/blob");
     let f = blob.clone();

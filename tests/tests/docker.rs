@@ -21,14 +21,12 @@ fn docker(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn docker_runtime_end_to_end() {
-    require_docker();
-    let tag = format!("edgeshift-test/list-app:{}", std::process::id());
+/// Builds the List app's image as `tag`; the bases and the app list that run it.
+fn list_app_image(tag: &str) -> (Bases, [App; 1]) {
     let out = Command::new(bin("edged"))
         .args(["image", "build", "--binary"])
         .arg(bin("list-app"))
-        .args(["--tag", &tag])
+        .args(["--tag", tag])
         .output()
         .unwrap();
     assert!(
@@ -36,13 +34,20 @@ async fn docker_runtime_end_to_end() {
         "image build: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-
     let bases = Bases::new();
     let apps = [App {
         name: "list".into(),
         base: bases.list.clone(),
-        runtime: Runtime::Docker(tag.clone()),
+        runtime: Runtime::Docker(tag.into()),
     }];
+    (bases, apps)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_runtime_end_to_end() {
+    require_docker();
+    let tag = format!("edgeshift-test/list-app:{}", std::process::id());
+    let (_bases, apps) = list_app_image(&tag);
     let edge = Edge::start("docker", "127.0.0.1", &apps, "");
     let client = edge_client::connect(&edge.url()).await.unwrap();
     let s = client.open_session("list", "phone").await.unwrap();
@@ -103,23 +108,7 @@ async fn docker_runtime_end_to_end() {
 async fn a_docker_session_moves_between_edges() {
     require_docker();
     let tag = format!("edgeshift-test/list-app-move:{}", std::process::id());
-    let out = Command::new(bin("edged"))
-        .args(["image", "build", "--binary"])
-        .arg(bin("list-app"))
-        .args(["--tag", &tag])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "image build: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bases = Bases::new();
-    let apps = [App {
-        name: "list".into(),
-        base: bases.list.clone(),
-        runtime: Runtime::Docker(tag.clone()),
-    }];
+    let (_bases, apps) = list_app_image(&tag);
     let a = Edge::start("a", "127.0.0.1", &apps, "");
     let b = Edge::start("b", "127.0.0.2", &apps, "");
     let ca = edge_client::connect(&a.url()).await.unwrap();

@@ -5,7 +5,7 @@
 //!
 //! | request                 | does                                                    |
 //! |-------------------------|---------------------------------------------------------|
-//! | `status`                | dirty files, blocks, bytes (after flushing the kernel's cache) |
+//! | `status [noflush]`      | dirty files, blocks, bytes (after flushing the kernel's cache, unless `noflush`) |
 //! | `hash`                  | flush, rehash dirty blocks, root hash                  |
 //! | `manifest OUT`          | flush, refresh, write the manifest to OUT               |
 //! | `diff OUT [BASE [RESULT]]` | flush, refresh, write the delta since manifest file BASE (`-` or none: since empty) to OUT; RESULT receives the manifest the receiver will hold |
@@ -62,8 +62,10 @@ fn execute(req: &str, live: &LiveVolume, unmounter: &Unmounter) -> Result<String
     let words: Vec<&str> = req.split(' ').filter(|w| !w.is_empty()).collect();
     let e = |x: &dyn std::fmt::Display| x.to_string();
     match words.as_slice() {
-        ["status"] => {
-            live.flush().map_err(|x| e(&x))?;
+        ["status", rest @ ..] => {
+            if rest != ["noflush"] {
+                live.flush().map_err(|x| e(&x))?;
+            }
             let s = live.dirty_stats();
             Ok(format!(
                 "files={} blocks={} bytes={} whole_files={} metadata_changes={} block_size={}",

@@ -481,16 +481,7 @@ impl Edge {
                 session.journal.import(o.op_id, out);
             }
             session.save_record().await?;
-            let shim = volume::mount(
-                &self.volfs_bin,
-                &layout.backing(),
-                &layout.mnt(),
-                self.cfg.block_size,
-                &dir.join("volfs.log"),
-            )
-            .await?;
-            *session.shim.lock().await = Some(shim);
-            session.save_record().await?;
+            self.mount_volume(&session).await?;
             report(
                 "start",
                 round,

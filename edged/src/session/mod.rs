@@ -608,16 +608,7 @@ impl Edge {
             volume::seed(&app_cfg.base_volume, &layout.backing()).await?;
             phases.push(("seed", t.elapsed()));
             let t = Instant::now();
-            let shim = volume::mount(
-                &self.volfs_bin,
-                &layout.backing(),
-                &layout.mnt(),
-                self.cfg.block_size,
-                &dir.join("volfs.log"),
-            )
-            .await?;
-            *session.shim.lock().await = Some(shim);
-            session.save_record().await?;
+            self.mount_volume(&session).await?;
             phases.push(("mount", t.elapsed()));
             let t = Instant::now();
             session.ensure_running(&self.cfg).await?;
@@ -638,6 +629,27 @@ impl Edge {
             .insert(id.clone(), session.clone());
         tracing::info!(parent: &span, phases = ?phases, "session open");
         Ok((session, token, phases))
+    }
+
+    /// Starts the volfs shim of a session's volume.
+    async fn start_shim(&self, session: &Session) -> Result<Shim, EdgeError> {
+        let layout = session.layout();
+        let log = session.dir.join("volfs.log");
+        Ok(volume::mount(
+            &self.volfs_bin,
+            &layout.backing(),
+            &layout.mnt(),
+            self.cfg.block_size,
+            &log,
+        )
+        .await?)
+    }
+
+    /// Mounts a session's volume and records the shim.
+    async fn mount_volume(&self, session: &Session) -> Result<(), EdgeError> {
+        let shim = self.start_shim(session).await?;
+        *session.shim.lock().await = Some(shim);
+        session.save_record().await
     }
 
     /// The session, if the token matches.

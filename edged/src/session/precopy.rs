@@ -21,6 +21,7 @@ use edge_proto::v1 as pb;
 use edge_proto::v1::peer_client::PeerClient;
 use prost::Message;
 use tokio::sync::Mutex;
+use tokio_stream::StreamExt;
 use tonic::Status;
 
 use super::{Edge, EdgeError, Session, State};
@@ -114,26 +115,26 @@ impl Edge {
     async fn maybe_round(
         &self,
         s: &Arc<Session>,
-        limiter: &RateLimiter,
+        limiter: &Arc<RateLimiter>,
         peers: &mut HashMap<String, PeerClient<tonic::transport::Channel>>,
     ) -> Result<(), Status> {
         let mut st = s.precopy.lock().await;
-        let status = volume::control(&s.layout().backing(), "status")
+        let since = st.last_round.map(|t| t.elapsed());
+        // Between rounds only the threshold can make one due: what volfs has
+        // seen is enough. Flushing the kernel's cache (syncfs) waits until
+        // the interval is up.
+        let time_due = since.is_none_or(|d| d >= self.cfg.precopy.interval);
+        let req = if time_due { "status" } else { "status noflush" };
+        let status = volume::control(&s.layout().backing(), req)
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         let changed =
             reply_field(&status, "files") > 0 || reply_field(&status, "metadata_changes") > 0;
         let targets = self.candidates_of(s);
         let missing = targets.iter().any(|n| !st.held.contains_key(&n.id));
-        let since = st.last_round.map(|t| t.elapsed());
-        let due = match since {
-            None => true,
-            Some(d) => {
-                (changed || missing)
-                    && (d >= self.cfg.precopy.interval
-                        || reply_field(&status, "bytes") >= self.cfg.precopy.dirty_threshold)
-            }
-        };
+        let due = since.is_none()
+            || ((changed || missing)
+                && (time_due || reply_field(&status, "bytes") >= self.cfg.precopy.dirty_threshold));
         if !due {
             return Ok(());
         }
@@ -160,7 +161,7 @@ impl Edge {
         s: &Session,
         n: &Neighbour,
         st: &mut PrecopyState,
-        limiter: &RateLimiter,
+        limiter: &Arc<RateLimiter>,
         peers: &mut HashMap<String, PeerClient<tonic::transport::Channel>>,
     ) -> Result<u64, Status> {
         let dir = s.dir.join("precopy");
@@ -216,15 +217,18 @@ impl Edge {
         chunks.extend(frames.into_iter().map(|f| pb::PrecopyChunk {
             chunk: Some(pb::precopy_chunk::Chunk::Frame(f)),
         }));
-        // The cap is taken before each chunk is handed to the stream.
-        let mut paced = Vec::with_capacity(chunks.len());
-        for c in chunks {
-            limiter.take(c.encoded_len()).await;
-            paced.push(c);
-        }
+        // The cap is taken as each chunk goes onto the wire.
+        let limiter = limiter.clone();
+        let paced = tokio_stream::iter(chunks).then(move |c| {
+            let limiter = limiter.clone();
+            async move {
+                limiter.take(c.encoded_len()).await;
+                c
+            }
+        });
         let total = bytes.len() as u64;
         let mut peer = peer;
-        peer.precopy(tokio_stream::iter(paced)).await?;
+        peer.precopy(paced).await?;
         let held = dir.join(format!("{}.manifest", n.id));
         tokio::fs::rename(&next, &held)
             .await

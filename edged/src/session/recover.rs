@@ -69,14 +69,7 @@ impl Edge {
                     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                 }
                 volume::detach(&layout.mnt());
-                volume::mount(
-                    &self.volfs_bin,
-                    &layout.backing(),
-                    &layout.mnt(),
-                    self.cfg.block_size,
-                    &dir.join("volfs.log"),
-                )
-                .await?
+                self.start_shim(&session).await?
             }
         };
         *session.shim.lock().await = Some(shim);

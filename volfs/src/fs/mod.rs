@@ -263,6 +263,29 @@ impl VolFs {
         Ok(())
     }
 
+    /// What creating `name` in `parent` needs: the parent, whether it is
+    /// setgid, the name as a C string. The metadata directory cannot be made.
+    fn new_in(&self, parent: INodeNo, name: &OsStr) -> R<(Arc<Inode>, bool, std::ffi::CString)> {
+        if self.hidden(parent, name) {
+            return Err(Errno::EPERM);
+        }
+        let p = self.inode(parent)?;
+        let setgid = self.parent_setgid(&p)?;
+        Ok((p, setgid, sys::cstr(name).map_err(errno)?))
+    }
+
+    /// `unlink` (`flags` 0) or `rmdir` (`AT_REMOVEDIR`).
+    fn remove(&self, parent: INodeNo, name: &OsStr, flags: i32) -> R<()> {
+        if self.hidden(parent, name) {
+            return Err(Errno::EPERM);
+        }
+        let p = self.inode(parent)?;
+        let c = sys::cstr(name).map_err(errno)?;
+        sys::unlinkat(p.fd.as_raw_fd(), &c, flags).map_err(errno)?;
+        self.dirty.mark_metadata();
+        Ok(())
+    }
+
     fn parent_setgid(&self, p: &Inode) -> R<bool> {
         Ok(sys::fstat(p.fd.as_raw_fd()).map_err(errno)?.st_mode & libc::S_ISGID != 0)
     }

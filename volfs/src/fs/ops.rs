@@ -125,20 +125,12 @@ impl Filesystem for VolFs {
         reply: ReplyEntry,
     ) {
         let r = (|| {
-            if self.hidden(parent, name) {
-                return Err(Errno::EPERM);
-            }
-            let p = self.inode(parent)?;
-            let setgid = self.parent_setgid(&p)?;
-            let c = sys::cstr(name).map_err(errno)?;
+            let (p, setgid, c) = self.new_in(parent, name)?;
             let mode = mode & !(umask & 0o777);
             sys::mknodat(p.fd.as_raw_fd(), &c, mode, u64::from(rdev)).map_err(errno)?;
             self.created(req, parent, name, setgid, mode)
         })();
-        match r {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, r);
     }
 
     fn mkdir(
@@ -151,54 +143,20 @@ impl Filesystem for VolFs {
         reply: ReplyEntry,
     ) {
         let r = (|| {
-            if self.hidden(parent, name) {
-                return Err(Errno::EPERM);
-            }
-            let p = self.inode(parent)?;
-            let setgid = self.parent_setgid(&p)?;
-            let c = sys::cstr(name).map_err(errno)?;
+            let (p, setgid, c) = self.new_in(parent, name)?;
             let mode = (mode & 0o7777) & !(umask & 0o777);
             sys::mkdirat(p.fd.as_raw_fd(), &c, mode).map_err(errno)?;
             self.created(req, parent, name, setgid, mode | libc::S_IFDIR)
         })();
-        match r {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, r);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = (|| {
-            if self.hidden(parent, name) {
-                return Err(Errno::EPERM);
-            }
-            let p = self.inode(parent)?;
-            let c = sys::cstr(name).map_err(errno)?;
-            sys::unlinkat(p.fd.as_raw_fd(), &c, 0).map_err(errno)?;
-            self.dirty.mark_metadata();
-            Ok(())
-        })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, self.remove(parent, name, 0));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = (|| {
-            if self.hidden(parent, name) {
-                return Err(Errno::EPERM);
-            }
-            let p = self.inode(parent)?;
-            let c = sys::cstr(name).map_err(errno)?;
-            sys::unlinkat(p.fd.as_raw_fd(), &c, libc::AT_REMOVEDIR).map_err(errno)?;
-            self.dirty.mark_metadata();
-            Ok(())
-        })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, self.remove(parent, name, libc::AT_REMOVEDIR));
     }
 
     fn symlink(
@@ -210,20 +168,12 @@ impl Filesystem for VolFs {
         reply: ReplyEntry,
     ) {
         let r = (|| {
-            if self.hidden(parent, link_name) {
-                return Err(Errno::EPERM);
-            }
-            let p = self.inode(parent)?;
-            let setgid = self.parent_setgid(&p)?;
-            let c = sys::cstr(link_name).map_err(errno)?;
+            let (p, setgid, c) = self.new_in(parent, link_name)?;
             let t = sys::cstr(target.as_os_str()).map_err(errno)?;
             sys::symlinkat(&t, p.fd.as_raw_fd(), &c).map_err(errno)?;
             self.created(req, parent, link_name, setgid, libc::S_IFLNK)
         })();
-        match r {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, r);
     }
 
     fn rename(
@@ -252,10 +202,7 @@ impl Filesystem for VolFs {
             self.dirty.mark_metadata();
             Ok(())
         })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, r);
     }
 
     fn link(
@@ -277,10 +224,7 @@ impl Filesystem for VolFs {
             self.dirty.mark_metadata();
             self.lookup_child(newparent, newname)
         })();
-        match r {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        reply_entry(reply, r);
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -504,10 +448,7 @@ impl Filesystem for VolFs {
             .map_err(errno)?;
             sys::fsync(fd.as_raw_fd(), datasync).map_err(errno)
         });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, r);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -543,10 +484,7 @@ impl Filesystem for VolFs {
             self.dirty.mark_metadata();
             Ok(())
         });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, r);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -565,10 +503,7 @@ impl Filesystem for VolFs {
             self.dirty.mark_metadata();
             Ok(())
         });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, r);
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -587,12 +522,7 @@ impl Filesystem for VolFs {
         reply: ReplyCreate,
     ) {
         let r = (|| {
-            if self.hidden(parent, name) {
-                return Err(Errno::EPERM);
-            }
-            let p = self.inode(parent)?;
-            let setgid = self.parent_setgid(&p)?;
-            let c = sys::cstr(name).map_err(errno)?;
+            let (p, setgid, c) = self.new_in(parent, name)?;
             let mode = (mode & 0o7777) & !(umask & 0o777);
             let fl = open_flags(flags);
             // Create exclusively first, so only a really new inode is marked whole.
@@ -691,5 +621,19 @@ impl Filesystem for VolFs {
             }
             Err(e) => reply.error(errno(e)),
         }
+    }
+}
+
+fn reply_entry(reply: ReplyEntry, r: Result<fuser::FileAttr, Errno>) {
+    match r {
+        Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, r: Result<(), Errno>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
     }
 }
