@@ -42,13 +42,14 @@ pub use channel::SessionChannel;
 pub use edge_proto::v1::HandoverProgress;
 pub use locator::{FileLocator, Follower};
 
-/// Metadata key on a call refused because its session is moving (edged's
-/// `session::MOVING_KEY`).
-pub const MOVING_KEY: &str = "edgeshift-moving";
+/// Metadata key on a call refused because its session is moving.
+pub const MOVING_KEY: &str = edge_proto::meta::MOVING;
 /// Metadata key: the address of the edge a session moved to.
-pub const MOVED_TO_ADDR: &str = "edgeshift-moved-to";
+pub const MOVED_TO_ADDR: &str = edge_proto::meta::MOVED_TO_ADDR;
 /// Metadata key: the id of the edge a session moved to.
-pub const MOVED_TO_ID: &str = "edgeshift-moved-to-id";
+pub const MOVED_TO_ID: &str = edge_proto::meta::MOVED_TO_ID;
+/// Where a handover is.
+pub use edge_proto::v1::HandoverPhase;
 
 /// How long a call refused as "moving" waits for the session to land.
 pub const MOVE_WAIT: Duration = Duration::from_secs(60);
@@ -123,6 +124,48 @@ impl EdgeClient {
             r.edge_id,
             phases,
         ))
+    }
+}
+
+/// Short name of a handover phase: "pull", "quiesced", "final", "apply",
+/// "start", "ready".
+pub fn phase_name(p: HandoverPhase) -> &'static str {
+    match p {
+        HandoverPhase::Unspecified => "?",
+        HandoverPhase::Pull => "pull",
+        HandoverPhase::Quiesced => "quiesced",
+        HandoverPhase::Final => "final",
+        HandoverPhase::Apply => "apply",
+        HandoverPhase::Start => "start",
+        HandoverPhase::Ready => "ready",
+    }
+}
+
+/// How tonic and hyper word a connection that broke or never opened.
+const TRANSPORT_ERRORS: [&str; 7] = [
+    "operation was canceled",
+    "h2 protocol error",
+    "transport error",
+    "tcp connect error",
+    "error reading a body",
+    "connection reset",
+    "broken pipe",
+];
+
+/// A handover that broke because the new edge stopped answering, said in
+/// plain words (the old edge still serves the session).
+fn lost_edge(st: Status, to: &str, from_edge: &str) -> Status {
+    let m = st.message().to_ascii_lowercase();
+    let transport = matches!(
+        st.code(),
+        tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
+    ) && TRANSPORT_ERRORS.iter().any(|k| m.contains(k));
+    if transport {
+        Status::unavailable(format!(
+            "the new edge {to} stopped answering during the handover (connection lost); the session stays on edge {from_edge}"
+        ))
+    } else {
+        st
     }
 }
 
@@ -352,6 +395,7 @@ impl Session {
     ) -> Result<(), Status> {
         let from = self.current();
         let result = async {
+            let lost = |st: Status| lost_edge(st, &to.addr, &from.edge_id);
             let mut stream = to
                 .stub
                 .clone()
@@ -359,12 +403,14 @@ impl Session {
                     session_id: self.inner.id.clone(),
                     token: self.inner.token.to_vec(),
                     from_addr: from.addr.trim_start_matches("http://").to_string(),
+                    from_edge: from.edge_id.clone(),
                 })
-                .await?
+                .await
+                .map_err(lost)?
                 .into_inner();
-            while let Some(p) = stream.message().await? {
+            while let Some(p) = stream.message().await.map_err(lost)? {
                 progress(&p);
-                if p.phase == "ready" {
+                if p.phase() == HandoverPhase::Ready {
                     *self.inner.edge.write().unwrap_or_else(|e| e.into_inner()) = Current {
                         stub: to.stub.clone(),
                         addr: to.addr.clone(),

@@ -54,6 +54,14 @@ pub struct Config {
     /// Pre-copy to the neighbours.
     #[serde(default)]
     pub precopy: PrecopyConfig,
+    /// How long this edge remembers where a session it released went (a
+    /// late call is redirected, a repeated release answered).
+    #[serde(with = "secs", default = "default_tombstone_ttl")]
+    pub tombstone_ttl: Duration,
+}
+
+fn default_tombstone_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 /// A neighbour edge.
@@ -175,6 +183,9 @@ max_payload = 4194304
 start_timeout = 20
 # Block size of session volumes (dirty tracking and hashing).
 block_size = 65536
+# How long a released session's new address is remembered (s): late calls
+# are redirected there.
+tombstone_ttl = 86400
 # volfs_binary = "/usr/local/bin/volfs"   # default: next to edged, else PATH
 
 # Each app: a base volume (copied into every new session's volume) and a

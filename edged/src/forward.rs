@@ -76,6 +76,24 @@ pub fn valid_method(m: &str) -> bool {
 }
 
 impl AppClient {
+    /// A client that connects on first use (unit tests that never call).
+    #[cfg(test)]
+    pub fn lazy(socket: &Path, max_message: usize) -> AppClient {
+        let path: PathBuf = socket.to_path_buf();
+        let channel = Endpoint::from_static("http://app.invalid").connect_with_connector_lazy(
+            tower::service_fn(move |_| {
+                let p = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+                }
+            }),
+        );
+        AppClient {
+            channel,
+            max_message,
+        }
+    }
+
     /// Connects to the socket (HTTP/2 handshake included).
     pub async fn connect(
         socket: &Path,

@@ -74,6 +74,9 @@ pub enum Begin {
     New(watch::Sender<Option<Outcome>>),
     /// The op ran or runs already: wait for this.
     Existing(Waiter),
+    /// New ops are held (a handover is quiescing the session): wait until
+    /// the session admits calls again, or learn where it went.
+    Held,
 }
 
 /// Waits for an op's outcome.
@@ -108,7 +111,13 @@ impl Waiter {
 struct State {
     ops: HashMap<u64, Slot>,
     done_order: VecDeque<u64>,
-    file: fs::File,
+    /// `None` once closed (the session is gone): nothing is written, the
+    /// fd is released.
+    file: Option<fs::File>,
+    /// Whether new ops may begin. Cleared by [`Journal::hold_new`] under the
+    /// same lock as `begin`, so no op slips in after a quiesce counted the
+    /// running ones.
+    admitting: bool,
 }
 
 /// One session's journal.
@@ -167,15 +176,45 @@ impl Journal {
             state: Mutex::new(State {
                 ops,
                 done_order,
-                file,
+                file: Some(file),
+                admitting: true,
             }),
         })
     }
 
     fn append(st: &mut State, r: &Record) {
-        if let Err(e) = st.file.write_all(&r.encode_length_delimited_to_vec()) {
+        let Some(file) = st.file.as_mut() else {
+            return;
+        };
+        if let Err(e) = file.write_all(&r.encode_length_delimited_to_vec()) {
             tracing::error!(error = %e, "journal write failed");
         }
+    }
+
+    /// No new op may begin from now on (ops already known still answer).
+    pub fn hold_new(&self) {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admitting = false;
+    }
+
+    /// New ops may begin again.
+    pub fn admit_new(&self) {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admitting = true;
+    }
+
+    /// Forgets everything and closes the file: the session is gone from
+    /// this edge. Waiters of running ops see them abandoned.
+    pub fn close(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.file = None;
+        st.ops.clear();
+        st.done_order.clear();
+        st.admitting = false;
     }
 
     /// Registers op `op_id` as running, or returns the existing one.
@@ -184,6 +223,7 @@ impl Journal {
         match st.ops.get(&op_id) {
             Some(Slot::Running(rx)) => Begin::Existing(Waiter::Running(rx.clone())),
             Some(Slot::Done(o)) => Begin::Existing(Waiter::Done(o.clone())),
+            None if !st.admitting => Begin::Held,
             None => {
                 let (tx, rx) = watch::channel(None);
                 st.ops.insert(op_id, Slot::Running(rx));
@@ -317,5 +357,25 @@ mod tests {
             o => panic!("{o:?}"),
         }
         assert!(j.waiter(9).is_none());
+    }
+
+    #[test]
+    fn a_held_journal_admits_no_new_op_but_answers_known_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(&d.path().join("ops.log")).unwrap();
+        let Begin::New(tx) = j.begin(1, "/m") else {
+            panic!()
+        };
+        j.hold_new();
+        assert!(matches!(j.begin(2, "/m"), Begin::Held));
+        assert!(matches!(j.begin(1, "/m"), Begin::Existing(_)));
+        assert!(j.has_running());
+        j.finish(1, tx, Outcome::Ok(Bytes::new()));
+        assert!(!j.has_running());
+        j.admit_new();
+        assert!(matches!(j.begin(2, "/m"), Begin::New(_)));
+        j.close();
+        assert!(j.is_empty());
+        assert!(matches!(j.begin(3, "/m"), Begin::Held));
     }
 }

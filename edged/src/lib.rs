@@ -7,9 +7,13 @@
 //! # Layout
 //! - [`config`]: `edged.toml`, with a commented default.
 //! - [`session`]: sessions and the [`session::Edge`] that owns them: open,
-//!   invoke, result, close, idle reaping, recovery after a restart;
-//!   [`session::migrate`]: handover to another edge (the new edge pulls);
-//!   [`session::precopy`]: pre-copy rounds to the neighbour edges.
+//!   invoke, result, close, idle reaping, recovery after a restart (by the
+//!   handover role each session persisted); [`session::migrate`]: the async
+//!   shells of a handover (the new edge pulls); [`session::precopy`]:
+//!   pre-copy rounds to the neighbour edges.
+//! - [`migration`]: the two handover state machines as plain code — the
+//!   owner's ([`migration::owner`]) and the puller's ([`migration::puller`]),
+//!   each an enum with one `step` function, unit-tested case by case.
 //! - [`journal`]: each session's op journal (run once by op id, results kept).
 //! - [`forward`]: calls to the app over its socket with a raw-bytes codec.
 //! - [`volume`]: seeding a volume and its volfs shim process.
@@ -27,6 +31,7 @@
 pub mod config;
 pub mod forward;
 pub mod journal;
+pub mod migration;
 pub mod runtime;
 pub mod server;
 pub mod session;

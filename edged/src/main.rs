@@ -111,13 +111,19 @@ fn main() -> ExitCode {
     }
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("signal handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+/// SIGTERM or SIGINT. The handlers are installed when this is called, not
+/// when the future is first polled: a signal that arrives during recovery
+/// still ends the server cleanly once it runs.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -127,13 +133,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             close_sessions,
         } => {
             let cfg = Config::load(&config)?;
+            let shutdown = shutdown_signal()?;
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
                 .with_context(|| format!("listen on {}", cfg.listen))?;
             let edge = edged::session::Edge::new(cfg)?;
             let (recovered, removed) = edge.recover().await;
             tracing::info!(edge = %edge.cfg.edge_id, addr = %listener.local_addr()?, recovered, removed, "serving");
-            edged::server::run(edge.clone(), listener, shutdown_signal()).await?;
+            edged::server::run(edge.clone(), listener, shutdown).await?;
             if close_sessions {
                 edge.close_all().await;
             }

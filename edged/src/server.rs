@@ -171,15 +171,15 @@ impl Peer for PeerService {
         req: Request<pb::HelloRequest>,
     ) -> Result<Response<pb::HelloResponse>, Status> {
         let r = req.into_inner();
-        if r.version != edge_proto::PROTOCOL_VERSION {
+        if r.version != edge_proto::PEER_VERSION {
             return Err(Status::failed_precondition(format!(
-                "this edge speaks edge.v{}, the peer v{}",
-                edge_proto::PROTOCOL_VERSION,
+                "this edge speaks peer protocol v{}, the peer v{}",
+                edge_proto::PEER_VERSION,
                 r.version
             )));
         }
         Ok(Response::new(pb::HelloResponse {
-            version: edge_proto::PROTOCOL_VERSION,
+            version: edge_proto::PEER_VERSION,
             edge_id: self.0.cfg.edge_id.clone(),
         }))
     }
@@ -224,7 +224,7 @@ impl Peer for PeerService {
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let r = req.into_inner();
         self.0
-            .release(&r.session_id, &r.token)
+            .release(&r.session_id, r.attempt, &r.from_edge)
             .await
             .map_err(|e| e.status())?;
         Ok(Response::new(pb::ReleaseResponse {}))
@@ -236,7 +236,7 @@ impl Peer for PeerService {
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let r = req.into_inner();
         self.0
-            .abort_handover(&r.session_id, &r.token)
+            .abort_handover(&r.session_id, r.attempt, &r.from_edge)
             .await
             .map_err(|e| e.status())?;
         Ok(Response::new(pb::ReleaseResponse {}))
@@ -263,6 +263,7 @@ pub async fn run(
                 t.tick().await;
                 edge.reap_idle().await;
                 edge.prune_staged().await;
+                edge.prune();
             }
         })
     };

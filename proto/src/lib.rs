@@ -3,14 +3,40 @@
 //! # Layout
 //! - `edge/v1/edge.proto`: the `Edge` service clients call and the `Admin`
 //!   service of the operator.
+//! - `edge/v1/peer.proto`: the `Peer` service between edges (pre-copy,
+//!   handover, release).
 //! - `edge/v1/volume.proto`: the manifest of a volume and the frames a delta
-//!   travels in (header, manifest entries, block chunks, trailer with the root hash).
+//!   travels in (header, block chunks, manifest entries, trailer with the
+//!   root hash).
+//! - [`meta`]: the gRPC metadata keys edges and clients share.
 //!
-//! Every message change is commented in the `.proto` file; peers exchange
-//! [`PROTOCOL_VERSION`] on first contact and refuse a version they do not know.
+//! Every message change is commented in the `.proto` file. Three versions
+//! move independently: edges exchange [`PEER_VERSION`] in `Peer.Hello` and
+//! refuse one they do not know; a delta's header carries
+//! [`DELTA_VERSION`]; a persisted manifest [`MANIFEST_VERSION`].
 
-/// Version of the edge.v1 wire protocol carried in delta headers and peer hellos.
+/// Version of the `Peer` protocol between edges, said in `Peer.Hello`.
+pub const PEER_VERSION: u32 = 2;
+
+/// Version of the delta format, in every delta's header.
+pub const DELTA_VERSION: u32 = 1;
+
+/// Version of the persisted manifest (`.volfs/manifest.pb`, `volfs manifest`).
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// The first version of the delta format and the stored manifest; prefer
+/// [`DELTA_VERSION`] and [`MANIFEST_VERSION`].
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// gRPC metadata keys of edgeshift, defined once for edges and clients.
+pub mod meta {
+    /// On a call refused or held because its session is moving: "1".
+    pub const MOVING: &str = "edgeshift-moving";
+    /// The address of the edge a session moved to.
+    pub const MOVED_TO_ADDR: &str = "edgeshift-moved-to";
+    /// The id of the edge a session moved to.
+    pub const MOVED_TO_ID: &str = "edgeshift-moved-to-id";
+}
 
 /// Package `edge.v1`.
 pub mod v1 {

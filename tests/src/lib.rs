@@ -186,7 +186,12 @@ impl Edge {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::File::create(self.config.with_extension("log")).unwrap();
+        // Appended: the log of a restarted edge follows the earlier run's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.config.with_extension("log"))
+            .unwrap();
         let child = Command::new(bin("edged"))
             .args(["serve", "--config"])
             .arg(&self.config)
@@ -195,8 +200,14 @@ impl Edge {
             .spawn()
             .unwrap();
         self.child = Some(child);
+        self.wait_serving();
+    }
+
+    /// Waits until edged answers gRPC (it binds its port before it recovers
+    /// its sessions, and serves after).
+    fn wait_serving(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(self.addr).is_err() {
+        while !self.answers() {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("edged exited ({st}): {}", self.log());
             }
@@ -207,6 +218,31 @@ impl Edge {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether the Admin service answers.
+    fn answers(&self) -> bool {
+        if TcpStream::connect(self.addr).is_err() {
+            return false;
+        }
+        let url = self.url();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                match edge_proto::v1::admin_client::AdminClient::connect(url).await {
+                    Ok(mut c) => c
+                        .list_sessions(edge_proto::v1::ListSessionsRequest {})
+                        .await
+                        .is_ok(),
+                    Err(_) => false,
+                }
+            })
+        })
+        .join()
+        .unwrap_or(false)
     }
 
     /// edged's log so far.
@@ -429,5 +465,222 @@ pub mod list {
     /// The count of an encoded `AddReply`.
     pub fn count_of(b: Bytes) -> u64 {
         AddReply::decode(b).expect("an AddReply").count
+    }
+}
+
+impl Edge {
+    /// edged's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Stops edged the way an operator retires an edge: a run with
+    /// `--close-sessions` that recovers every session and closes it at
+    /// SIGTERM.
+    pub fn stop_closing_sessions(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.config.with_extension("log"))
+            .unwrap();
+        let mut child = Command::new(bin("edged"))
+            .args(["serve", "--close-sessions", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.answers() {
+            assert!(
+                Instant::now() < deadline,
+                "edged did not serve: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+    }
+
+    /// Where this edge keeps the tombstone of a released session.
+    pub fn tombstone(&self, session: &str) -> PathBuf {
+        self.data_dir
+            .join("tombstones")
+            .join(format!("{session}.json"))
+    }
+
+    /// Open file descriptors of edged.
+    pub fn fds(&self) -> usize {
+        self.pid()
+            .and_then(|p| std::fs::read_dir(format!("/proc/{p}/fd")).ok())
+            .map(|rd| rd.count())
+            .unwrap_or(0)
+    }
+
+    /// Resident memory of edged, bytes.
+    pub fn rss(&self) -> u64 {
+        self.pid()
+            .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
+    }
+}
+
+/// The state letter of a process (`R`, `S`, `T` for stopped, ...).
+pub fn proc_state(pid: u32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Pids of live processes whose environment holds `EDGE_SESSION_ID=session`:
+/// app instances of that session, wherever they came from.
+pub fn instances_of(session: &str) -> Vec<u32> {
+    let want = format!("EDGE_SESSION_ID={session}");
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            pid_alive(*pid)
+                && std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()))
+        })
+        .collect()
+}
+
+/// The edges (by index) that list `session`, with the state they list.
+pub async fn holders(edges: &[&Edge], session: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    for (i, e) in edges.iter().enumerate() {
+        let Ok(mut c) = edge_proto::v1::admin_client::AdminClient::connect(e.url()).await else {
+            continue;
+        };
+        if let Ok(r) = c
+            .list_sessions(edge_proto::v1::ListSessionsRequest {})
+            .await
+        {
+            for s in r.into_inner().sessions {
+                if s.session_id == session {
+                    out.push((i, s.state));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Waits (up to `limit`) until exactly one of `edges` lists `session`, as
+/// serving, and returns its index.
+pub async fn sole_owner(edges: &[&Edge], session: &str, limit: Duration) -> usize {
+    let deadline = Instant::now() + limit;
+    loop {
+        let h = holders(edges, session).await;
+        if let [(i, state)] = h.as_slice() {
+            if state == "serving" {
+                return *i;
+            }
+        }
+        if Instant::now() > deadline {
+            for e in edges {
+                eprintln!("---- log of {}\n{}", e.addr, e.log());
+            }
+            panic!("session {session} is not served by exactly one edge: {h:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A client that adds items to a List session without pause, each with its
+/// own op id, retrying an op (same id) until it is answered: what it
+/// acknowledged must be in the list exactly once; what it gave up on may be
+/// there at most once.
+#[derive(Debug)]
+pub struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(Vec<String>, Vec<String>)>,
+}
+
+impl Writer {
+    /// Starts writing items `{prefix}{n}`.
+    pub fn start(s: edge_client::Session, prefix: &str) -> Writer {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stop2, prefix) = (stop.clone(), prefix.to_string());
+        let task = tokio::spawn(async move {
+            let (mut acked, mut unsure) = (Vec::new(), Vec::new());
+            let mut n = 0;
+            while !stop2.load(Ordering::SeqCst) {
+                let item = format!("{prefix}{n}");
+                n += 1;
+                let op = s.next_op_id();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    match s.invoke_op(op, list::ADD, list::add(&item)).await {
+                        Ok(_) => {
+                            acked.push(item);
+                            break;
+                        }
+                        // The op was cut by an edge restart: it may or may not have run.
+                        Err(st) if st.code() == tonic::Code::Aborted => {
+                            unsure.push(item);
+                            break;
+                        }
+                        Err(_) if Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(_) => {
+                            unsure.push(item);
+                            break;
+                        }
+                    }
+                }
+            }
+            (acked, unsure)
+        });
+        Writer { stop, task }
+    }
+
+    /// Stops and returns (acknowledged, uncertain) items.
+    pub async fn finish(self) -> (Vec<String>, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.task.await.expect("writer task")
+    }
+}
+
+/// Checks a List's items against a [`Writer`]'s outcome: every acknowledged
+/// item exactly once, uncertain ones at most once, nothing else.
+pub fn check_items(items: &[String], acked: &[String], unsure: &[String]) {
+    let mut count: std::collections::HashMap<&str, usize> = Default::default();
+    for i in items {
+        *count.entry(i.as_str()).or_default() += 1;
+    }
+    for a in acked {
+        assert_eq!(
+            count.get(a.as_str()).copied().unwrap_or(0),
+            1,
+            "acknowledged item {a:?} must be in the list exactly once"
+        );
+    }
+    for u in unsure {
+        assert!(
+            count.get(u.as_str()).copied().unwrap_or(0) <= 1,
+            "item {u:?} twice"
+        );
+    }
+    let known: std::collections::HashSet<&str> =
+        acked.iter().chain(unsure).map(String::as_str).collect();
+    for i in items {
+        assert!(known.contains(i.as_str()), "item {i:?} was never written");
     }
 }

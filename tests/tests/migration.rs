@@ -33,9 +33,11 @@ async fn the_session_follows_the_client_a_b_c_and_back_to_a() {
     let mut expect = vec!["at a".to_string()];
     for (i, to) in [1usize, 2, 0].into_iter().enumerate() {
         let mut phases = Vec::new();
-        s.handover_to(&clients[to], |p| phases.push(p.phase.clone()))
-            .await
-            .unwrap();
+        s.handover_to(&clients[to], |p| {
+            phases.push(edge_client::phase_name(p.phase()).to_string())
+        })
+        .await
+        .unwrap();
         assert_eq!(s.edge_id(), ["a", "b", "c"][to]);
         assert!(
             phases.contains(&"quiesced".to_string()) && phases.last().unwrap() == "ready",

@@ -88,11 +88,25 @@ impl Runtime for DockerRuntime {
                 ..Default::default()
             };
             let opts = CreateContainerOptionsBuilder::default().name(&name).build();
-            let created = self
+            let created = match self
                 .docker
-                .create_container(Some(opts), body)
+                .create_container(Some(opts.clone()), body.clone())
                 .await
-                .map_err(derr)?;
+            {
+                // A container of this session that edged did not live to
+                // record (it died between create and record): replace it.
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 409, ..
+                }) => {
+                    tracing::warn!(container = %name, "replacing an unrecorded container of this session");
+                    self.stop(&InstanceId::Container(name.clone())).await?;
+                    self.docker
+                        .create_container(Some(opts), body)
+                        .await
+                        .map_err(derr)?
+                }
+                r => r.map_err(derr)?,
+            };
             if let Err(e) = self.docker.start_container(&created.id, None).await {
                 let _ = self.stop(&InstanceId::Container(created.id.clone())).await;
                 return Err(derr(e));

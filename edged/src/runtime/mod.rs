@@ -2,6 +2,8 @@
 //! default) or a Docker container.
 
 pub mod docker;
+#[cfg(test)]
+pub mod fake;
 pub mod image;
 pub mod process;
 

@@ -1,5 +1,5 @@
 //! The process runtime: each instance is a child process of edged, in its
-//! own process group (so it outlives an edged restart and is re-attached),
+//! own session (so it outlives an edged restart and is re-attached),
 //! with the volume and socket directory in its environment.
 
 use std::collections::HashMap;
@@ -42,6 +42,24 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// Live processes whose environment holds `key=value`: an instance whose
+/// start edged did not live to record is found by its socket directory
+/// (`EDGE_SOCKET_DIR`), which names this edge's data directory and the
+/// session.
+pub fn find_by_env(key: &str, value: &str) -> Vec<u32> {
+    let want = format!("{key}={value}");
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            pid_alive(*pid)
+                && std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()))
+        })
+        .collect()
+}
+
 fn signal_group(pid: u32, sig: i32) {
     // SAFETY: kill has no memory-safety preconditions; a negative pid names the group.
     unsafe { libc::kill(-(pid as i32), sig) };
@@ -65,7 +83,22 @@ impl Runtime for ProcessRuntime {
             let log2 = log
                 .try_clone()
                 .map_err(|e| RuntimeError::Process(e.to_string()))?;
-            let child = tokio::process::Command::new(&self.command)
+            let mut cmd = tokio::process::Command::new(&self.command);
+            // Its own session (and so its own process group): it outlives an
+            // edged restart, and a handover's freeze (SIGSTOP) survives edged
+            // dying — a stopped process group that edged's death orphaned
+            // would get SIGHUP from the kernel; one that was never in
+            // edged's session is not orphaned by it.
+            // SAFETY: setsid is async-signal-safe and touches no memory.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let child = cmd
                 .args(&self.args)
                 .env(ENV_DATA_DIR, &spec.volume)
                 .env(ENV_SOCKET_DIR, &spec.socket_dir)
@@ -74,7 +107,6 @@ impl Runtime for ProcessRuntime {
                 .stdin(Stdio::null())
                 .stdout(log)
                 .stderr(log2)
-                .process_group(0)
                 .spawn()
                 .map_err(|e| RuntimeError::Process(format!("{}: {e}", self.command.display())))?;
             let pid = child

@@ -11,88 +11,52 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tonic::Status;
 use tracing::Instrument;
 
 use crate::config::{AppConfig, Config, RuntimeConfig, valid_name};
 use crate::forward::{AppClient, SOCKET_NAME, valid_method};
 use crate::journal::{Begin, Journal, Outcome};
+use crate::migration::Peer;
+use crate::migration::owner::OwnerState;
+use crate::migration::puller::PullerState;
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::process::ProcessRuntime;
-use crate::runtime::{InstanceId, InstanceSpec, Runtime, RuntimeError};
-use crate::volume::{self, Shim, VolumeError};
+use crate::runtime::{InstanceId, InstanceSpec, Runtime};
+use crate::volume::{self, Shim};
 
+mod error;
+mod layout;
 pub mod migrate;
 pub mod precopy;
 mod recover;
 
+pub use error::{EdgeError, moved_status, moving_status, peer_status};
+pub use layout::{Layout, Role, SessionRecord, Tombstone, Tombstones, write_durable};
 pub use recover::{cleanup_all, cleanup_dir};
 
-/// Errors of session handling; [`EdgeError::status`] maps them to gRPC.
-#[derive(Debug, thiserror::Error)]
-pub enum EdgeError {
-    /// No such app on this edge.
-    #[error("app {0:?} is not served by this edge")]
-    UnknownApp(String),
-    /// No such session (never opened, closed, or reaped).
-    #[error("session {0:?} is not on this edge")]
-    UnknownSession(String),
-    /// The token does not match the session's.
-    #[error("wrong token for session {0:?}")]
-    BadToken(String),
-    /// A malformed argument.
-    #[error("{0}")]
-    Invalid(String),
-    /// A payload over the configured limit.
-    #[error("payload of {0} bytes exceeds the limit of {1}")]
-    TooLarge(usize, usize),
-    /// The session moved to another edge (calls go there).
-    #[error("session {0:?} moved to edge {1:?}")]
-    Moved(String, String, String),
-    /// The op id is unknown to the journal.
-    #[error("op {0} is unknown to session {1:?}")]
-    UnknownOp(u64, String),
-    /// The volume could not be prepared.
-    #[error(transparent)]
-    Volume(#[from] VolumeError),
-    /// The runtime failed.
-    #[error(transparent)]
-    Runtime(#[from] RuntimeError),
-    /// The instance started but never answered, or exited.
-    #[error("app instance did not become ready: {reason}; last output: {logs}")]
-    NotReady {
-        /// Why.
-        reason: String,
-        /// Its last lines of output.
-        logs: String,
-    },
-    /// Local I/O.
-    #[error("I/O: {0}")]
-    Io(#[from] std::io::Error),
-}
+/// How long a call waits while its session is quiescing for a handover
+/// before it is told "moving" (and tries again).
+pub const HOLD_WAIT: Duration = Duration::from_secs(30);
 
-impl EdgeError {
-    /// The gRPC status a client can act on.
-    pub fn status(&self) -> Status {
-        let m = self.to_string();
-        match self {
-            EdgeError::UnknownApp(_) | EdgeError::UnknownSession(_) | EdgeError::UnknownOp(..) => {
-                Status::not_found(m)
-            }
-            EdgeError::BadToken(_) => Status::permission_denied(m),
-            EdgeError::Moved(_, id, addr) => moved_status(id, addr),
-            EdgeError::Invalid(_) => Status::invalid_argument(m),
-            EdgeError::TooLarge(..) => Status::resource_exhausted(m),
-            EdgeError::Volume(_) | EdgeError::Io(_) => Status::internal(m),
-            EdgeError::Runtime(_) | EdgeError::NotReady { .. } => Status::unavailable(m),
-        }
-    }
+/// Whether a session admits calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    /// Calls run.
+    Open,
+    /// Calls wait: a handover is quiescing the session here, or this edge
+    /// pulled it and waits for the old owner's release.
+    Held,
+    /// The session went to this edge: calls are redirected there.
+    Moved(Peer),
+    /// The session is closed.
+    Gone,
 }
 
 fn now_unix() -> i64 {
@@ -106,25 +70,6 @@ fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     getrandom::fill(&mut b).expect("the OS random source works");
     b
-}
-
-/// What is persisted of a session in `session.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SessionRecord {
-    /// Session id.
-    pub id: String,
-    /// App name.
-    pub app: String,
-    /// Client id.
-    pub client_id: String,
-    /// blake3 of the token (the token itself is never stored).
-    pub token_hash: String,
-    /// Unix seconds.
-    pub created: i64,
-    /// The running instance.
-    pub instance: Option<InstanceId>,
-    /// Pid of the volfs shim.
-    pub volfs_pid: Option<u32>,
 }
 
 /// Lifecycle state, for the operator.
@@ -149,7 +94,8 @@ impl State {
     }
 }
 
-/// One session.
+/// One session. Immutable fields are plain; each mutable one names its
+/// guard.
 pub struct Session {
     /// Session id.
     pub id: String,
@@ -161,23 +107,33 @@ pub struct Session {
     dir: PathBuf,
     spec: InstanceSpec,
     created: i64,
+    /// Unix seconds of the last call (atomic; read by the idle reaper).
     last_used: AtomicI64,
+    /// Open/serve/close lifecycle, for the operator (std mutex, never held
+    /// across an await).
     state: Mutex<State>,
+    /// The running instance and a client of its socket (async mutex: held
+    /// while it starts, so one call starts it).
     instance: tokio::sync::Mutex<Option<(InstanceId, AppClient)>>,
+    /// The volfs shim (async mutex).
     shim: tokio::sync::Mutex<Option<Shim>>,
+    /// Op journal (its own lock; `hold_new` closes it to new ops).
     journal: Journal,
+    /// Ops run (atomic counter).
     ops: AtomicU64,
     runtime: Arc<dyn Runtime>,
-    /// Set while another edge pulls the session: new calls are refused
-    /// (the client sends them to the new edge).
-    migrating: AtomicBool,
-    /// The edge pulling the session, while `migrating`.
-    moving_to: Mutex<Option<String>>,
-    /// Its address, as it said.
-    moving_to_addr: Mutex<String>,
-    /// The instance is frozen by a handover.
-    paused: Mutex<bool>,
-    /// Pre-copy bookkeeping.
+    /// Ownership epoch, persisted (atomic).
+    epoch: AtomicU64,
+    /// The handover role, as persisted in `session.json` (std mutex).
+    role: Mutex<Role>,
+    /// The owner's side of a handover. The async lock serializes each
+    /// event's transition with its instance actions (freeze, thaw,
+    /// persist), so a thaw never overtakes a freeze.
+    owner: tokio::sync::Mutex<OwnerState>,
+    /// Whether calls run, wait, or go elsewhere (a watch: waiters wake on change).
+    gate: watch::Sender<Gate>,
+    /// Pre-copy bookkeeping (async mutex, held for a whole round; a
+    /// handover holds it too, so no round runs during one).
     precopy: tokio::sync::Mutex<precopy::PrecopyState>,
     /// Neighbours the client named as its next edges; `None`: all.
     candidates: Mutex<Option<Vec<String>>>,
@@ -189,26 +145,6 @@ impl std::fmt::Debug for Session {
             .field("id", &self.id)
             .field("app", &self.app)
             .finish_non_exhaustive()
-    }
-}
-
-/// Paths of a session directory.
-struct Layout {
-    dir: PathBuf,
-}
-
-impl Layout {
-    fn backing(&self) -> PathBuf {
-        self.dir.join("volume")
-    }
-    fn mnt(&self) -> PathBuf {
-        self.dir.join("mnt")
-    }
-    fn run(&self) -> PathBuf {
-        self.dir.join("run")
-    }
-    fn record(&self) -> PathBuf {
-        self.dir.join("session.json")
     }
 }
 
@@ -241,22 +177,68 @@ impl Session {
         }
     }
 
+    /// Persists the record, durably: a role change holds before it takes
+    /// effect.
     async fn save_record(&self) -> Result<(), EdgeError> {
+        let instance = self.instance.lock().await.as_ref().map(|(i, _)| i.clone());
+        self.save_record_with(instance).await
+    }
+
+    /// [`Session::save_record`] naming `instance` (one that is starting,
+    /// so a crash before it answers does not leave it unrecorded).
+    async fn save_record_with(&self, instance: Option<InstanceId>) -> Result<(), EdgeError> {
         let rec = SessionRecord {
             id: self.id.clone(),
             app: self.app.clone(),
             client_id: self.client_id.clone(),
             token_hash: self.token_hash.to_hex().to_string(),
             created: self.created,
-            instance: self.instance.lock().await.as_ref().map(|(i, _)| i.clone()),
+            instance,
             volfs_pid: self.shim.lock().await.as_ref().map(|s| s.pid),
+            epoch: self.epoch.load(Ordering::SeqCst),
+            role: self.role(),
         };
         let json = serde_json::to_vec_pretty(&rec).map_err(|e| EdgeError::Io(e.into()))?;
         let path = self.layout().record();
-        let tmp = path.with_extension("tmp");
-        tokio::fs::write(&tmp, json).await?;
-        tokio::fs::rename(&tmp, &path).await?;
+        tokio::task::spawn_blocking(move || write_durable(&path, &json))
+            .await
+            .map_err(|e| EdgeError::Io(std::io::Error::other(e)))??;
         Ok(())
+    }
+
+    /// The persisted handover role.
+    pub fn role(&self) -> Role {
+        self.role.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sets and persists the handover role.
+    async fn set_role(&self, r: Role) -> Result<(), EdgeError> {
+        *self.role.lock().unwrap_or_else(|p| p.into_inner()) = r;
+        self.save_record().await
+    }
+
+    /// Sets the gate (and wakes the calls waiting on it).
+    fn set_gate(&self, g: Gate) {
+        self.gate.send_replace(g);
+    }
+
+    /// Waits until the session admits calls: `Err` with where it went, or
+    /// "moving" after [`HOLD_WAIT`].
+    async fn admit(&self) -> Result<(), EdgeError> {
+        let mut rx = self.gate.subscribe();
+        let deadline = tokio::time::Instant::now() + HOLD_WAIT;
+        loop {
+            match &*rx.borrow_and_update() {
+                Gate::Open => return Ok(()),
+                Gate::Moved(to) => return Err(EdgeError::Moved(self.id.clone(), to.clone())),
+                Gate::Gone => return Err(EdgeError::UnknownSession(self.id.clone())),
+                Gate::Held => {}
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Err(EdgeError::Moving(self.id.clone())),
+            }
+        }
     }
 
     /// Waits until the instance answers on its socket, or fails with its output.
@@ -297,6 +279,10 @@ impl Session {
         }
         let _ = std::fs::remove_file(self.spec.socket_dir.join(SOCKET_NAME));
         let id = self.runtime.start(&self.spec).await?;
+        if let Err(e) = self.save_record_with(Some(id.clone())).await {
+            let _ = self.runtime.stop(&id).await;
+            return Err(e);
+        }
         match self
             .wait_ready(&id, cfg.start_timeout, cfg.max_payload + 1024)
             .await
@@ -356,6 +342,14 @@ impl Session {
             shim.unmount().await;
         }
         volume::detach(&self.layout().mnt());
+        self.gate.send_if_modified(|g| {
+            let open = matches!(g, Gate::Open | Gate::Held);
+            if open {
+                *g = Gate::Gone;
+            }
+            open
+        });
+        self.journal.close();
         if let Err(e) = tokio::fs::remove_dir_all(&self.dir).await {
             tracing::error!(session = %self.id, error = %e, "removing the session directory failed");
         }
@@ -376,7 +370,7 @@ impl Session {
             session_id: self.id.clone(),
             app: self.app.clone(),
             client_id: self.client_id.clone(),
-            state: if self.migrating.load(Ordering::SeqCst) {
+            state: if *self.gate.borrow() != Gate::Open || self.role() != Role::Serving {
                 "moving".into()
             } else {
                 self.state().name().into()
@@ -397,35 +391,6 @@ impl Session {
     }
 }
 
-/// Metadata key on the status of a call refused because its session is
-/// moving; the client retries it (same op id) on the new edge.
-pub const MOVING_KEY: &str = "edgeshift-moving";
-
-/// Metadata keys of a status telling where a session went.
-pub const MOVED_TO_ADDR: &str = "edgeshift-moved-to";
-/// See [`MOVED_TO_ADDR`].
-pub const MOVED_TO_ID: &str = "edgeshift-moved-to-id";
-
-fn moved_status(id: &str, addr: &str) -> Status {
-    let mut st = moving_status();
-    for (k, v) in [(MOVED_TO_ID, id), (MOVED_TO_ADDR, addr)] {
-        if v.is_empty() {
-            continue;
-        }
-        if let Ok(v) = v.parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>() {
-            st.metadata_mut().insert(k, v);
-        }
-    }
-    st
-}
-
-fn moving_status() -> Status {
-    let mut st = Status::unavailable("session is moving to another edge");
-    st.metadata_mut()
-        .insert(MOVING_KEY, tonic::metadata::MetadataValue::from_static("1"));
-    st
-}
-
 /// The timings of an open, phase by phase.
 pub type Phases = Vec<(&'static str, Duration)>;
 
@@ -435,16 +400,20 @@ pub struct Edge {
     pub cfg: Config,
     volfs_bin: PathBuf,
     runtimes: tokio::sync::Mutex<HashMap<String, Arc<dyn Runtime>>>,
+    /// Sessions this edge owns, gives, or pulled and waits to own.
     sessions: RwLock<HashMap<String, Arc<Session>>>,
-    /// Sessions released to another edge, with where they went (edge id,
-    /// address): a repeated Release answers OK, a late call is redirected.
-    released: Mutex<HashMap<String, (String, String)>>,
+    /// Sessions released to another edge, with where they went: a repeated
+    /// Release is answered, a late call redirected. Persisted in
+    /// `tombstones`, pruned after `tombstone_ttl`.
+    released: Mutex<HashMap<String, Tombstone>>,
+    tombstones: Tombstones,
     /// One-time tickets of operator-started moves (blake3 of the ticket).
     tickets: Mutex<HashMap<String, blake3::Hash>>,
-    /// Sessions this edge is pulling: pre-copy rounds for them are refused.
-    pulling: Mutex<std::collections::HashSet<String>>,
+    /// The puller's side of each session this edge pulls (absent: idle).
+    /// Pre-copy rounds of a session being pulled are refused.
+    pulls: Mutex<HashMap<String, PullerState>>,
     /// One lock per staged session: a pre-copy apply and the read of what is
-    /// staged never overlap.
+    /// staged never overlap. Pruned when nobody holds one.
     staging_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -480,16 +449,68 @@ impl Edge {
     pub fn new(cfg: Config) -> Result<Arc<Edge>, EdgeError> {
         std::fs::create_dir_all(cfg.data_dir.join("sessions"))?;
         let volfs_bin = locate_volfs(&cfg);
+        let tombstones = Tombstones::open(&cfg.data_dir)?;
+        let released = tombstones.load().into_iter().collect();
         Ok(Arc::new(Edge {
             cfg,
             volfs_bin,
             runtimes: tokio::sync::Mutex::new(HashMap::new()),
             sessions: RwLock::new(HashMap::new()),
-            released: Mutex::new(Default::default()),
+            released: Mutex::new(released),
+            tombstones,
             tickets: Mutex::new(Default::default()),
-            pulling: Mutex::new(Default::default()),
+            pulls: Mutex::new(Default::default()),
             staging_locks: Mutex::new(Default::default()),
         }))
+    }
+
+    /// This edge as a handover peer.
+    pub fn me(&self) -> Peer {
+        Peer {
+            edge_id: self.cfg.edge_id.clone(),
+            addr: self.cfg.advertised(),
+        }
+    }
+
+    /// Where a released session went, if it was released from here.
+    pub fn tombstone(&self, id: &str) -> Option<Tombstone> {
+        self.released
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Drops tombstones older than the TTL and staging locks nobody holds.
+    pub fn prune(&self) {
+        let cutoff = now_unix() - self.cfg.tombstone_ttl.as_secs() as i64;
+        let old: Vec<String> = self
+            .released
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, t)| t.at < cutoff)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in old {
+            self.released
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            self.tombstones.remove(&id);
+        }
+        self.staging_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, l| Arc::strong_count(l) > 1);
+    }
+
+    /// Sessions known to this edge (tests and the soak benchmark watch it).
+    pub fn session_count(&self) -> usize {
+        self.sessions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     fn app(&self, name: &str) -> Result<&AppConfig, EdgeError> {
@@ -530,6 +551,10 @@ impl Edge {
         let app = self.app(&rec.app)?;
         let dir = self.sessions_dir().join(&rec.id);
         let layout = Layout { dir: dir.clone() };
+        let gate = match rec.role {
+            Role::Serving | Role::Frozen { .. } => Gate::Open,
+            Role::Starting { .. } | Role::AwaitingRelease { .. } => Gate::Held,
+        };
         let spec = InstanceSpec {
             edge_id: self.cfg.edge_id.clone(),
             session_id: rec.id.clone(),
@@ -545,7 +570,7 @@ impl Edge {
             app: rec.app.clone(),
             client_id: rec.client_id.clone(),
             token_hash,
-            journal: Journal::open(&dir.join("ops.log"))?,
+            journal: Journal::open(&layout.journal())?,
             dir,
             spec,
             created: rec.created,
@@ -555,10 +580,10 @@ impl Edge {
             shim: tokio::sync::Mutex::new(None),
             ops: AtomicU64::new(0),
             runtime,
-            migrating: AtomicBool::new(false),
-            moving_to: Mutex::new(None),
-            moving_to_addr: Mutex::new(String::new()),
-            paused: Mutex::new(false),
+            epoch: AtomicU64::new(rec.epoch),
+            role: Mutex::new(rec.role.clone()),
+            owner: tokio::sync::Mutex::new(OwnerState::Serving),
+            gate: watch::channel(gate).0,
             precopy: tokio::sync::Mutex::new(Default::default()),
             candidates: Mutex::new(None),
         })
@@ -593,6 +618,8 @@ impl Edge {
             created: now_unix(),
             instance: None,
             volfs_pid: None,
+            epoch: 1,
+            role: Role::Serving,
         };
         let dir = self.sessions_dir().join(&id);
         let layout = Layout { dir: dir.clone() };
@@ -654,25 +681,18 @@ impl Edge {
 
     /// The session, if the token matches.
     pub fn session(&self, id: &str, token: &[u8]) -> Result<Arc<Session>, EdgeError> {
-        if let Some((to_id, to_addr)) = self
-            .released
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-        {
-            return Err(EdgeError::Moved(
-                id.to_string(),
-                to_id.clone(),
-                to_addr.clone(),
-            ));
-        }
         let s = self
             .sessions
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
-            .cloned()
-            .ok_or_else(|| EdgeError::UnknownSession(id.to_string()))?;
+            .cloned();
+        if s.is_none() {
+            if let Some(t) = self.tombstone(id) {
+                return Err(EdgeError::Moved(id.to_string(), t.to));
+            }
+        }
+        let s = s.ok_or_else(|| EdgeError::UnknownSession(id.to_string()))?;
         s.check_token(token)?;
         Ok(s)
     }
@@ -697,12 +717,16 @@ impl Edge {
             return Err(EdgeError::TooLarge(payload.len(), self.cfg.max_payload).status());
         }
         s.touch();
-        if s.migrating.load(Ordering::SeqCst) {
-            return Err(moving_status());
-        }
-        let tx = match s.journal.begin(op_id, method) {
-            Begin::Existing(w) => return w.wait().await.into_result(),
-            Begin::New(tx) => tx,
+        // Calls wait while a handover quiesces the session (and learn where
+        // it went); the journal refuses a new op from the moment the
+        // quiesce began, so none slips past it.
+        let tx = loop {
+            s.admit().await.map_err(|e| e.status())?;
+            match s.journal.begin(op_id, method) {
+                Begin::Existing(w) => return w.wait().await.into_result(),
+                Begin::New(tx) => break tx,
+                Begin::Held => tokio::task::yield_now().await,
+            }
         };
         let waiter = s.journal.waiter(op_id).expect("just begun");
         // The op runs in its own task: a client that goes away does not cancel it.
@@ -742,6 +766,9 @@ impl Edge {
     pub async fn result(&self, id: &str, token: &[u8], op_id: u64) -> Result<Bytes, Status> {
         let s = self.session(id, token).map_err(|e| e.status())?;
         s.touch();
+        if let Gate::Moved(to) = &*s.gate.borrow() {
+            return Err(moved_status(to));
+        }
         let w = s
             .journal
             .waiter(op_id)

@@ -14,7 +14,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use edge_proto::v1 as pb;
@@ -102,7 +101,12 @@ impl Edge {
                 .cloned()
                 .collect();
             for s in sessions {
-                if s.state() != State::Serving || s.migrating.load(Ordering::SeqCst) {
+                // Only sessions this edge serves with no handover under way.
+                let idle = s
+                    .owner
+                    .try_lock()
+                    .is_ok_and(|o| *o == crate::migration::owner::OwnerState::Serving);
+                if s.state() != State::Serving || !idle || s.role() != super::Role::Serving {
                     continue;
                 }
                 if let Err(e) = self.maybe_round(&s, &limiter, &mut peers).await {
@@ -210,6 +214,8 @@ impl Edge {
             token_hash: s.token_hash.to_hex().to_string(),
             created_unix: s.created,
             block_size: self.cfg.block_size,
+            attempt: 0,
+            epoch: 0,
         };
         let mut chunks = vec![pb::PrecopyChunk {
             chunk: Some(pb::precopy_chunk::Chunk::Meta(meta)),
@@ -263,12 +269,7 @@ impl Edge {
         }
         let lock = self.staging_lock(&meta.session_id);
         let _g = lock.lock().await;
-        if self
-            .pulling
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&meta.session_id)
-        {
+        if self.is_pulling(&meta.session_id) {
             return Err(Status::failed_precondition(
                 "a handover of this session is under way",
             ));

@@ -2,15 +2,30 @@
 //!
 //! Sessions outlive edged by design: each has a record on disk, a volfs shim
 //! and an instance in their own process groups. A restarted edged re-attaches
-//! what still runs and restarts what died; what cannot be recovered is
-//! stopped and removed, never leaked.
+//! what still runs and restarts what died, and finishes what a handover left
+//! half done, by the role the record persisted:
+//!
+//! - a session released to another edge (its tombstone is at least as new
+//!   as its epoch) never comes back: it is stopped and removed;
+//! - `Frozen` (the old owner died mid-handover): the instance is thawed and
+//!   the session served — its release was never persisted, so the attempt
+//!   is over and a late Release of it is refused;
+//! - `Starting` (the new edge died before asking for the release): the copy
+//!   is staged again, the instance stopped, the old owner told to abort;
+//! - `AwaitingRelease`: the session is recovered with its calls held and
+//!   the old owner asked again; only its answer decides.
+//!
+//! A session that fails to recover for a reason that may pass (the engine
+//! not up yet, an app renamed in the config) is kept on disk, untouched,
+//! for the next start or the operator; nothing is deleted on an error.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Edge, EdgeError, SessionRecord, Shim, State};
+use super::{Edge, EdgeError, Role, SessionRecord, Shim, State};
 use crate::config::{Config, RuntimeConfig};
+use crate::migration::puller::PullerEvent;
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::process::ProcessRuntime;
 use crate::runtime::{InstanceId, Runtime};
@@ -20,7 +35,7 @@ impl Edge {
     /// Recovers the sessions recorded on disk after a restart: re-attaches
     /// live shims and instances, restarts dead ones, removes what cannot be
     /// recovered. Returns (recovered, removed).
-    pub async fn recover(&self) -> (usize, usize) {
+    pub async fn recover(self: &Arc<Self>) -> (usize, usize) {
         let mut recovered = 0;
         let mut removed = 0;
         let Ok(mut rd) = tokio::fs::read_dir(self.sessions_dir()).await else {
@@ -29,23 +44,64 @@ impl Edge {
         while let Ok(Some(ent)) = rd.next_entry().await {
             let dir = ent.path();
             match self.recover_one(&dir).await {
-                Ok(()) => recovered += 1,
+                Ok(true) => recovered += 1,
+                Ok(false) => removed += 1,
                 Err(e) => {
-                    tracing::warn!(dir = %dir.display(), error = %e, "session not recoverable; removing it");
-                    cleanup_dir(&self.cfg, &dir).await;
-                    removed += 1;
+                    tracing::error!(dir = %dir.display(), error = %e, "session not recovered; kept on disk for the next start or the operator (`edged cleanup`)");
                 }
             }
         }
         (recovered, removed)
     }
 
-    async fn recover_one(&self, dir: &Path) -> Result<(), EdgeError> {
+    /// Recovers one session directory: `Ok(true)` serving (or waiting for
+    /// its release), `Ok(false)` it was not this edge's to keep.
+    async fn recover_one(self: &Arc<Self>, dir: &Path) -> Result<bool, EdgeError> {
         let text = tokio::fs::read(dir.join("session.json")).await?;
         let rec: SessionRecord =
             serde_json::from_slice(&text).map_err(|e| EdgeError::Invalid(e.to_string()))?;
         let hash = blake3::Hash::from_hex(&rec.token_hash)
             .map_err(|e| EdgeError::Invalid(e.to_string()))?;
+        if let Some(t) = self.tombstone(&rec.id) {
+            if t.epoch >= rec.epoch {
+                tracing::info!(session = %rec.id, to = %t.to.edge_id, "released before the restart; removing what is left of it");
+                cleanup_dir(&self.cfg, dir).await;
+                return Ok(false);
+            }
+            // It came back here after it was released: the tombstone is stale.
+            self.released
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&rec.id);
+            self.tombstones.remove(&rec.id);
+        }
+        if let Role::Starting { attempt, from } = &rec.role {
+            tracing::warn!(session = %rec.id, from = %from.edge_id, "a pull was starting when edged stopped; staging the copy again");
+            self.puller_step(
+                &rec.id,
+                PullerEvent::Restarted(crate::migration::puller::PullerState::Starting {
+                    from: from.clone(),
+                    attempt: *attempt,
+                }),
+            );
+            stop_recorded(&self.cfg, &rec, dir).await;
+            self.stage_back(&rec.id).await;
+            let (from, attempt, id) = (from.clone(), *attempt, rec.id.clone());
+            let me = self.cfg.edge_id.clone();
+            tokio::spawn(async move {
+                if let Ok(mut p) = super::migrate::peer_client(&from.addr).await {
+                    let _ = p
+                        .abort(edge_proto::v1::ReleaseRequest {
+                            session_id: id,
+                            token: Vec::new(),
+                            attempt,
+                            from_edge: me,
+                        })
+                        .await;
+                }
+            });
+            return Ok(false);
+        }
         let runtime = self.runtime(&rec.app).await?;
         let session = Arc::new(self.build_session(&rec, hash, runtime.clone())?);
         let layout = session.layout();
@@ -73,6 +129,15 @@ impl Edge {
             }
         };
         *session.shim.lock().await = Some(shim);
+        // A frozen instance (edged died mid-handover) is thawed first: the
+        // release was never persisted, so the attempt is over.
+        if let (Role::Frozen { to, .. }, Some(id)) = (&rec.role, &rec.instance) {
+            if let Err(e) = runtime.resume(id).await {
+                tracing::error!(session = %rec.id, error = %e, "could not thaw the instance");
+            }
+            tracing::warn!(session = %rec.id, to = %to.edge_id, "edged stopped during a handover with the instance frozen; thawed, serving");
+            *session.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Serving;
+        }
         // The instance: re-attach if it runs and answers, else restart.
         if let Some(id) = rec.instance.clone() {
             if runtime.alive(&id).await {
@@ -81,7 +146,8 @@ impl Edge {
                     .await
                 {
                     Ok(c) => *session.instance.lock().await = Some((id, c)),
-                    Err(_) => {
+                    Err(e) => {
+                        tracing::warn!(session = %rec.id, instance = %id, error = %e, "instance runs but does not answer; restarting it");
                         let _ = runtime.stop(&id).await;
                     }
                 }
@@ -90,12 +156,89 @@ impl Edge {
         session.ensure_running(&self.cfg).await?;
         session.save_record().await?;
         session.set_state(State::Serving);
-        tracing::info!(session = %rec.id, app = %rec.app, "session recovered");
         self.sessions
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(rec.id.clone(), session);
-        Ok(())
+        if let Role::AwaitingRelease { attempt, from } = rec.role {
+            tracing::info!(session = %rec.id, from = %from.edge_id, "recovered a pulled session; asking the old edge again for its release");
+            self.puller_step(
+                &rec.id,
+                PullerEvent::Restarted(crate::migration::puller::PullerState::AwaitingRelease {
+                    from: from.clone(),
+                    attempt,
+                }),
+            );
+            let edge = self.clone();
+            let id = rec.id.clone();
+            tokio::spawn(async move {
+                if let Err(st) = edge.ask_release(&id, &[], &from, attempt, None).await {
+                    tracing::warn!(session = %id, error = %st.message(), "pulled session not released");
+                }
+            });
+        } else {
+            tracing::info!(session = %rec.id, app = %rec.app, "session recovered");
+        }
+        Ok(true)
+    }
+
+    /// Moves what is left of a session directory's volume back to staging
+    /// and removes the directory.
+    async fn stage_back(&self, id: &str) {
+        let dir = self.sessions_dir().join(id);
+        let staging = self.staging_dir(id);
+        volume::detach(&dir.join("mnt"));
+        let _ = tokio::fs::remove_dir_all(&staging).await;
+        let _ = tokio::fs::create_dir_all(&staging).await;
+        let _ = tokio::fs::rename(dir.join("volume"), staging.join("volume")).await;
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+    }
+}
+
+/// Stops the instance and the shim a record names, and an instance of the
+/// session that started but was never recorded (edged died in between).
+async fn stop_recorded(cfg: &Config, rec: &SessionRecord, dir: &Path) {
+    if let Some(id) = &rec.instance {
+        stop_instance(cfg, &rec.app, id).await;
+    }
+    let run = dir.join("run");
+    for pid in crate::runtime::process::find_by_env(
+        crate::runtime::ENV_SOCKET_DIR,
+        &run.display().to_string(),
+    ) {
+        tracing::warn!(session = %rec.id, pid, "stopping an instance that was never recorded");
+        stop_instance(cfg, &rec.app, &InstanceId::Pid(pid)).await;
+    }
+    if let Some(pid) = rec.volfs_pid {
+        let shim = Shim {
+            pid,
+            backing: dir.join("volume"),
+            mountpoint: dir.join("mnt"),
+        };
+        shim.unmount().await;
+    }
+}
+
+async fn stop_instance(cfg: &Config, app: &str, id: &InstanceId) {
+    let stopped = match (id, cfg.apps.get(app).map(|a| &a.runtime)) {
+        (InstanceId::Pid(_), _) => {
+            ProcessRuntime::new(PathBuf::new(), Vec::new())
+                .stop(id)
+                .await
+        }
+        (InstanceId::Container(_), Some(RuntimeConfig::Docker { image })) => {
+            match crate::runtime::docker::connect().await {
+                Ok(d) => DockerRuntime::new(d, image.clone()).stop(id).await,
+                Err(e) => Err(e),
+            }
+        }
+        (InstanceId::Container(_), _) => match crate::runtime::docker::connect().await {
+            Ok(d) => DockerRuntime::new(d, String::new()).stop(id).await,
+            Err(e) => Err(e),
+        },
+    };
+    if let Err(e) = stopped {
+        tracing::error!(instance = %id, error = %e, "could not stop instance");
     }
 }
 
@@ -104,38 +247,7 @@ impl Edge {
 pub async fn cleanup_dir(cfg: &Config, dir: &Path) {
     if let Ok(text) = tokio::fs::read(dir.join("session.json")).await {
         if let Ok(rec) = serde_json::from_slice::<SessionRecord>(&text) {
-            if let Some(id) = rec.instance {
-                let stopped = match (&id, cfg.apps.get(&rec.app).map(|a| &a.runtime)) {
-                    (InstanceId::Pid(_), _) => {
-                        ProcessRuntime::new(PathBuf::new(), Vec::new())
-                            .stop(&id)
-                            .await
-                    }
-                    (InstanceId::Container(_), Some(RuntimeConfig::Docker { image })) => {
-                        match crate::runtime::docker::connect().await {
-                            Ok(d) => DockerRuntime::new(d, image.clone()).stop(&id).await,
-                            Err(e) => Err(e),
-                        }
-                    }
-                    (InstanceId::Container(_), _) => {
-                        match crate::runtime::docker::connect().await {
-                            Ok(d) => DockerRuntime::new(d, String::new()).stop(&id).await,
-                            Err(e) => Err(e),
-                        }
-                    }
-                };
-                if let Err(e) = stopped {
-                    tracing::error!(instance = %id, error = %e, "could not stop instance");
-                }
-            }
-            if let Some(pid) = rec.volfs_pid {
-                let shim = Shim {
-                    pid,
-                    backing: dir.join("volume"),
-                    mountpoint: dir.join("mnt"),
-                };
-                shim.unmount().await;
-            }
+            stop_recorded(cfg, &rec, dir).await;
         }
     }
     volume::detach(&dir.join("mnt"));

@@ -174,7 +174,7 @@ async fn calls(addr: &str, b_addr: &str) -> anyhow::Result<()> {
     list.handover_to(&edge_b, |p| {
         println!(
             "  {:<9} round {} {:>7} bytes received, downtime so far {:.1} ms",
-            p.phase,
+            edge_client::phase_name(p.phase()),
             p.round,
             p.bytes_received,
             p.downtime_micros as f64 / 1e3
