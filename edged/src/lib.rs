@@ -8,8 +8,9 @@
 //! - [`config`]: `edged.toml`, with a commented default.
 //! - [`session`]: sessions and the [`session::Edge`] that owns them: open,
 //!   invoke, result, close, idle reaping, recovery after a restart (by the
-//!   handover role each session persisted); [`session::migrate`]: the async
-//!   shells of a handover (the new edge pulls); [`session::precopy`]:
+//!   handover role each session persisted); [`session::migrate`]: handover
+//!   between edges (the new edge pulls; the async shells of the two state
+//!   machines are `session/give.rs` and `session/take.rs`); [`session::precopy`]:
 //!   pre-copy rounds to the neighbour edges.
 //! - [`migration`]: the two handover state machines as plain code — the
 //!   owner's ([`migration::owner`]) and the puller's ([`migration::puller`]),

@@ -32,10 +32,12 @@ use crate::runtime::{InstanceId, InstanceSpec, Runtime};
 use crate::volume::{self, Shim};
 
 mod error;
+mod give;
 mod layout;
 pub mod migrate;
 pub mod precopy;
 mod recover;
+mod take;
 
 pub use error::{EdgeError, moved_status, moving_status, peer_status};
 pub use layout::{Layout, Role, SessionRecord, Tombstone, Tombstones, write_durable};

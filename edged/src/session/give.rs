@@ -1,0 +1,743 @@
+//! The owner's side of a handover (A): the async shell around
+//! [`OwnerState`]. Every event goes through [`Edge::owner_event`], which
+//! steps the machine and performs what touches the session — persist,
+//! freeze, thaw, the call gate, timers, teardown — under the machine's lock,
+//! so a thaw never overtakes a freeze. The streaming (live round, final
+//! delta, op results) runs in the `give` task, which feeds its progress
+//! back as events and stops as soon as the machine has moved on.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use edge_proto::v1 as pb;
+use edge_proto::v1::handover_chunk::Chunk;
+use tokio::sync::mpsc;
+use tonic::Status;
+use tracing::Instrument;
+
+use super::migrate::{frames, io_status};
+use super::{Edge, EdgeError, Gate, Role, Session, Tombstone, now_unix};
+use crate::journal::Outcome;
+use crate::migration::owner::{OwnerAction, OwnerEvent, OwnerState, OwnerTimer, Persist, Refusal};
+use crate::migration::{Attempt, Peer, new_attempt};
+use crate::volume;
+
+impl Edge {
+    // ---- The owner's side ----
+
+    /// Feeds `ev` to the session's owner machine and performs the actions
+    /// that touch the session (persist, freeze, thaw, the call gate, timers,
+    /// teardown) under its lock, in order. A failing action drops the rest
+    /// of its step and feeds `Failed`. Returns the actions left to the
+    /// caller: the streaming work and the answers.
+    pub(super) async fn owner_event(
+        self: &Arc<Self>,
+        s: &Arc<Session>,
+        ev: OwnerEvent,
+    ) -> Vec<OwnerAction> {
+        let mut st = s.owner.lock().await;
+        let mut out = Vec::new();
+        let mut next = Some(ev);
+        while let Some(ev) = next.take() {
+            let before = st.clone();
+            let attempt = st.attempt();
+            let actions = st.step(ev);
+            for a in actions {
+                let failed = match &a {
+                    OwnerAction::Persist(p) => self.persist_owner(s, p).await.err(),
+                    OwnerAction::Freeze => s.freeze().await.err(),
+                    OwnerAction::Thaw => {
+                        s.thaw().await;
+                        None
+                    }
+                    OwnerAction::HoldCalls => {
+                        s.set_gate(Gate::Held);
+                        s.journal.hold_new();
+                        None
+                    }
+                    OwnerAction::ResumeCalls => {
+                        s.journal.admit_new();
+                        s.set_gate(Gate::Open);
+                        None
+                    }
+                    OwnerAction::RedirectCalls(to) => {
+                        s.set_gate(Gate::Moved(to.clone()));
+                        None
+                    }
+                    OwnerAction::Arm {
+                        attempt,
+                        timer,
+                        after,
+                    } => {
+                        self.arm(s, *attempt, *timer, *after);
+                        None
+                    }
+                    OwnerAction::Teardown => {
+                        self.teardown_released(s, st.peer().map(|p| p.edge_id.clone()));
+                        None
+                    }
+                    OwnerAction::RefusePull(_)
+                    | OwnerAction::SendLive
+                    | OwnerAction::WaitOps
+                    | OwnerAction::SendFinal
+                    | OwnerAction::Reply(_) => {
+                        out.push(a.clone());
+                        None
+                    }
+                };
+                if let Some(reason) = failed {
+                    tracing::error!(session = %s.id, state = st.name(), error = %reason, "handover step failed");
+                    if let (
+                        OwnerAction::Persist(Persist::Released { .. }),
+                        OwnerState::FinalSent { .. },
+                    ) = (&a, &before)
+                    {
+                        // Not released after all: the puller may ask again.
+                        *st = before;
+                        out.push(OwnerAction::Reply(Err(Refusal::NotGiving)));
+                    } else if let Some(attempt) = attempt.or(st.attempt()) {
+                        next = Some(OwnerEvent::Failed { attempt, reason });
+                    }
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    async fn persist_owner(&self, s: &Session, p: &Persist) -> Result<(), String> {
+        match p {
+            Persist::Frozen { attempt, to } => s
+                .set_role(Role::Frozen {
+                    attempt: *attempt,
+                    to: to.clone(),
+                })
+                .await
+                .map_err(|e| e.to_string()),
+            Persist::Serving => s.set_role(Role::Serving).await.map_err(|e| e.to_string()),
+            Persist::Released { attempt, to } => {
+                let t = Tombstone {
+                    to: to.clone(),
+                    attempt: *attempt,
+                    epoch: s.epoch.load(Ordering::SeqCst),
+                    at: now_unix(),
+                };
+                let (store, id, t2) = (self.tombstones.clone(), s.id.clone(), t.clone());
+                tokio::task::spawn_blocking(move || store.put(&id, &t2))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("persisting the tombstone: {e}"))?;
+                self.released
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(s.id.clone(), t);
+                Ok(())
+            }
+        }
+    }
+
+    /// A timer of an attempt; it holds the session weakly (a released
+    /// session is freed at once).
+    fn arm(
+        self: &Arc<Self>,
+        s: &Arc<Session>,
+        attempt: Attempt,
+        timer: OwnerTimer,
+        after: Duration,
+    ) {
+        let (edge, weak) = (self.clone(), Arc::downgrade(s));
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            if let Some(s) = weak.upgrade() {
+                if !edge
+                    .owner_event(&s, OwnerEvent::Timer { attempt, timer })
+                    .await
+                    .is_empty()
+                {
+                    tracing::debug!(session = %s.id, "timer left work undone");
+                }
+                tracing::debug!(session = %s.id, attempt, ?timer, "handover timer fired");
+            }
+        });
+    }
+
+    /// The session is the new owner's: forget it here and clean up behind
+    /// (the teardown is not part of anyone's downtime).
+    fn teardown_released(self: &Arc<Self>, s: &Arc<Session>, to: Option<String>) {
+        {
+            let mut map = self.sessions.write().unwrap_or_else(|p| p.into_inner());
+            if map.get(&s.id).is_some_and(|x| Arc::ptr_eq(x, s)) {
+                map.remove(&s.id);
+            }
+        }
+        let gone = s.clone();
+        tokio::spawn(async move { gone.teardown().await });
+        self.tell_candidates_to_drop(&s.id, to.as_deref().unwrap_or(""));
+        tracing::info!(session = %s.id, to = ?to, "released to the new edge");
+    }
+
+    /// A side: streams session `req.session_id` to the edge that asked.
+    pub async fn give(
+        self: &Arc<Self>,
+        req: pb::PeerHandoverRequest,
+        tx: mpsc::Sender<Result<pb::HandoverChunk, Status>>,
+    ) {
+        let s = match self.session_for_peer(&req.session_id, &req.token) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(e.status())).await;
+                return;
+            }
+        };
+        let attempt = new_attempt();
+        let to = Peer {
+            edge_id: req.to_edge.clone(),
+            addr: req.to_addr.clone(),
+        };
+        let span = tracing::info_span!("give", session = %s.id, to = %to.edge_id, attempt);
+        let acts = self.owner_event(&s, OwnerEvent::Pull { attempt, to }).await;
+        if let Some(OwnerAction::RefusePull(r)) = acts.first() {
+            let msg = match r {
+                Refusal::Moving(p) => format!(
+                    "session {} is being handed over to edge {} already",
+                    s.id, p.edge_id
+                ),
+                Refusal::Moved(p) => format!("session {} moved to edge {}", s.id, p.edge_id),
+                Refusal::NotGiving => "refused".to_string(),
+            };
+            tracing::info!(parent: &span, "{msg}; pull refused");
+            let _ = tx
+                .send(Err(EdgeError::Refused(msg, r.clone()).status()))
+                .await;
+            return;
+        }
+        if !acts.contains(&OwnerAction::SendLive) {
+            let _ = tx.send(Err(Status::aborted("handover not started"))).await;
+            return;
+        }
+        tracing::info!(parent: &span, "handover requested");
+        let r = self
+            .give_attempt(&s, attempt, &req, &tx)
+            .instrument(span.clone())
+            .await;
+        if let Err(st) = r {
+            tracing::warn!(parent: &span, error = %st.message(), "handover given up; serving on");
+            self.owner_event(
+                &s,
+                OwnerEvent::Failed {
+                    attempt,
+                    reason: st.message().to_string(),
+                },
+            )
+            .await;
+            let _ = tx.send(Err(st)).await;
+        }
+    }
+
+    async fn give_attempt(
+        self: &Arc<Self>,
+        s: &Arc<Session>,
+        attempt: Attempt,
+        req: &pb::PeerHandoverRequest,
+        tx: &mpsc::Sender<Result<pb::HandoverChunk, Status>>,
+    ) -> Result<(), Status> {
+        // No pre-copy round of this session may run during the handover
+        // (it would change what the new edge holds under its feet).
+        let _precopy = s.precopy.lock().await;
+        let send = |c: Chunk| async {
+            tx.send(Ok(pb::HandoverChunk { chunk: Some(c) }))
+                .await
+                .map_err(|_| Status::cancelled("the new edge went away"))
+        };
+        let given_up = || Status::aborted("the handover was given up (aborted or timed out)");
+        let tmp = tempfile_dir(&s.dir)?;
+        send(Chunk::Meta(pb::SessionMeta {
+            session_id: s.id.clone(),
+            app: s.app.clone(),
+            client_id: s.client_id.clone(),
+            token_hash: s.token_hash.to_hex().to_string(),
+            created_unix: s.created,
+            block_size: self.cfg.block_size,
+            attempt,
+            epoch: s.epoch.load(Ordering::SeqCst),
+        }))
+        .await?;
+        let backing = s.layout().backing();
+        // Round 1, live: what B lacks of the volume as it is now.
+        let base = if req.held_manifest.is_empty() {
+            "-".to_string()
+        } else {
+            let p = tmp.join("held.manifest");
+            std::fs::write(&p, &req.held_manifest).map_err(io_status)?;
+            p.display().to_string()
+        };
+        let round = |n: u32, base: String| {
+            let backing = backing.clone();
+            let tmp = tmp.clone();
+            async move {
+                let out = tmp.join(format!("round{n}.delta"));
+                let result = tmp.join(format!("round{n}.manifest"));
+                volume::control(
+                    &backing,
+                    &format!("diff {} {base} {}", out.display(), result.display()),
+                )
+                .await
+                .map_err(io_status)?;
+                let bytes = tokio::fs::read(&out).await.map_err(io_status)?;
+                Ok::<_, Status>((frames(&bytes)?, result))
+            }
+        };
+        let (f1, held1) = round(1, base).await?;
+        for f in f1 {
+            send(Chunk::Frame(f)).await?;
+        }
+        // Quiesce: new calls are held; running ones finish.
+        let acts = self.owner_event(s, OwnerEvent::LiveSent { attempt }).await;
+        if !acts.contains(&OwnerAction::WaitOps) {
+            return Err(given_up());
+        }
+        let t = Instant::now();
+        while s.journal.has_running() {
+            if s.owner.lock().await.attempt() != Some(attempt) {
+                return Err(given_up());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let waited = t.elapsed();
+        // Persist "frozen", freeze the instance (it keeps its state and can
+        // go on if the move fails).
+        let acts = self
+            .owner_event(s, OwnerEvent::OpsDrained { attempt })
+            .await;
+        if !acts.contains(&OwnerAction::SendFinal) {
+            return Err(given_up());
+        }
+        send(Chunk::Quiesced(pb::Quiesced {
+            waited_ops_micros: waited.as_micros() as u64,
+        }))
+        .await?;
+        // The final round: the instance is frozen, the control request flushes volfs.
+        let (f2, held2) = round(2, held1.display().to_string()).await?;
+        for f in f2 {
+            send(Chunk::Frame(f)).await?;
+        }
+        for (op_id, o) in s.journal.done_ops() {
+            let op = match o {
+                Outcome::Ok(p) => pb::OpResult {
+                    op_id,
+                    code: 0,
+                    message: String::new(),
+                    payload: p.to_vec(),
+                },
+                Outcome::Err { code, message } => pb::OpResult {
+                    op_id,
+                    code,
+                    message,
+                    payload: Vec::new(),
+                },
+            };
+            send(Chunk::Op(op)).await?;
+        }
+        let root = volfs::Manifest::from_bytes(&std::fs::read(&held2).map_err(io_status)?)
+            .map_err(io_status)?
+            .root();
+        // The machine waits for the release from here on, before B can ask.
+        self.owner_event(s, OwnerEvent::FinalSent { attempt }).await;
+        if s.owner.lock().await.attempt() != Some(attempt) {
+            return Err(given_up());
+        }
+        send(Chunk::Final(pb::Final {
+            root: root.to_vec(),
+        }))
+        .await?;
+        let _ = std::fs::remove_dir_all(&tmp);
+        drop(_precopy);
+        tracing::info!(root = %volfs::hex(&root), "final delta sent; owner until released");
+        // The puller keeps the stream open until its release is answered: an
+        // end before that (it died, or gave up) ends the attempt at once
+        // (after a release, the event is stale and changes nothing).
+        tx.closed().await;
+        self.owner_event(
+            s,
+            OwnerEvent::Failed {
+                attempt,
+                reason: "the new edge closed the handover stream".into(),
+            },
+        )
+        .await;
+        Ok(())
+    }
+
+    /// A side: the new edge is ready and asks to own the session. The
+    /// attempt id — random, and known only to the two edges of the
+    /// handover stream the session's token opened — is the credential, so
+    /// a puller that restarted (and never stored the token) can ask again.
+    pub async fn release(
+        self: &Arc<Self>,
+        id: &str,
+        attempt: Attempt,
+        from: &str,
+    ) -> Result<(), EdgeError> {
+        let live = self
+            .sessions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned();
+        let Some(s) = live else {
+            // Released already (the answer was lost, or this edge restarted).
+            return match self.tombstone(id) {
+                Some(t) if t.attempt == attempt && t.to.edge_id == from => Ok(()),
+                _ => Err(EdgeError::Refused(
+                    format!("session {id} is not being handed over to {from} in attempt {attempt}"),
+                    Refusal::NotGiving,
+                )),
+            };
+        };
+        let acts = self
+            .owner_event(
+                &s,
+                OwnerEvent::Release {
+                    attempt,
+                    from: from.to_string(),
+                },
+            )
+            .await;
+        reply_of(id, acts)
+    }
+
+    /// A side: the new edge gave up; serve again.
+    pub async fn abort_handover(
+        self: &Arc<Self>,
+        id: &str,
+        attempt: Attempt,
+        from: &str,
+    ) -> Result<(), EdgeError> {
+        let s = self
+            .sessions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| EdgeError::UnknownSession(id.to_string()))?;
+        let acts = self
+            .owner_event(
+                &s,
+                OwnerEvent::Abort {
+                    attempt,
+                    from: from.to_string(),
+                },
+            )
+            .await;
+        let r = reply_of(id, acts);
+        if r.is_ok() {
+            tracing::warn!(session = %id, attempt, "handover aborted by the new edge; serving again");
+        }
+        r
+    }
+}
+
+fn reply_of(id: &str, acts: Vec<OwnerAction>) -> Result<(), EdgeError> {
+    for a in acts {
+        if let OwnerAction::Reply(r) = a {
+            return r.map_err(|r| {
+                EdgeError::Refused(
+                    format!("session {id}: that handover attempt is not under way here"),
+                    r,
+                )
+            });
+        }
+    }
+    Err(EdgeError::Refused(
+        format!("session {id}: no answer"),
+        Refusal::NotGiving,
+    ))
+}
+
+impl Session {
+    /// Freezes the instance (if one runs).
+    async fn freeze(&self) -> Result<(), String> {
+        if let Some((id, _)) = self.instance.lock().await.as_ref() {
+            self.runtime.pause(id).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Thaws the instance (if one runs).
+    async fn thaw(&self) {
+        if let Some((id, _)) = self.instance.lock().await.as_ref() {
+            if let Err(e) = self.runtime.resume(id).await {
+                tracing::error!(session = %self.id, error = %e, "could not thaw the instance");
+            }
+        }
+    }
+}
+
+/// A scratch directory inside the session directory.
+fn tempfile_dir(dir: &std::path::Path) -> Result<PathBuf, Status> {
+    let t = dir.join("handover");
+    let _ = std::fs::remove_dir_all(&t);
+    std::fs::create_dir_all(&t).map_err(io_status)?;
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The owner's shell with a recording runtime: what the machine says
+    //! is done, in order, and persisted before it takes effect.
+
+    use super::*;
+    use crate::config::{Config, DEFAULT_TOML};
+    use crate::runtime::fake::{Call, FakeRuntime};
+    use crate::runtime::{InstanceId, Runtime};
+    use crate::session::SessionRecord;
+
+    async fn edge_with_session() -> (Arc<Edge>, Arc<Session>, Arc<FakeRuntime>, tempfile::TempDir) {
+        let d = tempfile::tempdir().unwrap();
+        let toml = DEFAULT_TOML.replace(
+            "data_dir = \"/var/lib/edgeshift\"",
+            &format!("data_dir = {:?}", d.path().display().to_string()),
+        );
+        let edge = Edge::new(Config::from_toml(&toml, "test").unwrap()).unwrap();
+        let fake = Arc::new(FakeRuntime::default());
+        let rec = SessionRecord {
+            id: "s1".into(),
+            app: "list".into(),
+            client_id: "c".into(),
+            token_hash: blake3::hash(b"t").to_hex().to_string(),
+            created: 0,
+            instance: None,
+            volfs_pid: None,
+            epoch: 1,
+            role: Role::Serving,
+        };
+        std::fs::create_dir_all(edge.sessions_dir().join("s1")).unwrap();
+        let s = Arc::new(
+            edge.build_session(&rec, blake3::hash(b"t"), fake.clone() as Arc<dyn Runtime>)
+                .unwrap(),
+        );
+        // An instance "runs" without starting anything.
+        let client =
+            crate::forward::AppClient::lazy(&std::path::PathBuf::from("/nonexistent"), 1024);
+        *s.instance.lock().await = Some((InstanceId::Pid(7), client));
+        edge.sessions
+            .write()
+            .unwrap()
+            .insert("s1".into(), s.clone());
+        (edge, s, fake, d)
+    }
+
+    fn peer(id: &str) -> Peer {
+        Peer {
+            edge_id: id.into(),
+            addr: format!("{id}:1"),
+        }
+    }
+
+    fn persisted(s: &Session) -> Role {
+        let rec: SessionRecord =
+            serde_json::from_slice(&std::fs::read(s.layout().record()).unwrap()).unwrap();
+        rec.role
+    }
+
+    async fn to_final_sent(edge: &Arc<Edge>, s: &Arc<Session>, attempt: Attempt) {
+        edge.owner_event(
+            s,
+            OwnerEvent::Pull {
+                attempt,
+                to: peer("b"),
+            },
+        )
+        .await;
+        edge.owner_event(s, OwnerEvent::LiveSent { attempt }).await;
+        assert_eq!(
+            *s.gate.borrow(),
+            Gate::Held,
+            "calls are held from the quiesce"
+        );
+        edge.owner_event(s, OwnerEvent::OpsDrained { attempt })
+            .await;
+        edge.owner_event(s, OwnerEvent::FinalSent { attempt }).await;
+    }
+
+    #[tokio::test]
+    async fn the_freeze_is_persisted_first_and_an_abort_thaws_and_reopens_calls() {
+        let (edge, s, fake, _d) = edge_with_session().await;
+        to_final_sent(&edge, &s, 3).await;
+        assert_eq!(fake.calls(), vec![Call::Pause(InstanceId::Pid(7))]);
+        assert!(matches!(persisted(&s), Role::Frozen { attempt: 3, .. }));
+        let acts = edge
+            .owner_event(
+                &s,
+                OwnerEvent::Abort {
+                    attempt: 3,
+                    from: "b".into(),
+                },
+            )
+            .await;
+        assert_eq!(acts, vec![OwnerAction::Reply(Ok(()))]);
+        assert_eq!(
+            fake.calls(),
+            vec![
+                Call::Pause(InstanceId::Pid(7)),
+                Call::Resume(InstanceId::Pid(7))
+            ]
+        );
+        assert_eq!(persisted(&s), Role::Serving);
+        assert_eq!(*s.gate.borrow(), Gate::Open);
+    }
+
+    #[tokio::test]
+    async fn a_release_persists_the_tombstone_redirects_calls_and_frees_the_session() {
+        let (edge, s, _fake, _d) = edge_with_session().await;
+        to_final_sent(&edge, &s, 5).await;
+        edge.release("s1", 5, "b").await.unwrap();
+        assert_eq!(*s.gate.borrow(), Gate::Moved(peer("b")));
+        let t = edge.tombstones.load();
+        assert_eq!(t.len(), 1);
+        assert_eq!((t[0].1.attempt, t[0].1.to.edge_id.as_str()), (5, "b"));
+        assert_eq!(edge.session_count(), 0);
+        // Asked again (the answer was lost): answered from the tombstone.
+        edge.release("s1", 5, "b").await.unwrap();
+        assert!(edge.release("s1", 4, "b").await.is_err());
+        assert!(matches!(
+            edge.session("s1", b"t"),
+            Err(EdgeError::Moved(..))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_second_pull_is_refused_without_touching_the_first() {
+        let (edge, s, fake, _d) = edge_with_session().await;
+        edge.owner_event(
+            &s,
+            OwnerEvent::Pull {
+                attempt: 1,
+                to: peer("b"),
+            },
+        )
+        .await;
+        edge.owner_event(&s, OwnerEvent::LiveSent { attempt: 1 })
+            .await;
+        edge.owner_event(&s, OwnerEvent::OpsDrained { attempt: 1 })
+            .await;
+        let acts = edge
+            .owner_event(
+                &s,
+                OwnerEvent::Pull {
+                    attempt: 2,
+                    to: peer("c"),
+                },
+            )
+            .await;
+        assert_eq!(
+            acts,
+            vec![OwnerAction::RefusePull(Refusal::Moving(peer("b")))]
+        );
+        assert_eq!(
+            fake.calls(),
+            vec![Call::Pause(InstanceId::Pid(7))],
+            "no thaw"
+        );
+        assert_eq!(*s.gate.borrow(), Gate::Held);
+    }
+
+    #[tokio::test]
+    async fn a_stale_timer_changes_nothing_and_a_retry_starts_clean() {
+        let (edge, s, fake, _d) = edge_with_session().await;
+        to_final_sent(&edge, &s, 1).await;
+        edge.owner_event(
+            &s,
+            OwnerEvent::Abort {
+                attempt: 1,
+                from: "b".into(),
+            },
+        )
+        .await;
+        to_final_sent(&edge, &s, 2).await;
+        let before = fake.calls().len();
+        edge.owner_event(
+            &s,
+            OwnerEvent::Timer {
+                attempt: 1,
+                timer: OwnerTimer::Release,
+            },
+        )
+        .await;
+        assert_eq!(
+            fake.calls().len(),
+            before,
+            "the old attempt's timer did nothing"
+        );
+        assert!(matches!(
+            *s.owner.lock().await,
+            OwnerState::FinalSent { attempt: 2, .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_failed_freeze_gives_the_attempt_up_and_calls_run_again() {
+        let (edge, s, fake, _d) = edge_with_session().await;
+        fake.fail_pause.store(true, Ordering::SeqCst);
+        edge.owner_event(
+            &s,
+            OwnerEvent::Pull {
+                attempt: 1,
+                to: peer("b"),
+            },
+        )
+        .await;
+        edge.owner_event(&s, OwnerEvent::LiveSent { attempt: 1 })
+            .await;
+        let acts = edge
+            .owner_event(&s, OwnerEvent::OpsDrained { attempt: 1 })
+            .await;
+        assert!(
+            !acts.contains(&OwnerAction::SendFinal),
+            "nothing more is sent"
+        );
+        assert_eq!(*s.owner.lock().await, OwnerState::Serving);
+        assert_eq!(*s.gate.borrow(), Gate::Open);
+    }
+
+    #[tokio::test]
+    async fn a_thaw_never_overtakes_a_freeze() {
+        let (edge, s, fake, _d) = edge_with_session().await;
+        edge.owner_event(
+            &s,
+            OwnerEvent::Pull {
+                attempt: 1,
+                to: peer("b"),
+            },
+        )
+        .await;
+        edge.owner_event(&s, OwnerEvent::LiveSent { attempt: 1 })
+            .await;
+        // The freeze (slow) and an abort race.
+        let (e2, s2) = (edge.clone(), s.clone());
+        let freeze = tokio::spawn(async move {
+            e2.owner_event(&s2, OwnerEvent::OpsDrained { attempt: 1 })
+                .await
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        edge.owner_event(
+            &s,
+            OwnerEvent::Abort {
+                attempt: 1,
+                from: "b".into(),
+            },
+        )
+        .await;
+        freeze.await.unwrap();
+        let calls = fake.calls();
+        if let Some(p) = calls.iter().position(|c| matches!(c, Call::Pause(_))) {
+            assert!(
+                calls[p..].iter().any(|c| matches!(c, Call::Resume(_))),
+                "a freeze is always followed by its thaw: {calls:?}"
+            );
+        }
+        assert_eq!(*s.owner.lock().await, OwnerState::Serving);
+    }
+}
