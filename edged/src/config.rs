@@ -27,13 +27,16 @@ pub enum ConfigError {
 pub struct Config {
     /// This edge's id, unique among its neighbours.
     pub edge_id: String,
-    /// Address the Edge and Admin services listen on.
+    /// Address the Edge (clients) and Peer (other edges) services listen on.
     pub listen: SocketAddr,
     /// Address clients and peers use to reach this edge; default `listen`.
     #[serde(default)]
     pub advertise: Option<String>,
     /// Where sessions (volumes, sockets, journals) live.
     pub data_dir: PathBuf,
+    /// The operator's Admin socket (mode 0600); default `DATA_DIR/admin.sock`.
+    #[serde(default)]
+    pub admin_socket: Option<PathBuf>,
     /// A session without a call for this long is closed.
     #[serde(with = "secs")]
     pub session_ttl: Duration,
@@ -175,6 +178,9 @@ edge_id = "edge-a"
 listen = "127.0.0.1:50051"
 # Sessions live here: <data_dir>/sessions/<id>/{volume,mnt,run,ops.log}.
 data_dir = "/var/lib/edgeshift"
+# The operator's Admin service listens only on this Unix socket (mode 0600),
+# never on the address above. Default: <data_dir>/admin.sock.
+# admin_socket = "/var/lib/edgeshift/admin.sock"
 # A session with no call for this long is closed and its volume removed (s).
 session_ttl = 3600
 # Largest payload of one call (bytes).

@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //! - [`config`]: `edged.toml`, with a commented default.
+//! - [`admin`]: the operator's Admin service on a Unix socket (0600).
 //! - [`session`]: sessions and the [`session::Edge`] that owns them: open,
 //!   invoke, result, close, idle reaping, recovery after a restart (by the
 //!   handover role each session persisted); [`session::migrate`]: handover
@@ -29,6 +30,7 @@
 
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod config;
 pub mod forward;
 pub mod journal;

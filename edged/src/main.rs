@@ -33,17 +33,15 @@ enum Cmd {
     },
     /// List the sessions of a running edged (Admin service).
     Sessions {
-        /// Address of the edge.
-        #[arg(long, default_value = "127.0.0.1:50051")]
-        addr: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Close one session of a running edged (Admin service).
     Close {
         /// Session id.
         session: String,
-        /// Address of the edge.
-        #[arg(long, default_value = "127.0.0.1:50051")]
-        addr: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Move one session of a running edged to a neighbour (Admin service).
     Migrate {
@@ -52,9 +50,8 @@ enum Cmd {
         /// Id of the neighbour edge.
         #[arg(long)]
         to: String,
-        /// Address of the edge that serves the session now.
-        #[arg(long, default_value = "127.0.0.1:50051")]
-        addr: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Stop and remove every session recorded in the data directory (edged not running).
     Cleanup {
@@ -67,6 +64,35 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ImageCmd,
     },
+}
+
+/// Where the operator reaches a running edged: its Admin socket.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The edge's configuration (its Admin socket is taken from there).
+    #[arg(long, conflicts_with = "socket")]
+    config: Option<PathBuf>,
+    /// The Admin socket itself [default: /var/lib/edgeshift/admin.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    async fn connect(
+        &self,
+    ) -> anyhow::Result<edge_proto::v1::admin_client::AdminClient<tonic::transport::Channel>> {
+        let path = match (&self.socket, &self.config) {
+            (Some(s), _) => s.clone(),
+            (None, Some(c)) => edged::admin::socket_path(&Config::load(c)?),
+            (None, None) => PathBuf::from("/var/lib/edgeshift").join(edged::admin::SOCKET_NAME),
+        };
+        edged::admin::connect(&path).await.with_context(|| {
+            format!(
+                "the Admin socket {} (is edged running? are you root?)",
+                path.display()
+            )
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -137,10 +163,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
                 .with_context(|| format!("listen on {}", cfg.listen))?;
+            let admin_path = edged::admin::socket_path(&cfg);
+            let admin = edged::admin::bind(&admin_path)
+                .with_context(|| format!("admin socket {}", admin_path.display()))?;
             let edge = edged::session::Edge::new(cfg)?;
             let (recovered, removed) = edge.recover().await;
             tracing::info!(edge = %edge.cfg.edge_id, addr = %listener.local_addr()?, recovered, removed, "serving");
-            edged::server::run(edge.clone(), listener, shutdown).await?;
+            edged::server::run(edge.clone(), listener, admin, shutdown).await?;
             if close_sessions {
                 edge.close_all().await;
             }
@@ -160,11 +189,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("ok: edge {} with {} apps", c.edge_id, c.apps.len());
             Ok(())
         }
-        Cmd::Sessions { addr } => {
-            let mut c =
-                edge_proto::v1::admin_client::AdminClient::connect(format!("http://{addr}"))
-                    .await
-                    .with_context(|| format!("connect to {addr}"))?;
+        Cmd::Sessions { admin } => {
+            let mut c = admin.connect().await?;
             let r = c
                 .list_sessions(edge_proto::v1::ListSessionsRequest {})
                 .await?
@@ -189,10 +215,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Close { session, addr } => {
-            let mut c =
-                edge_proto::v1::admin_client::AdminClient::connect(format!("http://{addr}"))
-                    .await?;
+        Cmd::Close { session, admin } => {
+            let mut c = admin.connect().await?;
             c.close_session(edge_proto::v1::AdminCloseSessionRequest {
                 session_id: session,
             })
@@ -200,10 +224,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("closed");
             Ok(())
         }
-        Cmd::Migrate { session, to, addr } => {
-            let mut c =
-                edge_proto::v1::admin_client::AdminClient::connect(format!("http://{addr}"))
-                    .await?;
+        Cmd::Migrate { session, to, admin } => {
+            let mut c = admin.connect().await?;
             let r = c
                 .migrate(edge_proto::v1::MigrateRequest {
                     session_id: session,

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
 
 use crate::session::Edge;
@@ -243,14 +243,30 @@ impl Peer for PeerService {
     }
 }
 
-/// Serves `edge` on `listener` until `shutdown` resolves; reaps idle
-/// sessions meanwhile. Sessions stay up after shutdown (a restarted edged
-/// recovers them) unless the caller closes them.
+/// Serves `edge` until `shutdown` resolves: the Edge and Peer services (and
+/// health) on `listener`, the Admin service on `admin` only (a Unix socket,
+/// see [`crate::admin`]); reaps idle sessions meanwhile. Sessions stay up
+/// after shutdown (a restarted edged recovers them) unless the caller
+/// closes them.
 pub async fn run(
     edge: Arc<Edge>,
     listener: TcpListener,
+    admin: tokio::net::UnixListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let admin_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AdminServer::new(AdminService(edge.clone())))
+            .serve_with_incoming_shutdown(UnixListenerStream::new(admin), stopped(stop_rx.clone())),
+    );
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<EdgeServer<EdgeService>>().await;
     let reaper = {
@@ -283,7 +299,6 @@ pub async fn run(
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(limit),
         )
-        .add_service(AdminServer::new(AdminService(edge.clone())))
         .add_service(
             PeerServer::new(PeerService(edge.clone()))
                 .max_decoding_message_size(64 << 20)
@@ -293,5 +308,8 @@ pub async fn run(
         .await;
     reaper.abort();
     precopy.abort();
+    if let Ok(Err(e)) = admin_server.await {
+        tracing::error!(error = %e, "the Admin service failed");
+    }
     result
 }

@@ -225,24 +225,41 @@ impl Edge {
         if TcpStream::connect(self.addr).is_err() {
             return false;
         }
-        let url = self.url();
+        let sock = self.admin_socket();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async {
-                match edge_proto::v1::admin_client::AdminClient::connect(url).await {
-                    Ok(mut c) => c
-                        .list_sessions(edge_proto::v1::ListSessionsRequest {})
-                        .await
-                        .is_ok(),
-                    Err(_) => false,
-                }
+                let ask = async {
+                    match edged::admin::connect(&sock).await {
+                        Ok(mut c) => c
+                            .list_sessions(edge_proto::v1::ListSessionsRequest {})
+                            .await
+                            .is_ok(),
+                        Err(_) => false,
+                    }
+                };
+                tokio::time::timeout(Duration::from_secs(5), ask)
+                    .await
+                    .unwrap_or(false)
             })
         })
         .join()
         .unwrap_or(false)
+    }
+
+    /// The operator's Admin socket.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.data_dir.join(edged::admin::SOCKET_NAME)
+    }
+
+    /// A client of the Admin service.
+    pub async fn admin(
+        &self,
+    ) -> edge_proto::v1::admin_client::AdminClient<tonic::transport::Channel> {
+        edged::admin::connect(&self.admin_socket()).await.unwrap()
     }
 
     /// edged's log so far.
@@ -312,10 +329,8 @@ pub fn pid_alive(pid: u32) -> bool {
 }
 
 /// The operator's view of an edge.
-pub async fn sessions(url: &str) -> Vec<edge_proto::v1::SessionInfo> {
-    let mut c = edge_proto::v1::admin_client::AdminClient::connect(url.to_string())
-        .await
-        .unwrap();
+pub async fn sessions(edge: &Edge) -> Vec<edge_proto::v1::SessionInfo> {
+    let mut c = edge.admin().await;
     c.list_sessions(edge_proto::v1::ListSessionsRequest {})
         .await
         .unwrap()
@@ -324,8 +339,8 @@ pub async fn sessions(url: &str) -> Vec<edge_proto::v1::SessionInfo> {
 }
 
 /// The pid of a session's process instance.
-pub async fn instance_pid(url: &str, session: &str) -> u32 {
-    let s = sessions(url)
+pub async fn instance_pid(edge: &Edge, session: &str) -> u32 {
+    let s = sessions(edge)
         .await
         .into_iter()
         .find(|s| s.session_id == session)
@@ -563,7 +578,7 @@ pub fn instances_of(session: &str) -> Vec<u32> {
 pub async fn holders(edges: &[&Edge], session: &str) -> Vec<(usize, String)> {
     let mut out = Vec::new();
     for (i, e) in edges.iter().enumerate() {
-        let Ok(mut c) = edge_proto::v1::admin_client::AdminClient::connect(e.url()).await else {
+        let Ok(mut c) = edged::admin::connect(&e.admin_socket()).await else {
             continue;
         };
         if let Ok(r) = c

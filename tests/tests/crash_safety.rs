@@ -56,7 +56,7 @@ async fn the_old_edge_killed_while_frozen_thaws_its_instance_and_serves_on() {
             .await
             .unwrap();
     }
-    let pid = instance_pid(&a.url(), s.id()).await;
+    let pid = instance_pid(&a, s.id()).await;
     let writer = Writer::start(s.clone(), "w");
     // B pulls over a slow link, so A stays frozen for a while.
     let relay = Relay::start(
@@ -87,7 +87,7 @@ async fn the_old_edge_killed_while_frozen_thaws_its_instance_and_serves_on() {
     );
     a.restart();
     // The same instance, thawed, with its state; B kept nothing.
-    let now = instance_pid(&a.url(), s.id()).await;
+    let now = instance_pid(&a, s.id()).await;
     assert_eq!(
         now,
         pid,
@@ -135,7 +135,7 @@ async fn the_old_edge_killed_just_after_releasing_never_serves_the_session_again
         .open_session("list", "walker")
         .await
         .unwrap();
-    let pid = instance_pid(&a.url(), s.id()).await;
+    let pid = instance_pid(&a, s.id()).await;
     let writer = Writer::start(s.clone(), "w");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (s2, cb) = (s.clone(), client(&b).await);

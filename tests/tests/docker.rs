@@ -76,7 +76,7 @@ async fn docker_runtime_end_to_end() {
         "state is on the session's volume"
     );
 
-    let info = sessions(&edge.url()).await;
+    let info = sessions(&edge).await;
     let cid = &info[0].container_id;
     assert!(!cid.is_empty() && !cid.starts_with("pid:"), "{cid}");
     let label = format!("label=edgeshift.session={}", s.id());

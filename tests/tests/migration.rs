@@ -487,9 +487,20 @@ async fn an_operator_moves_a_session_and_the_client_follows() {
     let ca = edge_client::connect(&a.url()).await.unwrap();
     let s = ca.open_session("list", "walker").await.unwrap();
     s.invoke(ADD, add("before")).await.unwrap();
-    let mut admin = edge_proto::v1::admin_client::AdminClient::connect(a.url())
+    // The operator's door is a Unix socket; the Edge port does not serve Admin.
+    let mut public = edge_proto::v1::admin_client::AdminClient::connect(a.url())
         .await
         .unwrap();
+    let refused = public
+        .list_sessions(edge_proto::v1::ListSessionsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(a.admin_socket()).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "only root talks to the Admin socket");
+    let mut admin = a.admin().await;
     let bad = admin
         .migrate(edge_proto::v1::MigrateRequest {
             session_id: s.id().into(),

@@ -72,7 +72,7 @@ async fn both_apps_end_to_end_and_close_cleans_up() {
             .all(|w| w.contains('a') && w.contains('e') && w.contains('o'))
     );
 
-    let infos = sessions(&edge.url()).await;
+    let infos = sessions(&edge).await;
     assert_eq!(infos.len(), 2);
     let li = infos.iter().find(|i| i.session_id == list.id()).unwrap();
     assert_eq!(
@@ -80,7 +80,7 @@ async fn both_apps_end_to_end_and_close_cleans_up() {
         ("list", "phone-1", "serving")
     );
     assert!(li.ops >= 5 && li.volume_bytes > 0, "{li:?}");
-    let pid = instance_pid(&edge.url(), list.id()).await;
+    let pid = instance_pid(&edge, list.id()).await;
     assert!(pid_alive(pid));
 
     list.close().await.unwrap();
@@ -266,7 +266,7 @@ async fn fifty_clients_each_with_an_isolated_volume() {
     for t in tasks {
         all.push(t.await.unwrap());
     }
-    assert_eq!(sessions(&edge.url()).await.len(), 50);
+    assert_eq!(sessions(&edge).await.len(), 50);
     assert_eq!(edge.mounts().len(), 50, "one volume per session");
     // One client's token opens nothing of another's.
     let intruder = edge_client::Session::attach(
@@ -300,8 +300,8 @@ async fn a_restarted_edge_recovers_its_sessions() {
     let b = client.open_session("list", "b").await.unwrap();
     a.invoke(ADD, add("a1")).await.unwrap();
     b.invoke(ADD, add("b1")).await.unwrap();
-    let pid_a = instance_pid(&edge.url(), a.id()).await;
-    let pid_b = instance_pid(&edge.url(), b.id()).await;
+    let pid_a = instance_pid(&edge, a.id()).await;
+    let pid_b = instance_pid(&edge, b.id()).await;
 
     edge.kill();
     // While edged is down, b's instance dies too.
@@ -336,12 +336,12 @@ async fn a_restarted_edge_recovers_its_sessions() {
         ["b1", "b2"]
     );
     assert_eq!(
-        instance_pid(&edge.url(), a.id()).await,
+        instance_pid(&edge, a.id()).await,
         pid_a,
         "a live instance is re-attached"
     );
     assert_ne!(
-        instance_pid(&edge.url(), b.id()).await,
+        instance_pid(&edge, b.id()).await,
         pid_b,
         "a dead one is restarted"
     );
@@ -358,7 +358,7 @@ async fn an_app_crash_fails_its_call_clearly_and_the_session_carries_on() {
     let s = client.open_session("list", "c").await.unwrap();
     let bystander = client.open_session("list", "d").await.unwrap();
     s.invoke(ADD, add("kept")).await.unwrap();
-    let pid = instance_pid(&edge.url(), s.id()).await;
+    let pid = instance_pid(&edge, s.id()).await;
 
     let s2 = s.clone();
     let call = tokio::spawn(async move { s2.invoke(ITEMS, items_req(5000)).await });
@@ -375,7 +375,7 @@ async fn an_app_crash_fails_its_call_clearly_and_the_session_carries_on() {
         items_of(s.invoke(ITEMS, items_req(0)).await.unwrap()),
         ["kept"]
     );
-    assert_ne!(instance_pid(&edge.url(), s.id()).await, pid);
+    assert_ne!(instance_pid(&edge, s.id()).await, pid);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

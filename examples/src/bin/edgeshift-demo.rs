@@ -100,6 +100,9 @@ async fn main() -> anyhow::Result<()> {
     cfg_a.precopy.interval = std::time::Duration::from_millis(500);
     let a_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let a_addr = a_listener.local_addr()?;
+    let admin_a = edged::admin::socket_path(&cfg_a);
+    let admin_b = edged::admin::socket_path(&cfg_b);
+    let (a_admin, b_admin) = (edged::admin::bind(&admin_a)?, edged::admin::bind(&admin_b)?);
     let edge_a = edged::session::Edge::new(cfg_a)?;
     let edge_b = edged::session::Edge::new(cfg_b)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -109,17 +112,24 @@ async fn main() -> anyhow::Result<()> {
     let server_a = tokio::spawn(edged::server::run(
         edge_a.clone(),
         a_listener,
+        a_admin,
         stopped(stop_rx.clone()),
     ));
     let server_b = tokio::spawn(edged::server::run(
         edge_b.clone(),
         b_listener,
+        b_admin,
         stopped(stop_rx),
     ));
     println!("edge-a serving on {a_addr}, edge-b on {b_addr} (process runtime, volumes on volfs)");
 
     // Sessions are closed even when a step fails.
-    let result = calls(&a_addr.to_string(), &b_addr.to_string()).await;
+    let result = calls(
+        &a_addr.to_string(),
+        &b_addr.to_string(),
+        [&admin_a, &admin_b],
+    )
+    .await;
     edge_a.close_all().await;
     edge_b.close_all().await;
     let _ = stop_tx.send(true);
@@ -128,7 +138,11 @@ async fn main() -> anyhow::Result<()> {
     result
 }
 
-async fn calls(addr: &str, b_addr: &str) -> anyhow::Result<()> {
+async fn calls(
+    addr: &str,
+    b_addr: &str,
+    admin_sockets: [&std::path::PathBuf; 2],
+) -> anyhow::Result<()> {
     let client = edge_client::connect(addr).await?;
 
     println!("\n== List app");
@@ -224,9 +238,8 @@ async fn calls(addr: &str, b_addr: &str) -> anyhow::Result<()> {
 
     println!("\n== Operator's view");
     let mut all = Vec::new();
-    for a in [addr, b_addr] {
-        let mut admin =
-            edge_proto::v1::admin_client::AdminClient::connect(format!("http://{a}")).await?;
+    for a in admin_sockets {
+        let mut admin = edged::admin::connect(a).await?;
         let r = admin
             .list_sessions(edge_proto::v1::ListSessionsRequest {})
             .await?
