@@ -42,6 +42,12 @@ pub struct Config {
     pub session_ttl: Duration,
     /// Largest payload of one call, bytes.
     pub max_payload: usize,
+    /// Most sessions this edge holds at once.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+    /// Most sessions one client id may hold on this edge.
+    #[serde(default = "default_max_sessions_per_client")]
+    pub max_sessions_per_client: usize,
     /// How long an app may take to answer on its socket after start.
     #[serde(with = "secs")]
     pub start_timeout: Duration,
@@ -61,6 +67,14 @@ pub struct Config {
     /// late call is redirected, a repeated release answered).
     #[serde(with = "secs", default = "default_tombstone_ttl")]
     pub tombstone_ttl: Duration,
+}
+
+fn default_max_sessions() -> usize {
+    1000
+}
+
+fn default_max_sessions_per_client() -> usize {
+    8
 }
 
 fn default_tombstone_ttl() -> Duration {
@@ -185,6 +199,9 @@ data_dir = "/var/lib/edgeshift"
 session_ttl = 3600
 # Largest payload of one call (bytes).
 max_payload = 4194304
+# Most sessions this edge holds, and most sessions one client id may hold.
+max_sessions = 1000
+max_sessions_per_client = 8
 # How long an app may take to answer on its socket after it started (s).
 start_timeout = 20
 # Block size of session volumes (dirty tracking and hashing).

@@ -168,7 +168,7 @@ impl Journal {
                 }
             }
         }
-        let file = fs::OpenOptions::new()
+        let file = std::os::unix::fs::OpenOptionsExt::mode(&mut fs::OpenOptions::new(), 0o600)
             .create(true)
             .append(true)
             .open(path)?;

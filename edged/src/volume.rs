@@ -97,7 +97,7 @@ pub async fn mount(
     log: &Path,
 ) -> Result<Shim, VolumeError> {
     detach(mountpoint);
-    let logf = std::fs::OpenOptions::new()
+    let logf = std::os::unix::fs::OpenOptionsExt::mode(&mut std::fs::OpenOptions::new(), 0o600)
         .create(true)
         .append(true)
         .open(log)

@@ -417,3 +417,50 @@ impl WithTtl for Edge {
         self
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_past_the_edges_limits_are_refused_as_resource_exhausted() {
+    let bases = Bases::new();
+    let edge = Edge::start(
+        "a",
+        "127.0.0.1",
+        &bases.process_apps(),
+        "max_sessions = 3\nmax_sessions_per_client = 2\n",
+    );
+    let c = edge_client::connect(&edge.url()).await.unwrap();
+    let s1 = c.open_session("list", "phone-1").await.unwrap();
+    c.open_session("list", "phone-1").await.unwrap();
+    let err = c.open_session("list", "phone-1").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("phone-1"), "{err:?}");
+    c.open_session("list", "phone-2").await.unwrap();
+    let err = c.open_session("list", "phone-3").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("limit of 3"), "{err:?}");
+    // A closed session makes room again.
+    s1.close().await.unwrap();
+    c.open_session("list", "phone-3").await.unwrap();
+    assert_eq!(sessions(&edge).await.len(), 3);
+    assert_eq!(
+        edge.session_dirs().len(),
+        3,
+        "a refused open leaves nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_directory_journal_and_logs_are_root_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let bases = Bases::new();
+    let edge = Edge::start("a", "127.0.0.1", &bases.process_apps(), "");
+    let c = edge_client::connect(&edge.url()).await.unwrap();
+    let s = c.open_session("list", "phone").await.unwrap();
+    s.invoke(ADD, add("x")).await.unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = edge.data_dir.join("sessions").join(s.id());
+    assert_eq!(mode(&edge.data_dir.join("sessions")), 0o700);
+    assert_eq!(mode(&dir), 0o700);
+    for f in ["ops.log", "app.log", "volfs.log", "session.json"] {
+        assert_eq!(mode(&dir.join(f)) & 0o077, 0, "{f} is readable by others");
+    }
+}

@@ -73,13 +73,14 @@ fn signal(pid: u32, sig: i32) {
 impl Runtime for ProcessRuntime {
     fn start<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFut<'a, Result<InstanceId, RuntimeError>> {
         Box::pin(async move {
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&spec.log_file)
-                .map_err(|e| {
-                    RuntimeError::Process(format!("log {}: {e}", spec.log_file.display()))
-                })?;
+            let log =
+                std::os::unix::fs::OpenOptionsExt::mode(&mut std::fs::OpenOptions::new(), 0o600)
+                    .create(true)
+                    .append(true)
+                    .open(&spec.log_file)
+                    .map_err(|e| {
+                        RuntimeError::Process(format!("log {}: {e}", spec.log_file.display()))
+                    })?;
             let log2 = log
                 .try_clone()
                 .map_err(|e| RuntimeError::Process(e.to_string()))?;

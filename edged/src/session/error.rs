@@ -27,6 +27,9 @@ pub enum EdgeError {
     /// A payload over the configured limit.
     #[error("payload of {0} bytes exceeds the limit of {1}")]
     TooLarge(usize, usize),
+    /// A limit on sessions is reached.
+    #[error("{0}")]
+    Limit(String),
     /// The session moved to another edge (calls go there).
     #[error("session {0:?} moved to edge {id:?}", id = .1.edge_id)]
     Moved(String, Peer),
@@ -77,7 +80,7 @@ impl EdgeError {
             EdgeError::Refused(_, Refusal::Moved(to)) => moved_status(to),
             EdgeError::Refused(_, Refusal::NotGiving) => Status::failed_precondition(m),
             EdgeError::Invalid(_) => Status::invalid_argument(m),
-            EdgeError::TooLarge(..) => Status::resource_exhausted(m),
+            EdgeError::TooLarge(..) | EdgeError::Limit(_) => Status::resource_exhausted(m),
             EdgeError::Volume(_) | EdgeError::Io(_) => Status::internal(m),
             EdgeError::Runtime(_) | EdgeError::NotReady { .. } => Status::unavailable(m),
         }

@@ -127,12 +127,18 @@ pub struct Tombstone {
     pub at: i64,
 }
 
-/// Writes `data` to `path` durably: a temporary file, fsync, rename, fsync
-/// of the directory.
+/// Writes `data` to `path` durably (mode 0600): a temporary file, fsync,
+/// rename, fsync of the directory.
 pub fn write_durable(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
     {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .mode(0o600)
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
     }

@@ -393,6 +393,21 @@ impl Session {
     }
 }
 
+/// Room held for an open under way; released when the open ends.
+struct Reservation<'a> {
+    edge: &'a Edge,
+    client: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut o = self.edge.opening.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = o.iter().position(|c| *c == self.client) {
+            o.swap_remove(i);
+        }
+    }
+}
+
 /// The timings of an open, phase by phase.
 pub type Phases = Vec<(&'static str, Duration)>;
 
@@ -414,6 +429,8 @@ pub struct Edge {
     /// The puller's side of each session this edge pulls (absent: idle).
     /// Pre-copy rounds of a session being pulled are refused.
     pulls: Mutex<HashMap<String, PullerState>>,
+    /// Clients of the opens under way (see [`Edge::reserve`]).
+    opening: Mutex<Vec<String>>,
     /// One lock per staged session: a pre-copy apply and the read of what is
     /// staged never overlap. Pruned when nobody holds one.
     staging_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -449,7 +466,12 @@ pub fn locate_volfs(cfg: &Config) -> PathBuf {
 impl Edge {
     /// An edge with no sessions yet (see [`Edge::recover`]).
     pub fn new(cfg: Config) -> Result<Arc<Edge>, EdgeError> {
-        std::fs::create_dir_all(cfg.data_dir.join("sessions"))?;
+        // Sessions, staged copies and tombstones are root's alone.
+        for d in ["sessions", "staging"] {
+            let p = cfg.data_dir.join(d);
+            std::fs::create_dir_all(&p)?;
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        }
         let volfs_bin = locate_volfs(&cfg);
         let tombstones = Tombstones::open(&cfg.data_dir)?;
         let released = tombstones.load().into_iter().collect();
@@ -462,6 +484,7 @@ impl Edge {
             tombstones,
             tickets: Mutex::new(Default::default()),
             pulls: Mutex::new(Default::default()),
+            opening: Mutex::new(Vec::new()),
             staging_locks: Mutex::new(Default::default()),
         }))
     }
@@ -609,6 +632,9 @@ impl Edge {
             ));
         }
         let app_cfg = self.app(app)?.clone();
+        // Bounded before anything is allocated; a reservation counts the
+        // opens under way, so concurrent opens cannot overshoot.
+        let _reserved = self.reserve(client_id)?;
         let runtime = self.runtime(app).await?;
         let token: [u8; 32] = random_bytes();
         let id = blake3::Hash::from(random_bytes::<32>()).to_hex()[..32].to_string();
@@ -628,6 +654,8 @@ impl Edge {
         for d in [layout.backing(), layout.mnt(), layout.run()] {
             tokio::fs::create_dir_all(d).await?;
         }
+        tokio::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .await?;
         let session = Arc::new(self.build_session(&rec, blake3::hash(&token), runtime)?);
         let span = tracing::info_span!("open", session = %id, app, client = client_id);
         let mut phases = Phases::new();
@@ -658,6 +686,36 @@ impl Edge {
             .insert(id.clone(), session.clone());
         tracing::info!(parent: &span, phases = ?phases, "session open");
         Ok((session, token, phases))
+    }
+
+    /// Reserves room for one more session of `client_id`, or says which
+    /// limit it hits.
+    fn reserve(&self, client_id: &str) -> Result<Reservation<'_>, EdgeError> {
+        let mut opening = self.opening.lock().unwrap_or_else(|p| p.into_inner());
+        let sessions = self.sessions.read().unwrap_or_else(|p| p.into_inner());
+        let total = sessions.len() + opening.len();
+        if total >= self.cfg.max_sessions {
+            return Err(EdgeError::Limit(format!(
+                "this edge serves its limit of {} sessions",
+                self.cfg.max_sessions
+            )));
+        }
+        let mine = sessions
+            .values()
+            .filter(|s| s.client_id == client_id)
+            .count()
+            + opening.iter().filter(|c| *c == client_id).count();
+        if mine >= self.cfg.max_sessions_per_client {
+            return Err(EdgeError::Limit(format!(
+                "client {client_id:?} has its limit of {} sessions on this edge",
+                self.cfg.max_sessions_per_client
+            )));
+        }
+        opening.push(client_id.to_string());
+        Ok(Reservation {
+            edge: self,
+            client: client_id.to_string(),
+        })
     }
 
     /// Starts the volfs shim of a session's volume.

@@ -74,15 +74,19 @@ impl Edge {
             return Err(Status::invalid_argument("bad session id"));
         }
         // Refused before any network call.
-        if self
-            .sessions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(id)
         {
-            return Err(Status::already_exists(
-                "this edge already serves the session",
-            ));
+            let sessions = self.sessions.read().unwrap_or_else(|p| p.into_inner());
+            if sessions.contains_key(id) {
+                return Err(Status::already_exists(
+                    "this edge already serves the session",
+                ));
+            }
+            if sessions.len() >= self.cfg.max_sessions {
+                return Err(Status::resource_exhausted(format!(
+                    "this edge serves its limit of {} sessions",
+                    self.cfg.max_sessions
+                )));
+            }
         }
         let owner = Peer {
             edge_id: String::new(),
