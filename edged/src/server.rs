@@ -280,6 +280,7 @@ pub async fn run(
                 edge.reap_idle().await;
                 edge.prune_staged().await;
                 edge.prune();
+                edge.retry_failed().await;
             }
         })
     };

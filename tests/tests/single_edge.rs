@@ -464,3 +464,45 @@ async fn a_sessions_directory_journal_and_logs_are_root_only() {
         assert_eq!(mode(&dir.join(f)) & 0o077, 0, "{f} is readable by others");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_cannot_be_recovered_yet_is_kept_listed_and_recovered_later() {
+    let bases = Bases::new();
+    let mut edge = Edge::start("a", "127.0.0.1", &bases.process_apps(), "");
+    let c = edge_client::connect(&edge.url()).await.unwrap();
+    let s = c.open_session("list", "phone").await.unwrap();
+    s.invoke(ADD, add("kept")).await.unwrap();
+    // edged dies; the operator renames the app in the config meanwhile.
+    edge.kill();
+    let cfg = std::fs::read_to_string(&edge.config).unwrap();
+    std::fs::write(&edge.config, cfg.replace("[apps.list]", "[apps.list2]")).unwrap();
+    edge.restart();
+    let listed = sessions(&edge).await;
+    let info = listed
+        .iter()
+        .find(|i| i.session_id == s.id())
+        .expect("the session is listed");
+    assert!(
+        info.state.starts_with("failed") && info.state.contains("list"),
+        "the operator sees why: {:?}",
+        info.state
+    );
+    assert_eq!(info.client_id, "phone");
+    assert!(
+        edge.data_dir
+            .join("sessions")
+            .join(s.id())
+            .join("volume/list.db")
+            .exists(),
+        "the volume is kept"
+    );
+    // Fixed and restarted: the session is back with its data.
+    std::fs::write(&edge.config, cfg).unwrap();
+    edge.restart();
+    let c = edge_client::connect(&edge.url()).await.unwrap();
+    let s = edge_client::Session::attach(&c, s.id().into(), s.token().clone(), "a".into(), vec![]);
+    assert_eq!(
+        items_of(s.invoke(ITEMS, items_req(0)).await.unwrap()),
+        ["kept"]
+    );
+}

@@ -429,6 +429,9 @@ pub struct Edge {
     /// The puller's side of each session this edge pulls (absent: idle).
     /// Pre-copy rounds of a session being pulled are refused.
     pulls: Mutex<HashMap<String, PullerState>>,
+    /// Session directories that failed to recover, with why: kept on disk,
+    /// retried by the reaper, listed for the operator.
+    failed: Mutex<std::collections::BTreeMap<PathBuf, String>>,
     /// Clients of the opens under way (see [`Edge::reserve`]).
     opening: Mutex<Vec<String>>,
     /// One lock per staged session: a pre-copy apply and the read of what is
@@ -485,6 +488,7 @@ impl Edge {
             tickets: Mutex::new(Default::default()),
             pulls: Mutex::new(Default::default()),
             opening: Mutex::new(Vec::new()),
+            failed: Mutex::new(Default::default()),
             staging_locks: Mutex::new(Default::default()),
         }))
     }
@@ -838,6 +842,10 @@ impl Edge {
 
     /// Closes a session; `token` is `None` for the operator.
     pub async fn close(&self, id: &str, token: Option<&[u8]>) -> Result<(), EdgeError> {
+        if token.is_none() && valid_name(id) && self.remove_failed(id).await {
+            tracing::info!(session = %id, "a session that failed to recover was removed by the operator");
+            return Ok(());
+        }
         let s = {
             let mut map = self.sessions.write().unwrap_or_else(|p| p.into_inner());
             let s = map
@@ -900,6 +908,7 @@ impl Edge {
         for s in all {
             out.push(s.info().await);
         }
+        out.extend(self.failed_infos());
         out.sort_by(|a, b| {
             a.created_unix
                 .cmp(&b.created_unix)

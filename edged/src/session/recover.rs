@@ -47,11 +47,87 @@ impl Edge {
                 Ok(true) => recovered += 1,
                 Ok(false) => removed += 1,
                 Err(e) => {
-                    tracing::error!(dir = %dir.display(), error = %e, "session not recovered; kept on disk for the next start or the operator (`edged cleanup`)");
+                    tracing::error!(dir = %dir.display(), error = %e, "session not recovered; kept on disk, retried every minute, listed as failed for the operator");
+                    self.failed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(dir, e.to_string());
                 }
             }
         }
         (recovered, removed)
+    }
+
+    /// Tries again to recover the sessions that failed to (the engine is
+    /// up now, the operator fixed the config, ...).
+    pub async fn retry_failed(self: &Arc<Self>) {
+        let dirs: Vec<PathBuf> = self
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for dir in dirs {
+            let r = self.recover_one(&dir).await;
+            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            match r {
+                Ok(_) => {
+                    failed.remove(&dir);
+                    tracing::info!(dir = %dir.display(), "a session that failed to recover is recovered");
+                }
+                Err(e) => {
+                    failed.insert(dir, e.to_string());
+                }
+            }
+        }
+    }
+
+    /// The sessions that failed to recover, as the operator sees them.
+    pub(super) fn failed_infos(&self) -> Vec<edge_proto::v1::SessionInfo> {
+        let failed = self
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        failed
+            .into_iter()
+            .map(|(dir, reason)| {
+                let rec = std::fs::read(dir.join("session.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<SessionRecord>(&b).ok());
+                edge_proto::v1::SessionInfo {
+                    session_id: dir
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    app: rec.as_ref().map(|r| r.app.clone()).unwrap_or_default(),
+                    client_id: rec
+                        .as_ref()
+                        .map(|r| r.client_id.clone())
+                        .unwrap_or_default(),
+                    state: format!("failed: {reason}"),
+                    created_unix: rec.as_ref().map(|r| r.created).unwrap_or(0),
+                    ..Default::default()
+                }
+            })
+            .collect()
+    }
+
+    /// The operator gives up a session that failed to recover: stop what
+    /// is left of it and remove it.
+    pub(super) async fn remove_failed(&self, id: &str) -> bool {
+        let dir = self.sessions_dir().join(id);
+        let known = self
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&dir)
+            .is_some();
+        if known {
+            cleanup_dir(&self.cfg, &dir).await;
+        }
+        known
     }
 
     /// Recovers one session directory: `Ok(true)` serving (or waiting for
