@@ -127,19 +127,7 @@ impl EdgeClient {
     }
 }
 
-/// Short name of a handover phase: "pull", "quiesced", "final", "apply",
-/// "start", "ready".
-pub fn phase_name(p: HandoverPhase) -> &'static str {
-    match p {
-        HandoverPhase::Unspecified => "?",
-        HandoverPhase::Pull => "pull",
-        HandoverPhase::Quiesced => "quiesced",
-        HandoverPhase::Final => "final",
-        HandoverPhase::Apply => "apply",
-        HandoverPhase::Start => "start",
-        HandoverPhase::Ready => "ready",
-    }
-}
+pub use edge_proto::phase_name;
 
 /// How tonic and hyper word a connection that broke or never opened.
 const TRANSPORT_ERRORS: [&str; 7] = [

@@ -226,19 +226,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Migrate { session, to, admin } => {
             let mut c = admin.connect().await?;
-            let r = c
+            let mut stream = c
                 .migrate(edge_proto::v1::MigrateRequest {
                     session_id: session,
                     to_edge: to.clone(),
                 })
                 .await?
                 .into_inner();
-            println!(
-                "moved to {to}: {} bytes at handover, downtime {:.1} ms",
-                r.bytes,
-                r.downtime_micros as f64 / 1e3
-            );
-            Ok(())
+            // On a terminal one line is rewritten in place; otherwise one line per event.
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            let mut last = None;
+            while let Some(p) = stream.message().await? {
+                let line = format!(
+                    "{:<9} round {:>2}  {:>12} bytes  downtime {:>8.1} ms",
+                    edge_proto::phase_name(p.phase()),
+                    p.round,
+                    p.bytes_received,
+                    p.downtime_micros as f64 / 1e3
+                );
+                if tty {
+                    print!("\r\x1b[2K{line}");
+                    std::io::Write::flush(&mut std::io::stdout())?;
+                } else {
+                    println!("{line}");
+                }
+                last = Some(p);
+            }
+            if tty {
+                println!();
+            }
+            match last {
+                Some(p) if p.phase() == edge_proto::v1::HandoverPhase::Ready => {
+                    println!(
+                        "moved to {to}: {} bytes at handover, downtime {:.1} ms",
+                        p.bytes_received,
+                        p.downtime_micros as f64 / 1e3
+                    );
+                    Ok(())
+                }
+                _ => anyhow::bail!("the move to {to} ended before the new edge served the session"),
+            }
         }
         Cmd::Cleanup { config } => {
             let cfg = Config::load(&config)?;

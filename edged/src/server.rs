@@ -149,14 +149,16 @@ impl Admin for AdminService {
         Ok(Response::new(pb::CloseSessionResponse {}))
     }
 
+    type MigrateStream = ReceiverStream<Result<pb::HandoverProgress, Status>>;
+
     async fn migrate(
         &self,
         req: Request<pb::MigrateRequest>,
-    ) -> Result<Response<pb::MigrateResponse>, Status> {
+    ) -> Result<Response<Self::MigrateStream>, Status> {
         let r = req.into_inner();
-        Ok(Response::new(
-            self.0.migrate(&r.session_id, &r.to_edge).await?,
-        ))
+        let (tx, rx) = mpsc::channel(16);
+        self.0.migrate(&r.session_id, &r.to_edge, tx)?;
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
@@ -196,11 +198,15 @@ impl Peer for PeerService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    type AdoptStream = ReceiverStream<Result<pb::HandoverProgress, Status>>;
+
     async fn adopt(
         &self,
         req: Request<pb::AdoptRequest>,
-    ) -> Result<Response<pb::MigrateResponse>, Status> {
-        Ok(Response::new(self.0.adopt(req.into_inner()).await?))
+    ) -> Result<Response<Self::AdoptStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        self.0.adopt(req.into_inner(), tx);
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn precopy(

@@ -38,6 +38,20 @@ pub mod meta {
     pub const MOVED_TO_ID: &str = "edgeshift-moved-to-id";
 }
 
+/// Short name of a handover phase: "pull", "quiesced", "final", "apply",
+/// "start", "ready".
+pub fn phase_name(p: v1::HandoverPhase) -> &'static str {
+    match p {
+        v1::HandoverPhase::Unspecified => "?",
+        v1::HandoverPhase::Pull => "pull",
+        v1::HandoverPhase::Quiesced => "quiesced",
+        v1::HandoverPhase::Final => "final",
+        v1::HandoverPhase::Apply => "apply",
+        v1::HandoverPhase::Start => "start",
+        v1::HandoverPhase::Ready => "ready",
+    }
+}
+
 /// Package `edge.v1`.
 pub mod v1 {
     #![allow(missing_docs, clippy::doc_markdown)]

@@ -508,7 +508,7 @@ async fn an_operator_moves_a_session_and_the_client_follows() {
         })
         .await;
     assert_eq!(bad.unwrap_err().code(), Code::InvalidArgument);
-    let r = admin
+    let mut progress = admin
         .migrate(edge_proto::v1::MigrateRequest {
             session_id: s.id().into(),
             to_edge: "b".into(),
@@ -516,7 +516,22 @@ async fn an_operator_moves_a_session_and_the_client_follows() {
         .await
         .unwrap()
         .into_inner();
-    assert!(r.bytes > 0 && r.downtime_micros > 0, "{r:?}");
+    // The operator sees the move phase by phase, live.
+    let mut seen = Vec::new();
+    while let Some(p) = progress.message().await.unwrap() {
+        seen.push(p);
+    }
+    let phases: Vec<&str> = seen
+        .iter()
+        .map(|p| edge_client::phase_name(p.phase()))
+        .collect();
+    assert!(phases.contains(&"quiesced"), "{phases:?}");
+    assert_eq!(phases.last(), Some(&"ready"), "{phases:?}");
+    let last = seen.last().unwrap();
+    assert!(
+        last.bytes_received > 0 && last.downtime_micros > 0,
+        "{last:?}"
+    );
     // The client learns of the move on its next call and follows.
     s.invoke(ADD, add("after")).await.unwrap();
     assert_eq!(s.edge_id(), "b");

@@ -139,8 +139,15 @@ impl Edge {
         }
     }
 
-    /// Operator side (the owner): moves session `id` to neighbour `to`.
-    pub async fn migrate(&self, id: &str, to: &str) -> Result<pb::MigrateResponse, Status> {
+    /// Operator side (the owner): checks that session `id` can be moved to
+    /// neighbour `to`, then moves it in the background, relaying the new
+    /// edge's progress to `progress`.
+    pub fn migrate(
+        self: &Arc<Self>,
+        id: &str,
+        to: &str,
+        progress: mpsc::Sender<Result<pb::HandoverProgress, Status>>,
+    ) -> Result<(), Status> {
         let n = self
             .cfg
             .neighbours
@@ -163,46 +170,50 @@ impl Edge {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.to_string(), blake3::hash(&ticket));
         tracing::info!(session = %id, to = %to, "operator moves the session");
-        let r = async {
-            let mut p = peer_client(&n.addr).await?;
-            p.adopt(pb::AdoptRequest {
-                session_id: id.into(),
-                ticket: ticket.to_vec(),
-                from_addr: self.cfg.advertised(),
-            })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|st| peer_status("move", to, st))
-        }
-        .await;
-        self.tickets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        r
+        let (edge, id, to, addr) = (self.clone(), id.to_string(), to.to_string(), n.addr.clone());
+        tokio::spawn(async move {
+            let r = async {
+                let mut p = peer_client(&addr).await?;
+                let mut stream = p
+                    .adopt(pb::AdoptRequest {
+                        session_id: id.clone(),
+                        ticket: ticket.to_vec(),
+                        from_addr: edge.cfg.advertised(),
+                    })
+                    .await?
+                    .into_inner();
+                while let Some(ev) = stream.message().await? {
+                    let _ = progress.send(Ok(ev)).await;
+                }
+                Ok::<_, Status>(())
+            }
+            .await;
+            edge.tickets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            if let Err(st) = r {
+                let _ = progress.send(Err(peer_status("move", &to, st))).await;
+            }
+        });
+        Ok(())
     }
 
-    /// New-edge side of an operator's move: pull with the ticket.
-    pub async fn adopt(
+    /// New-edge side of an operator's move: pull with the ticket, streaming
+    /// the progress back to the owner.
+    pub fn adopt(
         self: &Arc<Self>,
         req: pb::AdoptRequest,
-    ) -> Result<pb::MigrateResponse, Status> {
-        let (tx, mut rx) = mpsc::channel::<Result<pb::HandoverProgress, Status>>(64);
-        let last = tokio::spawn(async move {
-            let mut last = pb::MigrateResponse::default();
-            while let Some(Ok(p)) = rx.recv().await {
-                last = pb::MigrateResponse {
-                    bytes: p.bytes_received,
-                    downtime_micros: p.downtime_micros,
-                };
+        progress: mpsc::Sender<Result<pb::HandoverProgress, Status>>,
+    ) {
+        let edge = self.clone();
+        tokio::spawn(async move {
+            if let Err(st) = edge
+                .take(&req.session_id, &req.ticket, &req.from_addr, &progress)
+                .await
+            {
+                let _ = progress.send(Err(st)).await;
             }
-            last
         });
-        let r = self
-            .take(&req.session_id, &req.ticket, &req.from_addr, &tx)
-            .await;
-        drop(tx);
-        let last = last.await.unwrap_or_default();
-        r.map(|()| last)
     }
 }
