@@ -135,6 +135,30 @@ pub struct AppConfig {
     /// Process/thread limit per instance (Docker).
     #[serde(default = "default_pids")]
     pub pids_limit: i64,
+    /// CPUs an instance may use (Docker), e.g. 0.5.
+    #[serde(default = "default_cpus")]
+    pub cpus: f64,
+    /// The user a Docker instance runs as, `UID:GID` (numeric: a FROM
+    /// scratch image has no user database). The volume and socket directory
+    /// of each session are given to this user. Default: 65534:65534 (nobody).
+    #[serde(default = "default_user")]
+    pub user: String,
+}
+
+fn default_cpus() -> f64 {
+    1.0
+}
+
+fn default_user() -> String {
+    "65534:65534".into()
+}
+
+impl AppConfig {
+    /// The instance user as numbers.
+    pub fn uid_gid(&self) -> Option<(u32, u32)> {
+        let (u, g) = self.user.split_once(':')?;
+        Some((u.parse().ok()?, g.parse().ok()?))
+    }
 }
 
 fn default_memory() -> u64 {
@@ -241,9 +265,13 @@ bandwidth_mbit = 0
 # Staged copies nobody took over are dropped after this long (s).
 staged_ttl = 3600
 
+# A Docker app runs as an unprivileged numeric user (default 65534:65534),
+# with a CPU share, and no swap beyond its memory limit.
 # [apps.list-docker]
 # base_volume = "/var/lib/edgeshift/base/list"
 # runtime = { kind = "docker", image = "edgeshift/list-app:latest" }
+# user = "65534:65534"
+# cpus = 1.0
 "#;
 
 impl Config {
@@ -277,9 +305,21 @@ impl Config {
                 self.edge_id
             ));
         }
-        for name in self.apps.keys() {
+        for (name, app) in &self.apps {
             if !valid_name(name) {
                 return bad(format!("app name {name:?}: use 1-64 of [a-zA-Z0-9._-]"));
+            }
+            if app.uid_gid().is_none() {
+                return bad(format!(
+                    "apps.{name}.user {:?}: use numeric UID:GID, e.g. \"65534:65534\"",
+                    app.user
+                ));
+            }
+            if !(app.cpus > 0.0 && app.cpus <= 1024.0) {
+                return bad(format!(
+                    "apps.{name}.cpus {} is outside (0, 1024]",
+                    app.cpus
+                ));
             }
         }
         if !(512..=16 << 20).contains(&self.block_size) {
@@ -328,6 +368,11 @@ mod tests {
             Config::from_toml(&t, "t"),
             Err(ConfigError::Invalid(_))
         ));
+        let t = DEFAULT_TOML.replace("pids_limit = 128", "pids_limit = 128\nuser = \"nobody\"");
+        let e = Config::from_toml(&t, "t").unwrap_err().to_string();
+        assert!(e.contains("numeric UID:GID"), "{e}");
+        let t = DEFAULT_TOML.replace("pids_limit = 128", "pids_limit = 128\ncpus = 0");
+        assert!(Config::from_toml(&t, "t").is_err());
         let t = DEFAULT_TOML.replace("session_ttl", "session_tl");
         assert!(matches!(
             Config::from_toml(&t, "t"),

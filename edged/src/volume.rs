@@ -45,6 +45,28 @@ pub async fn seed(base: &Path, backing: &Path) -> Result<(), VolumeError> {
     Ok(())
 }
 
+/// Gives `dir` and everything under it (but the volume's `.volfs/`) to
+/// `uid:gid`, without following symlinks: the volume of an app that runs as
+/// an unprivileged user.
+pub fn give_to(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            if d == dir && e.file_name() == volfs::scan::META_DIR {
+                continue;
+            }
+            let p = e.path();
+            std::os::unix::fs::lchown(&p, Some(uid), Some(gid))?;
+            if e.file_type()?.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A running volfs shim.
 #[derive(Debug, Clone)]
 pub struct Shim {

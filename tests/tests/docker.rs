@@ -88,10 +88,19 @@ async fn docker_runtime_end_to_end() {
     let hc = docker(&[
         "inspect",
         "--format",
-        "{{.HostConfig.NetworkMode}} {{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CapDrop}} {{.HostConfig.SecurityOpt}} {{.HostConfig.Memory}} {{.HostConfig.PidsLimit}}",
+        "{{.HostConfig.NetworkMode}} {{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CapDrop}} {{.HostConfig.SecurityOpt}} {{.HostConfig.Memory}} {{.HostConfig.MemorySwap}} {{.HostConfig.NanoCpus}} {{.HostConfig.PidsLimit}} {{.Config.User}}",
         &full,
     ]);
-    assert_eq!(hc, "none true [ALL] [no-new-privileges] 268435456 128");
+    assert_eq!(
+        hc, "none true [ALL] [no-new-privileges] 268435456 268435456 1000000000 128 65534:65534",
+        "network none, read-only, no capabilities, no swap beyond memory, one CPU, not root"
+    );
+    // The app really runs as that user, and its files on the volume are its own.
+    let db = edge.session_dirs()[0].join("volume/list.db");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&db).unwrap()),
+        65534
+    );
 
     s.close().await.unwrap();
     assert_eq!(

@@ -64,6 +64,9 @@ impl Runtime for DockerRuntime {
                 cap_drop: Some(vec!["ALL".into()]),
                 security_opt: Some(vec!["no-new-privileges".into()]),
                 memory: Some((spec.memory_mib as i64) << 20),
+                // No swap beyond the memory limit.
+                memory_swap: Some((spec.memory_mib as i64) << 20),
+                nano_cpus: Some((spec.cpus * 1e9) as i64),
                 pids_limit: Some(spec.pids_limit),
                 tmpfs: Some(HashMap::from([(
                     "/tmp".to_string(),
@@ -79,6 +82,7 @@ impl Runtime for DockerRuntime {
                     format!("{ENV_SESSION_ID}={}", spec.session_id),
                 ]),
                 working_dir: Some(DATA_IN_CONTAINER.into()),
+                user: (!spec.user.is_empty()).then(|| spec.user.clone()),
                 labels: Some(HashMap::from([
                     ("edgeshift.session".to_string(), spec.session_id.clone()),
                     ("edgeshift.app".to_string(), spec.app.clone()),

@@ -49,6 +49,12 @@ pub struct InstanceSpec {
     pub memory_mib: u64,
     /// Process/thread limit.
     pub pids_limit: i64,
+    /// CPUs (Docker).
+    #[serde(default)]
+    pub cpus: f64,
+    /// `UID:GID` the instance runs as (Docker).
+    #[serde(default)]
+    pub user: String,
 }
 
 /// A running instance, as persisted in the session record.

@@ -179,6 +179,19 @@ impl Session {
         }
     }
 
+    /// The socket directory belongs to the instance's user (Docker) and
+    /// nobody else.
+    fn prepare_socket_dir(&self, app: &AppConfig) -> Result<(), EdgeError> {
+        use std::os::unix::fs::PermissionsExt;
+        let run = self.layout().run();
+        std::fs::create_dir_all(&run)?;
+        if let (RuntimeConfig::Docker { .. }, Some((uid, gid))) = (&app.runtime, app.uid_gid()) {
+            std::os::unix::fs::lchown(&run, Some(uid), Some(gid))?;
+        }
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700))?;
+        Ok(())
+    }
+
     /// Persists the record, durably: a role change holds before it takes
     /// effect.
     async fn save_record(&self) -> Result<(), EdgeError> {
@@ -593,6 +606,8 @@ impl Edge {
             log_file: dir.join("app.log"),
             memory_mib: app.memory_mib,
             pids_limit: app.pids_limit,
+            cpus: app.cpus,
+            user: app.user.clone(),
         };
         Ok(Session {
             id: rec.id.clone(),
@@ -667,6 +682,15 @@ impl Edge {
             session.save_record().await?;
             let t = Instant::now();
             volume::seed(&app_cfg.base_volume, &layout.backing()).await?;
+            if let (RuntimeConfig::Docker { .. }, Some((uid, gid))) =
+                (&app_cfg.runtime, app_cfg.uid_gid())
+            {
+                let b = layout.backing();
+                tokio::task::spawn_blocking(move || volume::give_to(&b, uid, gid))
+                    .await
+                    .map_err(|e| EdgeError::Io(std::io::Error::other(e)))??;
+            }
+            session.prepare_socket_dir(&app_cfg)?;
             phases.push(("seed", t.elapsed()));
             let t = Instant::now();
             self.mount_volume(&session).await?;

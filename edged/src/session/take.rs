@@ -582,6 +582,7 @@ impl Edge {
         }
         let runtime = self.runtime(&p.meta.app).await?;
         let session = Arc::new(self.build_session(&rec, hash, runtime)?);
+        session.prepare_socket_dir(self.app(&p.meta.app)?)?;
         for o in &p.ops {
             let out = if o.code == 0 {
                 Outcome::Ok(o.payload.clone().into())

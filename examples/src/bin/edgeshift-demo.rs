@@ -72,6 +72,8 @@ async fn main() -> anyhow::Result<()> {
             runtime: process("list-app")?,
             memory_mib: 256,
             pids_limit: 128,
+            cpus: 1.0,
+            user: "65534:65534".into(),
         },
     );
     cfg.apps.insert(
@@ -81,6 +83,8 @@ async fn main() -> anyhow::Result<()> {
             runtime: process("search-app")?,
             memory_mib: 256,
             pids_limit: 128,
+            cpus: 1.0,
+            user: "65534:65534".into(),
         },
     );
 
