@@ -48,6 +48,10 @@ pub struct Config {
     /// Most sessions one client id may hold on this edge.
     #[serde(default = "default_max_sessions_per_client")]
     pub max_sessions_per_client: usize,
+    /// Bytes of finished calls' results a session keeps for `Result` and
+    /// retries (the oldest go first); also what a handover carries at most.
+    #[serde(default = "default_journal_bytes")]
+    pub journal_bytes: u64,
     /// How long an app may take to answer on its socket after start.
     #[serde(with = "secs")]
     pub start_timeout: Duration,
@@ -67,6 +71,10 @@ pub struct Config {
     /// late call is redirected, a repeated release answered).
     #[serde(with = "secs", default = "default_tombstone_ttl")]
     pub tombstone_ttl: Duration,
+}
+
+fn default_journal_bytes() -> u64 {
+    crate::journal::DEFAULT_MAX_BYTES
 }
 
 fn default_max_sessions() -> usize {
@@ -226,6 +234,8 @@ max_payload = 4194304
 # Most sessions this edge holds, and most sessions one client id may hold.
 max_sessions = 1000
 max_sessions_per_client = 8
+# Bytes of finished calls' results each session keeps (oldest dropped first).
+journal_bytes = 67108864
 # How long an app may take to answer on its socket after it started (s).
 start_timeout = 20
 # Block size of session volumes (dirty tracking and hashing).

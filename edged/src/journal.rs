@@ -6,6 +6,12 @@
 //! died while it ran) is reported as aborted after a restart. The file is
 //! not fsynced per op: it survives an edged crash (the page cache does), not
 //! a host crash.
+//!
+//! What a journal keeps is bounded: at most [`KEEP_DONE`] finished ops and
+//! at most `max_bytes` of their results (the oldest go first), and the file
+//! is rewritten with only what is kept once it grows past twice that (at
+//! least [`COMPACT_FLOOR`]), so neither memory nor disk grow with the
+//! number of calls.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs;
@@ -19,6 +25,21 @@ use tokio::sync::watch;
 
 /// How many finished ops a session remembers.
 pub const KEEP_DONE: usize = 4096;
+
+/// Bytes of results a session's journal keeps unless configured otherwise.
+pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
+
+/// The journal file is compacted once it is past twice the retained bytes,
+/// and never below this size.
+pub const COMPACT_FLOOR: u64 = 1 << 20;
+
+/// What an outcome costs in the journal's budget.
+pub fn outcome_bytes(o: &Outcome) -> u64 {
+    16 + match o {
+        Outcome::Ok(b) => b.len() as u64,
+        Outcome::Err { message, .. } => message.len() as u64,
+    }
+}
 
 /// How an op ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +139,93 @@ struct State {
     /// same lock as `begin`, so no op slips in after a quiesce counted the
     /// running ones.
     admitting: bool,
+    /// The file, for compaction.
+    path: std::path::PathBuf,
+    /// Budget of retained result bytes.
+    max_bytes: u64,
+    /// Result bytes retained now.
+    done_bytes: u64,
+    /// Bytes in the file.
+    file_bytes: u64,
+}
+
+impl State {
+    /// Forgets the oldest finished ops past the count and byte budgets.
+    fn evict(&mut self) {
+        while self.done_order.len() > KEEP_DONE || self.done_bytes > self.max_bytes {
+            let Some(old) = self.done_order.pop_front() else {
+                break;
+            };
+            if let Some(Slot::Done(o)) = self.ops.remove(&old) {
+                self.done_bytes = self.done_bytes.saturating_sub(outcome_bytes(&o));
+            }
+        }
+    }
+
+    /// Rewrites the file with only what is kept, once it grew past twice that.
+    fn maybe_compact(&mut self) {
+        if self.file.is_none() || self.file_bytes <= (2 * self.done_bytes).max(COMPACT_FLOOR) {
+            return;
+        }
+        let mut buf = Vec::new();
+        for id in &self.done_order {
+            if let Some(Slot::Done(o)) = self.ops.get(id) {
+                buf.extend(done_record(*id, o).encode_length_delimited_to_vec());
+            }
+        }
+        for (id, slot) in &self.ops {
+            if matches!(slot, Slot::Running(_)) {
+                buf.extend(
+                    Record {
+                        op_id: *id,
+                        ..Default::default()
+                    }
+                    .encode_length_delimited_to_vec(),
+                );
+            }
+        }
+        let tmp = self.path.with_extension("compact");
+        let r = (|| {
+            let mut f = std::os::unix::fs::OpenOptionsExt::mode(&mut fs::OpenOptions::new(), 0o600)
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(&tmp)?;
+            f.write_all(&buf)?;
+            fs::rename(&tmp, &self.path)?;
+            std::os::unix::fs::OpenOptionsExt::mode(&mut fs::OpenOptions::new(), 0o600)
+                .append(true)
+                .open(&self.path)
+        })();
+        match r {
+            Ok(f) => {
+                self.file = Some(f);
+                self.file_bytes = buf.len() as u64;
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                tracing::error!(error = %e, "journal compaction failed; appending on");
+            }
+        }
+    }
+}
+
+fn done_record(op_id: u64, o: &Outcome) -> Record {
+    match o {
+        Outcome::Ok(p) => Record {
+            op_id,
+            done: true,
+            payload: p.clone(),
+            ..Default::default()
+        },
+        Outcome::Err { code, message } => Record {
+            op_id,
+            done: true,
+            code: *code,
+            message: message.clone(),
+            ..Default::default()
+        },
+    }
 }
 
 /// One session's journal.
@@ -132,13 +240,16 @@ impl std::fmt::Debug for Journal {
 }
 
 impl Journal {
-    /// Opens (replaying) or creates the journal at `path`.
-    pub fn open(path: &Path) -> std::io::Result<Journal> {
+    /// Opens (replaying) or creates the journal at `path`, keeping at most
+    /// `max_bytes` of results.
+    pub fn open(path: &Path, max_bytes: u64) -> std::io::Result<Journal> {
         let mut ops = HashMap::new();
         let mut done_order = VecDeque::new();
+        let mut file_bytes = 0;
         if let Ok(mut f) = fs::File::open(path) {
             let mut buf = Vec::new();
             f.read_to_end(&mut buf)?;
+            file_bytes = buf.len() as u64;
             let mut rest = buf.as_slice();
             while !rest.is_empty() {
                 let Ok(r) = Record::decode_length_delimited(&mut rest) else {
@@ -172,13 +283,27 @@ impl Journal {
             .create(true)
             .append(true)
             .open(path)?;
+        let done_bytes = done_order
+            .iter()
+            .filter_map(|id| match ops.get(id) {
+                Some(Slot::Done(o)) => Some(outcome_bytes(o)),
+                _ => None,
+            })
+            .sum();
+        let mut st = State {
+            ops,
+            done_order,
+            file: Some(file),
+            admitting: true,
+            path: path.to_path_buf(),
+            max_bytes,
+            done_bytes,
+            file_bytes,
+        };
+        st.evict();
+        st.maybe_compact();
         Ok(Journal {
-            state: Mutex::new(State {
-                ops,
-                done_order,
-                file: Some(file),
-                admitting: true,
-            }),
+            state: Mutex::new(st),
         })
     }
 
@@ -186,8 +311,10 @@ impl Journal {
         let Some(file) = st.file.as_mut() else {
             return;
         };
-        if let Err(e) = file.write_all(&r.encode_length_delimited_to_vec()) {
-            tracing::error!(error = %e, "journal write failed");
+        let buf = r.encode_length_delimited_to_vec();
+        match file.write_all(&buf) {
+            Ok(()) => st.file_bytes += buf.len() as u64,
+            Err(e) => tracing::error!(error = %e, "journal write failed"),
         }
     }
 
@@ -243,29 +370,12 @@ impl Journal {
     /// Records how op `op_id` ended and wakes its waiters.
     pub fn finish(&self, op_id: u64, tx: watch::Sender<Option<Outcome>>, outcome: Outcome) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let r = match &outcome {
-            Outcome::Ok(p) => Record {
-                op_id,
-                done: true,
-                payload: p.clone(),
-                ..Default::default()
-            },
-            Outcome::Err { code, message } => Record {
-                op_id,
-                done: true,
-                code: *code,
-                message: message.clone(),
-                ..Default::default()
-            },
-        };
-        Self::append(&mut st, &r);
+        Self::append(&mut st, &done_record(op_id, &outcome));
+        st.done_bytes += outcome_bytes(&outcome);
         st.ops.insert(op_id, Slot::Done(outcome.clone()));
         st.done_order.push_back(op_id);
-        while st.done_order.len() > KEEP_DONE {
-            if let Some(old) = st.done_order.pop_front() {
-                st.ops.remove(&old);
-            }
-        }
+        st.evict();
+        st.maybe_compact();
         let _ = tx.send(Some(outcome));
     }
 
@@ -334,7 +444,7 @@ mod tests {
     async fn ops_run_once_and_survive_reopen() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("ops.log");
-        let j = Journal::open(&p).unwrap();
+        let j = Journal::open(&p, DEFAULT_MAX_BYTES).unwrap();
         let Begin::New(tx) = j.begin(7, "/m") else {
             panic!("new op")
         };
@@ -347,7 +457,7 @@ mod tests {
             panic!()
         };
         drop(j);
-        let j = Journal::open(&p).unwrap();
+        let j = Journal::open(&p, DEFAULT_MAX_BYTES).unwrap();
         assert_eq!(
             j.waiter(7).unwrap().wait().await,
             Outcome::Ok(Bytes::from_static(b"r"))
@@ -362,7 +472,7 @@ mod tests {
     #[test]
     fn a_held_journal_admits_no_new_op_but_answers_known_ones() {
         let d = tempfile::tempdir().unwrap();
-        let j = Journal::open(&d.path().join("ops.log")).unwrap();
+        let j = Journal::open(&d.path().join("ops.log"), DEFAULT_MAX_BYTES).unwrap();
         let Begin::New(tx) = j.begin(1, "/m") else {
             panic!()
         };
@@ -377,5 +487,37 @@ mod tests {
         j.close();
         assert!(j.is_empty());
         assert!(matches!(j.begin(3, "/m"), Begin::Held));
+    }
+
+    #[test]
+    fn results_are_bounded_in_bytes_and_the_file_is_compacted() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ops.log");
+        let budget = 10_000;
+        let j = Journal::open(&p, budget).unwrap();
+        for id in 0..2000u64 {
+            let Begin::New(tx) = j.begin(id, "/m") else {
+                panic!()
+            };
+            j.finish(id, tx, Outcome::Ok(Bytes::from(vec![id as u8; 1000])));
+        }
+        assert!(j.len() <= 10, "kept {} results", j.len());
+        assert!(j.waiter(1999).is_some(), "the newest is kept");
+        assert!(j.waiter(0).is_none(), "the oldest went");
+        let kept: u64 = j.done_ops().iter().map(|(_, o)| outcome_bytes(o)).sum();
+        assert!(kept <= budget);
+        let on_disk = std::fs::metadata(&p).unwrap().len();
+        assert!(
+            on_disk <= 2 * COMPACT_FLOOR,
+            "the file is compacted ({on_disk} bytes after 2 MB of results)"
+        );
+        drop(j);
+        let j = Journal::open(&p, budget).unwrap();
+        let ops = j.done_ops();
+        assert!(ops.len() <= 10 && !ops.is_empty());
+        assert_eq!(
+            ops.last().unwrap(),
+            &(1999, Outcome::Ok(Bytes::from(vec![1999u64 as u8; 1000])))
+        );
     }
 }

@@ -614,7 +614,7 @@ impl Edge {
             app: rec.app.clone(),
             client_id: rec.client_id.clone(),
             token_hash,
-            journal: Journal::open(&layout.journal())?,
+            journal: Journal::open(&layout.journal(), self.cfg.journal_bytes)?,
             dir,
             spec,
             created: rec.created,

@@ -32,7 +32,7 @@ struct Pulled {
     /// owner takes its end as the puller giving up.
     stream: tonic::Streaming<pb::HandoverChunk>,
     meta: pb::SessionMeta,
-    ops: Vec<pb::OpResult>,
+    ops: std::collections::VecDeque<pb::OpResult>,
     attempt: Attempt,
     quiesced: Instant,
     bytes: u64,
@@ -413,7 +413,10 @@ impl Edge {
         let mut buf: Vec<u8> = Vec::new();
         let bytes = AtomicU64::new(0);
         let mut t_quiesce: Option<Instant> = None;
-        let mut ops = Vec::new();
+        // Op results are kept within this edge's journal budget (the oldest
+        // go first), whatever the old edge sends.
+        let mut ops = std::collections::VecDeque::new();
+        let mut ops_bytes = 0u64;
         let mut root = None;
         let attempt_of = |m: &Option<pb::SessionMeta>| m.as_ref().map(|m| m.attempt);
         while root.is_none() {
@@ -479,7 +482,16 @@ impl Edge {
                     )
                     .await;
                 }
-                Some(Chunk::Op(o)) => ops.push(o),
+                Some(Chunk::Op(o)) => {
+                    ops_bytes += 16 + (o.payload.len() + o.message.len()) as u64;
+                    ops.push_back(o);
+                    while ops.len() > crate::journal::KEEP_DONE
+                        || ops_bytes > self.cfg.journal_bytes
+                    {
+                        let Some(old) = ops.pop_front() else { break };
+                        ops_bytes -= 16 + (old.payload.len() + old.message.len()) as u64;
+                    }
+                }
                 Some(Chunk::Final(f)) => root = Some(f.root),
                 None => {}
             }
