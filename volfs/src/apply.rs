@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use crate::backing::{Backing, BackingError};
 use crate::blockstore::BlockStore;
-use crate::delta::{DeltaError, ReadDelta, read_delta};
+use crate::delta::{DeltaError, Limits, ReadDelta, read_delta_with};
 use crate::dirty::DirtyMap;
 use crate::manifest::{Entry, Hash, Kind, Manifest, Tracked, hex};
 use crate::scan::{self, Trust, abs};
@@ -81,6 +81,16 @@ pub fn apply_delta<R: Read>(
     base: &Tracked,
     r: R,
 ) -> Result<(Tracked, ApplyReport), ApplyError> {
+    apply_delta_with(backing, base, r, &Limits::default())
+}
+
+/// [`apply_delta`] reading the delta within `limits`.
+pub fn apply_delta_with<R: Read>(
+    backing: &Backing,
+    base: &Tracked,
+    r: R,
+    limits: &Limits,
+) -> Result<(Tracked, ApplyReport), ApplyError> {
     let store = BlockStore::open(
         &backing
             .meta_dir()
@@ -88,7 +98,7 @@ pub fn apply_delta<R: Read>(
     )
     .map_err(DeltaError::from)?;
     let result = (|| {
-        let delta = read_delta(r, &base.manifest, &store)?;
+        let delta = read_delta_with(r, &base.manifest, &store, limits)?;
         check_tree_shape(&delta.manifest)?;
         apply_read(backing, base, &delta, &store)
     })();
@@ -250,10 +260,17 @@ pub fn apply_read(
                     std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&e.link_target), &path)
                         .map_err(io_err(&path))?;
                 }
-                Kind::Fifo | Kind::CharDevice | Kind::BlockDevice | Kind::Socket => {
+                Kind::Fifo | Kind::Socket => {
                     let c = sys::cstr(path.as_os_str()).map_err(io_err(&path))?;
-                    sys::mknodat(libc::AT_FDCWD, &c, e.kind.mode_bits() | e.mode, e.rdev)
+                    sys::mknodat(libc::AT_FDCWD, &c, e.kind.mode_bits() | e.mode, 0)
                         .map_err(io_err(&path))?;
+                }
+                Kind::CharDevice | Kind::BlockDevice => {
+                    return Err(DeltaError::Refused(format!(
+                        "entry {} is a device node",
+                        String::from_utf8_lossy(p)
+                    ))
+                    .into());
                 }
                 Kind::Hardlink => {} // below, once every file is in place
             }

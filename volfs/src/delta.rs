@@ -13,6 +13,25 @@
 //! hash, and the manifest in the delta says so. A delta is thus always
 //! self-consistent (a fuzzy snapshot), and the racing write, marked dirty
 //! after its block was taken, is in the next delta.
+//!
+//! # A delta is untrusted input
+//!
+//! The reader checks every length, count and size it reads off the stream
+//! against [`Limits`] before it allocates for it, and refuses what an apply
+//! must never do to a host:
+//! - device nodes (character or block): a volume holds data, and a device
+//!   node in a backing directory opens the device to whoever reaches it.
+//!   FIFOs and sockets travel (as bare inodes).
+//! - setuid or setgid bits on anything but a directory. The scan never
+//!   records them (see [`crate::scan`]), so a delta that carries them was not
+//!   made by volfs.
+//! - extended attributes outside the `user.` namespace. `security.*` would
+//!   let a delta set file capabilities or security labels, `trusted.*` is
+//!   root-only metadata of the host, and `system.*` (POSIX ACLs) names uids
+//!   and gids of the source host. Only `user.*` is the app's own data.
+//!
+//! A delta that breaks a rule gets a clear [`DeltaError`] before anything
+//! outside the block store is touched.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
@@ -29,9 +48,107 @@ use crate::manifest::{Entry, Hash, Kind, Manifest, ManifestError, hash_from, hex
 use crate::scan::{META_DIR, abs};
 use crate::sys;
 
-/// The largest frame a reader accepts (a full entry of a 1 TiB file at 64 KiB
-/// blocks is about 560 MiB of hashes: such files travel as patches).
-pub const MAX_FRAME: usize = 256 << 20;
+/// Smallest block size a volume (and a delta) may have.
+pub const MIN_BLOCK_SIZE: u32 = 512;
+
+/// Largest block size a volume (and a delta) may have.
+pub const MAX_BLOCK_SIZE: u32 = 16 << 20;
+
+/// The largest frame a reader accepts by default: one block of the largest
+/// block size, plus room for its hash and the frame's encoding. A full entry
+/// (34 bytes of frame per block) fits up to about 490 000 blocks: a 30 GiB
+/// file at 64 KiB blocks, 7.5 TiB at 16 MiB. The writer refuses a larger
+/// entry with [`DeltaError::EntryTooLarge`] before it writes anything.
+pub const MAX_FRAME: usize = MAX_BLOCK_SIZE as usize + (64 << 10);
+
+/// Bounds on what a delta may make its reader hold, each checked before
+/// anything is allocated for it. [`Limits::default`] holds the defaults
+/// given on each field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame in bytes (after its length prefix). Default [`MAX_FRAME`].
+    pub max_frame: usize,
+    /// Smallest block size a header may announce. Default [`MIN_BLOCK_SIZE`]
+    /// (512 B), as `volfs mount --block-size` accepts.
+    pub min_block_size: u32,
+    /// Largest block size a header may announce. Default [`MAX_BLOCK_SIZE`] (16 MiB).
+    pub max_block_size: u32,
+    /// Paths added or changed in one delta. Default 2^20 (about a million).
+    pub max_entries: u64,
+    /// Paths removed in one delta. Default 2^20.
+    pub max_removed: u64,
+    /// Bytes of a path or link target. Default 4095 (`PATH_MAX` less its NUL).
+    pub max_path: usize,
+    /// Bytes of one path component. Default 255 (`NAME_MAX`).
+    pub max_name: usize,
+    /// Extended attributes of one entry. Default 1024.
+    pub max_xattrs: usize,
+    /// Bytes of an xattr name. Default 255 (`XATTR_NAME_MAX`).
+    pub max_xattr_name: usize,
+    /// Bytes of an xattr value. Default 65536 (`XATTR_SIZE_MAX`).
+    pub max_xattr_value: usize,
+    /// Bytes the entries and removed paths of one delta may occupy in memory
+    /// (paths, link targets, xattrs, block hashes and a fixed cost per
+    /// entry). Default 256 MiB: 8 M block hashes (a 512 GiB volume at 64 KiB
+    /// blocks), or about a million small entries.
+    pub max_manifest_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame: MAX_FRAME,
+            min_block_size: MIN_BLOCK_SIZE,
+            max_block_size: MAX_BLOCK_SIZE,
+            max_entries: 1 << 20,
+            max_removed: 1 << 20,
+            max_path: libc::PATH_MAX as usize - 1,
+            max_name: 255,
+            max_xattrs: 1024,
+            max_xattr_name: 255,
+            max_xattr_value: 64 << 10,
+            max_manifest_bytes: 256 << 20,
+        }
+    }
+}
+
+/// Memory an entry costs besides its variable parts (the entry, its map
+/// node, the set of changed paths).
+const ENTRY_COST: u64 = 256;
+
+/// Memory an xattr costs besides its name and value.
+const XATTR_COST: u64 = 48;
+
+/// What a delta has left of [`Limits::max_manifest_bytes`].
+struct Budget {
+    left: u64,
+    max: u64,
+}
+
+impl Budget {
+    fn spend(&mut self, bytes: u64) -> Result<(), DeltaError> {
+        match self.left.checked_sub(bytes) {
+            Some(left) => {
+                self.left = left;
+                Ok(())
+            }
+            None => Err(DeltaError::Limit {
+                what: "memory for the delta's entries",
+                got: (self.max - self.left).saturating_add(bytes),
+                max: self.max,
+            }),
+        }
+    }
+}
+
+/// `Ok` when `got <= max`, else [`DeltaError::Limit`] naming `what`.
+fn at_most(what: &'static str, got: u64, max: u64) -> Result<(), DeltaError> {
+    if got > max {
+        Err(DeltaError::Limit { what, got, max })
+    } else {
+        Ok(())
+    }
+}
 
 /// Errors of delta extraction and reading.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +193,33 @@ pub enum DeltaError {
     /// Block store.
     #[error(transparent)]
     Store(#[from] BlockStoreError),
+    /// A length, count or size is past its [`Limits`].
+    #[error("delta exceeds a limit: {what} is {got}, at most {max} allowed")]
+    Limit {
+        /// What was measured.
+        what: &'static str,
+        /// What the delta asked for.
+        got: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The delta asks for something an apply never does to a host (a device
+    /// node, a setuid file, an xattr outside `user.`).
+    #[error("delta refused: {0}")]
+    Refused(String),
+    /// An entry of the volume does not fit in one frame.
+    #[error(
+        "entry {path} needs a frame of {bytes} bytes, more than the {max} a reader \
+         accepts (use a larger block size)"
+    )]
+    EntryTooLarge {
+        /// The path.
+        path: String,
+        /// Bytes its frame would take.
+        bytes: usize,
+        /// The largest frame.
+        max: usize,
+    },
 }
 
 /// What an extracted delta holds.
@@ -127,14 +271,6 @@ pub fn write_delta<W: Write>(
             base.block_size, current.block_size
         )));
     }
-    let mut out = Counting { inner: w, n: 0 };
-    out.frame(Frame::Header(pb::DeltaHeader {
-        version: edge_proto::PROTOCOL_VERSION,
-        block_size: current.block_size,
-        base_root: base.root().to_vec(),
-        root: Vec::new(),
-    }))?;
-
     let changed: Vec<&Vec<u8>> = current
         .entries
         .iter()
@@ -146,6 +282,29 @@ pub fn write_delta<W: Write>(
         .keys()
         .filter(|p| !current.entries.contains_key(*p))
         .collect();
+    // Refuse what no reader would take before writing anything.
+    for p in &changed {
+        let m = encode_entry(p, &current.entries[*p], base.entries.get(*p));
+        let bytes = pb::DeltaFrame {
+            frame: Some(Frame::Entry(m)),
+        }
+        .encoded_len();
+        if bytes > MAX_FRAME {
+            return Err(DeltaError::EntryTooLarge {
+                path: String::from_utf8_lossy(p).into_owned(),
+                bytes,
+                max: MAX_FRAME,
+            });
+        }
+    }
+
+    let mut out = Counting { inner: w, n: 0 };
+    out.frame(Frame::Header(pb::DeltaHeader {
+        version: edge_proto::PROTOCOL_VERSION,
+        block_size: current.block_size,
+        base_root: base.root().to_vec(),
+        root: Vec::new(),
+    }))?;
 
     let held: HashSet<Hash> = base
         .entries
@@ -273,9 +432,14 @@ pub struct ReadDelta {
 }
 
 /// Checks a path from a delta: relative, no `.`/`..`/empty components, no
-/// NUL, not the metadata directory.
+/// NUL, not the metadata directory, within the default [`Limits`].
 pub fn check_path(p: &[u8]) -> Result<(), DeltaError> {
+    check_path_with(p, &Limits::default())
+}
+
+fn check_path_with(p: &[u8], limits: &Limits) -> Result<(), DeltaError> {
     let bad = || DeltaError::BadPath(String::from_utf8_lossy(p).into_owned());
+    at_most("path length", p.len() as u64, limits.max_path as u64)?;
     if p.is_empty() {
         return Ok(());
     }
@@ -286,11 +450,145 @@ pub fn check_path(p: &[u8]) -> Result<(), DeltaError> {
         if c.is_empty() || c == b"." || c == b".." || (i == 0 && c == META_DIR.as_bytes()) {
             return Err(bad());
         }
+        at_most(
+            "path component length",
+            c.len() as u64,
+            limits.max_name as u64,
+        )?;
     }
     Ok(())
 }
 
-fn read_frame<R: Read>(r: &mut R, n: &mut u64) -> Result<Option<Frame>, DeltaError> {
+/// Checks an entry as it came off the wire, before it is decoded into an
+/// [`Entry`]: every size against the block size and `limits`, and the rules
+/// of the module docs. Charges its memory to `budget`.
+fn check_entry(
+    e: &pb::ManifestEntry,
+    block_size: u32,
+    limits: &Limits,
+    budget: &mut Budget,
+) -> Result<(), DeltaError> {
+    check_path_with(&e.path, limits)?;
+    let name = || String::from_utf8_lossy(&e.path).into_owned();
+    let corrupt = |what: &str| DeltaError::Corrupt(format!("entry {}: {what}", name()));
+    let kind = match pb::EntryKind::try_from(e.kind) {
+        Ok(pb::EntryKind::File) => Kind::File,
+        Ok(pb::EntryKind::Dir) => Kind::Dir,
+        Ok(pb::EntryKind::Symlink) => Kind::Symlink,
+        Ok(pb::EntryKind::Hardlink) => Kind::Hardlink,
+        Ok(pb::EntryKind::Fifo) => Kind::Fifo,
+        Ok(pb::EntryKind::Socket) => Kind::Socket,
+        Ok(pb::EntryKind::CharDevice | pb::EntryKind::BlockDevice) => {
+            return Err(DeltaError::Refused(format!(
+                "entry {} is a device node",
+                name()
+            )));
+        }
+        _ => return Err(corrupt(&format!("unknown kind {}", e.kind))),
+    };
+    if kind != Kind::Dir && e.mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
+        return Err(DeltaError::Refused(format!(
+            "entry {} is setuid or setgid (mode {:o})",
+            name(),
+            e.mode & 0o7777
+        )));
+    }
+    if e.uid == u32::MAX || e.gid == u32::MAX {
+        return Err(corrupt("owner -1"));
+    }
+    if e.mtime_nsec >= 1_000_000_000 {
+        return Err(corrupt("mtime nanoseconds past a second"));
+    }
+    if e.rdev != 0 {
+        return Err(corrupt("device number on a non-device"));
+    }
+    at_most(
+        "link target length",
+        e.link_target.len() as u64,
+        limits.max_path as u64,
+    )?;
+    match kind {
+        Kind::Symlink if e.link_target.is_empty() || e.link_target.contains(&0) => {
+            return Err(corrupt("malformed symlink target"));
+        }
+        Kind::Symlink if e.size != e.link_target.len() as u64 => {
+            return Err(corrupt("symlink size differs from its target's length"));
+        }
+        Kind::Hardlink => check_path_with(&e.link_target, limits)?,
+        Kind::Symlink => {}
+        _ if !e.link_target.is_empty() => return Err(corrupt("link target on a non-link")),
+        _ => {}
+    }
+    // The block list: a file's has ceil(size / block size) hashes, in full
+    // or as a patch; nothing else has one.
+    let blocks = if kind == Kind::File {
+        let n = e.size.div_ceil(u64::from(block_size));
+        let given = if e.patch {
+            e.block_count
+        } else {
+            e.blocks.len() as u64
+        };
+        if given != n {
+            return Err(corrupt(&format!(
+                "{given} blocks for {} bytes at block size {block_size}",
+                e.size
+            )));
+        }
+        if e.patch {
+            at_most("changed blocks of a patch", e.changed.len() as u64, n)?;
+        } else if !e.changed.is_empty() {
+            return Err(corrupt("changed blocks outside a patch"));
+        }
+        n
+    } else {
+        if e.patch || !e.blocks.is_empty() || !e.changed.is_empty() || e.block_count != 0 {
+            return Err(corrupt("blocks on a non-file"));
+        }
+        if kind != Kind::Symlink && e.size != 0 {
+            return Err(corrupt("size on a non-file"));
+        }
+        0
+    };
+    at_most(
+        "xattrs of an entry",
+        e.xattrs.len() as u64,
+        limits.max_xattrs as u64,
+    )?;
+    let mut xattr_bytes = 0u64;
+    for x in &e.xattrs {
+        at_most(
+            "xattr name length",
+            x.name.len() as u64,
+            limits.max_xattr_name as u64,
+        )?;
+        at_most(
+            "xattr value length",
+            x.value.len() as u64,
+            limits.max_xattr_value as u64,
+        )?;
+        if !x.name.starts_with(b"user.") || x.name.len() == 5 || x.name.contains(&0) {
+            return Err(DeltaError::Refused(format!(
+                "entry {} has xattr {:?} outside the user. namespace",
+                name(),
+                String::from_utf8_lossy(&x.name)
+            )));
+        }
+        xattr_bytes += (x.name.len() + x.value.len()) as u64 + XATTR_COST;
+    }
+    let cost = ENTRY_COST
+        .saturating_add(2 * e.path.len() as u64)
+        .saturating_add(e.link_target.len() as u64)
+        .saturating_add(xattr_bytes)
+        // A patch also holds a flag per block while it resolves.
+        .saturating_add(blocks.saturating_mul(33));
+    budget.spend(cost)
+}
+
+fn read_frame<R: Read>(
+    r: &mut R,
+    n: &mut u64,
+    limits: &Limits,
+) -> Result<Option<Frame>, DeltaError> {
     // Varint length prefix, read byte by byte.
     let mut len: u64 = 0;
     for shift in (0..64).step_by(7) {
@@ -306,18 +604,13 @@ fn read_frame<R: Read>(r: &mut R, n: &mut u64) -> Result<Option<Frame>, DeltaErr
             break;
         }
     }
-    let len = usize::try_from(len)
-        .ok()
-        .filter(|&l| l <= MAX_FRAME)
-        .ok_or_else(|| {
-            DeltaError::Corrupt(format!("frame of {len} bytes is larger than {MAX_FRAME}"))
-        })?;
-    let mut buf = vec![0u8; len];
+    at_most("frame size", len, limits.max_frame as u64)?;
+    let mut buf = vec![0u8; len as usize];
     r.read_exact(&mut buf).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => DeltaError::Truncated("inside a frame".into()),
         _ => DeltaError::Io(e),
     })?;
-    *n += len as u64;
+    *n += len;
     let f =
         pb::DeltaFrame::decode(buf.as_slice()).map_err(|e| DeltaError::Corrupt(e.to_string()))?;
     f.frame
@@ -327,14 +620,24 @@ fn read_frame<R: Read>(r: &mut R, n: &mut u64) -> Result<Option<Frame>, DeltaErr
 
 /// Reads a delta against `base`, verifying every block into `store` and the
 /// resulting manifest against the sender's root hash. Nothing outside the
-/// store is touched.
+/// store is touched. Uses the default [`Limits`].
 pub fn read_delta<R: Read>(
-    mut r: R,
+    r: R,
     base: &Manifest,
     store: &BlockStore,
 ) -> Result<ReadDelta, DeltaError> {
+    read_delta_with(r, base, store, &Limits::default())
+}
+
+/// [`read_delta`] within the given `limits`.
+pub fn read_delta_with<R: Read>(
+    mut r: R,
+    base: &Manifest,
+    store: &BlockStore,
+    limits: &Limits,
+) -> Result<ReadDelta, DeltaError> {
     let mut n = 0u64;
-    let Some(Frame::Header(h)) = read_frame(&mut r, &mut n)? else {
+    let Some(Frame::Header(h)) = read_frame(&mut r, &mut n, limits)? else {
         return Err(DeltaError::Corrupt("does not start with a header".into()));
     };
     if h.version != edge_proto::PROTOCOL_VERSION {
@@ -343,8 +646,11 @@ pub fn read_delta<R: Read>(
             h.version
         )));
     }
-    if h.block_size == 0 {
-        return Err(DeltaError::Corrupt("block size 0".into()));
+    if !(limits.min_block_size..=limits.max_block_size).contains(&h.block_size) {
+        return Err(DeltaError::Corrupt(format!(
+            "block size {} is outside {} ..= {}",
+            h.block_size, limits.min_block_size, limits.max_block_size
+        )));
     }
     // A full delta (against no manifest at all) applies to an empty directory.
     let nothing = Manifest::empty(h.block_size);
@@ -367,11 +673,15 @@ pub fn read_delta<R: Read>(
             h.block_size
         )));
     }
+    let mut budget = Budget {
+        left: limits.max_manifest_bytes,
+        max: limits.max_manifest_bytes,
+    };
     let mut entries: BTreeMap<Vec<u8>, Entry> = BTreeMap::new();
     let mut removed = BTreeSet::new();
     let mut blocks = 0u64;
     let trailer = loop {
-        match read_frame(&mut r, &mut n)? {
+        match read_frame(&mut r, &mut n, limits)? {
             None => return Err(DeltaError::Truncated("no trailer".into())),
             Some(Frame::Header(_)) => return Err(DeltaError::Corrupt("second header".into())),
             Some(Frame::Block(b)) => {
@@ -384,27 +694,25 @@ pub fn read_delta<R: Read>(
                 blocks += 1;
             }
             Some(Frame::Entry(e)) => {
-                check_path(&e.path)?;
+                at_most("entries", entries.len() as u64 + 1, limits.max_entries)?;
+                check_entry(&e, h.block_size, limits, &mut budget)?;
                 let entry = Entry::from_pb(&e, base.entries.get(&e.path))?;
-                if entry.kind == Kind::Hardlink {
-                    check_path(&entry.link_target)?;
-                }
-                // What the apply would only find out half way through.
-                let nul_free = !entry.link_target.contains(&0)
-                    && entry
-                        .xattrs
-                        .iter()
-                        .all(|(n, _)| !n.is_empty() && !n.contains(&0));
-                if !nul_free || (entry.kind == Kind::Symlink && entry.link_target.is_empty()) {
+                if entry.xattrs.windows(2).any(|w| w[0].0 == w[1].0) {
                     return Err(DeltaError::Corrupt(format!(
-                        "entry {} has a malformed link target or xattr name",
+                        "entry {} names an xattr twice",
                         String::from_utf8_lossy(&e.path)
                     )));
                 }
                 entries.insert(e.path, entry);
             }
             Some(Frame::Removed(p)) => {
-                check_path(&p)?;
+                at_most(
+                    "removed paths",
+                    removed.len() as u64 + 1,
+                    limits.max_removed,
+                )?;
+                check_path_with(&p, limits)?;
+                budget.spend(ENTRY_COST + p.len() as u64)?;
                 removed.insert(p);
             }
             Some(Frame::Trailer(t)) => break t,

@@ -5,6 +5,19 @@
 //! live mount the blocks the [`DirtyMap`] marked; after a remount the files
 //! whose inode or change time differs from what the manifest recorded; and
 //! every block when nothing is trusted (`volfs verify`).
+//!
+//! # What a manifest records
+//!
+//! What travels to another host is what the app may hand it, nothing more:
+//! - only extended attributes in the `user.` namespace (see [`crate::delta`]
+//!   for why `security.*`, `trusted.*` and `system.*` stay on their host);
+//! - modes of everything but directories without their setuid and setgid
+//!   bits. An app may `chmod u+s` its own file (the mount is `nosuid`, so it
+//!   gains nothing); the file still moves, as a plain file. A receiver
+//!   refuses a delta that carries those bits, so recording them would make
+//!   such a volume unmovable;
+//! - no device nodes: they are left out of the manifest, and a receiver
+//!   refuses a delta that carries one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::OsStr;
@@ -129,7 +142,7 @@ pub fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         Err(e) => return Err(e),
     };
     let mut out = Vec::new();
-    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+    for name in names.split(|&b| b == 0).filter(|n| carried_xattr(n)) {
         let cname = std::ffi::CString::new(name).expect("split at NUL");
         match sys::xattr::get(&c, &cname, false) {
             Ok(v) => out.push((name.to_vec(), v)),
@@ -141,10 +154,26 @@ pub fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     Ok(out)
 }
 
+/// The permission bits a manifest records for a `kind` with `mode`: setuid
+/// and setgid only on directories (where setgid means "inherit the group").
+pub fn recorded_mode(kind: Kind, mode: u32) -> u32 {
+    let mode = mode & 0o7777;
+    if kind == Kind::Dir {
+        mode
+    } else {
+        mode & !(libc::S_ISUID | libc::S_ISGID)
+    }
+}
+
+/// Whether an xattr name is one a manifest carries (`user.*`).
+pub fn carried_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"user.")
+}
+
 fn meta_entry(kind: Kind, md: &fs::Metadata) -> Entry {
     Entry {
         kind,
-        mode: md.mode() & 0o7777,
+        mode: recorded_mode(kind, md.mode()),
         uid: md.uid(),
         gid: md.gid(),
         size: match kind {
@@ -228,6 +257,9 @@ pub fn refresh(
         let Some(kind) = kind_of(md.mode()) else {
             continue;
         };
+        if matches!(kind, Kind::CharDevice | Kind::BlockDevice) {
+            continue;
+        }
         let path = abs(root, rel);
         if kind == Kind::File && md.nlink() > 1 {
             if let Some(first) = first_name.get(&md.ino()) {
