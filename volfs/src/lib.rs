@@ -21,6 +21,7 @@
 //!   kernel request).
 //! - [`mount`]: a live mount and its operations; [`control`]: its control socket.
 //! - [`offline`]: the same operations on an unmounted volume.
+//! - [`fuzz`]: the delta reader and apply as one fuzz target.
 //! - `sys`: thin wrappers over the `*at` system calls.
 
 #![warn(missing_docs)]
@@ -32,6 +33,7 @@ pub mod control;
 pub mod delta;
 pub mod dirty;
 pub mod fs;
+pub mod fuzz;
 pub mod manifest;
 pub mod mount;
 pub mod offline;
