@@ -34,7 +34,6 @@
 //! outside the block store is touched.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -43,9 +42,10 @@ use edge_proto::v1 as pb;
 use edge_proto::v1::delta_frame::Frame;
 use prost::Message;
 
+use crate::beneath::VolumeRoot;
 use crate::blockstore::{BlockStore, BlockStoreError};
 use crate::manifest::{Entry, Hash, Kind, Manifest, ManifestError, hash_from, hex};
-use crate::scan::{META_DIR, abs};
+use crate::scan::META_DIR;
 use crate::sys;
 
 /// Smallest block size a volume (and a delta) may have.
@@ -298,6 +298,7 @@ pub fn write_delta<W: Write>(
         }
     }
 
+    let vol = VolumeRoot::new(root)?;
     let mut out = Counting { inner: w, n: 0 };
     out.frame(Frame::Header(pb::DeltaHeader {
         version: edge_proto::PROTOCOL_VERSION,
@@ -326,12 +327,10 @@ pub fn write_delta<W: Write>(
         if want.is_empty() {
             continue;
         }
-        let f = match fs::File::open(abs(root, p)) {
-            Ok(f) => Some(f),
-            // Removed since the refresh: send zeros under their real hash.
-            Err(err) if err.kind() == io::ErrorKind::NotFound => None,
-            Err(err) => return Err(err.into()),
-        };
+        // Opened beneath the root, never through a symlink. Gone or no
+        // longer a regular file since the refresh: send zeros under their
+        // real hash (the next refresh sees what it is now).
+        let f = vol.read_file(p)?;
         for i in want {
             let h = e.blocks[i];
             if sent.contains(&h) {
@@ -554,6 +553,10 @@ fn check_entry(
         e.xattrs.len() as u64,
         limits.max_xattrs as u64,
     )?;
+    if !e.xattrs.is_empty() && !matches!(kind, Kind::File | Kind::Dir) {
+        // The kernel keeps `user.*` xattrs on files and directories only.
+        return Err(corrupt("xattrs on what cannot hold them"));
+    }
     let mut xattr_bytes = 0u64;
     for x in &e.xattrs {
         at_most(
@@ -712,6 +715,9 @@ pub fn read_delta_with<R: Read>(
                     limits.max_removed,
                 )?;
                 check_path_with(&p, limits)?;
+                if p.is_empty() {
+                    return Err(DeltaError::BadPath("(the volume root)".into()));
+                }
                 budget.spend(ENTRY_COST + p.len() as u64)?;
                 removed.insert(p);
             }

@@ -16,6 +16,7 @@
 //! - [`delta`]: writing and reading delta streams.
 //! - [`blockstore`]: the content-addressed store a receiver stages blocks in.
 //! - [`apply`]: applying a delta to a backing directory, all or nothing.
+//! - [`beneath`]: opening paths beneath a volume's root, never through a symlink.
 //! - [`backing`]: a backing directory and its hidden `.volfs/` metadata.
 //! - [`fs`]: the FUSE passthrough filesystem (`fs/ops.rs`: one method per
 //!   kernel request).
@@ -28,6 +29,7 @@
 
 pub mod apply;
 pub mod backing;
+pub mod beneath;
 pub mod blockstore;
 pub mod control;
 pub mod delta;
