@@ -14,9 +14,11 @@
 //! follow a final symlink.
 //!
 //! A path that turns out to be a symlink, to be gone, or to be something
-//! other than what the caller expected has *changed* ([`changed`]); a scan
-//! leaves it for the next round, a diff sends what the manifest already
-//! says, and an apply (whose target no app writes to) fails cleanly.
+//! other than what the caller expected has *changed* ([`changed`]): a scan
+//! leaves it for the next round, a diff sends zeros for the bytes it cannot
+//! read (under the hash of those zeros, so the delta stays self-consistent;
+//! the next round carries what the path is then), and an apply (whose target
+//! no app writes to) fails cleanly.
 
 use std::ffi::{CStr, CString};
 use std::fs;
