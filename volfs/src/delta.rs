@@ -50,7 +50,7 @@ use crate::sys;
 mod limits;
 
 use limits::{Budget, ENTRY_COST, at_most, check_entry, check_path_with};
-pub use limits::{Limits, MAX_BLOCK_SIZE, MAX_FRAME, MIN_BLOCK_SIZE, check_path};
+pub use limits::{Limits, MAX_BLOCK_SIZE, MAX_FRAME, MIN_BLOCK_SIZE, MTIME_SECONDS, check_path};
 
 /// Errors of delta extraction and reading.
 #[derive(Debug, thiserror::Error)]
@@ -460,6 +460,12 @@ pub fn read_delta_with<R: Read>(
                 if p.is_empty() {
                     return Err(DeltaError::BadPath("(the volume root)".into()));
                 }
+                if !base.entries.contains_key(&p) {
+                    return Err(DeltaError::Corrupt(format!(
+                        "removes {}, which the base does not hold",
+                        String::from_utf8_lossy(&p)
+                    )));
+                }
                 budget.spend(ENTRY_COST + p.len() as u64)?;
                 removed.insert(p);
             }
@@ -503,15 +509,23 @@ pub fn read_delta_with<R: Read>(
                 return Err(DeltaError::MissingBlock(hex(h)));
             }
         }
-        if e.kind == Kind::Hardlink
-            && manifest
-                .entries
-                .get(&e.link_target)
-                .is_none_or(|t| t.kind != Kind::File)
+    }
+    // Every hard link, also one the delta left alone, must name a file of
+    // the result: the delta may have removed or replaced its first name.
+    for (p, e) in manifest
+        .entries
+        .iter()
+        .filter(|(_, e)| e.kind == Kind::Hardlink)
+    {
+        if manifest
+            .entries
+            .get(&e.link_target)
+            .is_none_or(|t| t.kind != Kind::File)
         {
-            return Err(DeltaError::Corrupt(
-                "hard link to a path that is not a file".into(),
-            ));
+            return Err(DeltaError::Corrupt(format!(
+                "hard link {} to a path that is not a file",
+                String::from_utf8_lossy(p)
+            )));
         }
     }
     Ok(ReadDelta {

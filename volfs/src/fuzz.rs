@@ -7,7 +7,9 @@
 //! `run` returns; the invariants it checks panic when broken, which is what
 //! a fuzzer reports:
 //! - a delta the reader refuses leaves the target exactly as it was;
-//! - an accepted delta leaves the target at the sender's root hash.
+//! - a delta the reader accepts applies, and leaves the target at the
+//!   sender's root hash (everything an apply would only find out half way
+//!   through is the reader's to refuse).
 //!
 //! The first byte of an input picks the target (even: an empty directory,
 //! odd: a small fixed volume, the base of [`DeltaFuzz::seeds`]' incremental
@@ -46,8 +48,8 @@ pub enum Outcome {
     Empty,
     /// The reader refused it, with this error.
     Refused(String),
-    /// The reader accepted it; the apply then failed cleanly.
-    ApplyFailed,
+    /// The reader accepted it; the apply then failed, with this error.
+    ApplyFailed(String),
     /// Read and applied; the target hashes to the sender's root.
     Applied,
 }
@@ -151,14 +153,17 @@ impl DeltaFuzz {
                 assert_eq!(after.root(), report.root, "applied, but not at the root");
                 Outcome::Applied
             }
+            Err(e @ ApplyError::Verify { .. }) => {
+                panic!("the reader accepted a delta that does not apply to its root: {e}")
+            }
             Err(ApplyError::Delta(e)) => {
                 let after = manifest_of(&target).expect("scan of the target");
                 assert_eq!(after, before, "a refused delta ({e}) changed the target");
-                Outcome::ApplyFailed
+                Outcome::ApplyFailed(e.to_string())
             }
             // What the host's filesystem refuses half way (a full disk, an
             // xattr too large for it) is an I/O error, not a bug.
-            Err(_) => Outcome::ApplyFailed,
+            Err(e) => Outcome::ApplyFailed(e.to_string()),
         };
         drop(b);
         let _ = fs::remove_dir_all(&target);

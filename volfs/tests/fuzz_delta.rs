@@ -346,9 +346,10 @@ fn run_one(fuzz: &mut DeltaFuzz, input: &[u8], last: &std::path::Path) -> Outcom
 /// A short name for what an outcome was, to spot inputs that went elsewhere.
 fn class(o: &Outcome) -> String {
     match o {
-        Outcome::Refused(e) => e
+        Outcome::Refused(e) | Outcome::ApplyFailed(e) => e
             .split([' ', ':'])
-            .filter(|w| !w.is_empty() && !w.chars().all(|c| c.is_ascii_hexdigit()))
+            .filter(|w| !w.is_empty() && !w.contains('/'))
+            .filter(|w| !w.chars().all(|c| c.is_ascii_hexdigit()))
             .take(4)
             .collect::<Vec<_>>()
             .join(" "),

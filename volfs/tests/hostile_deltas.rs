@@ -40,7 +40,20 @@ fn header(block_size: u32, base: &Manifest) -> Frame {
 /// directory, if `base` has none), with a correct trailer: only the rules
 /// can refuse it.
 fn delta_over(block_size: u32, base: &Manifest, entries: &[(&[u8], Entry)]) -> Vec<u8> {
+    delta_removing(block_size, base, entries, &[])
+}
+
+/// [`delta_over`] that also removes `removed`.
+fn delta_removing(
+    block_size: u32,
+    base: &Manifest,
+    entries: &[(&[u8], Entry)],
+    removed: &[&[u8]],
+) -> Vec<u8> {
     let mut result = base.clone();
+    for p in removed {
+        result.entries.remove(*p);
+    }
     result.block_size = block_size;
     let mut changed = Vec::new();
     if !result.entries.contains_key(&b""[..]) {
@@ -57,9 +70,10 @@ fn delta_over(block_size: u32, base: &Manifest, entries: &[(&[u8], Entry)]) -> V
             .iter()
             .map(|p| Frame::Entry(result.entries[p].to_pb(p))),
     );
+    frames.extend(removed.iter().map(|p| Frame::Removed(p.to_vec())));
     frames.push(Frame::Trailer(pb::DeltaTrailer {
         entries: changed.len() as u64,
-        removed: 0,
+        removed: removed.len() as u64,
         blocks: 0,
         root: result.root().to_vec(),
     }));
@@ -447,4 +461,61 @@ fn volumes_are_mounted_nosuid_and_nodev_and_refuse_device_nodes() {
         Some(libc::EPERM)
     );
     assert!(!m.backing.join("null").exists());
+}
+
+// What the fuzzer found: deltas the reader took whose apply then failed (or
+// missed the root) half way, after the tree had changed.
+
+#[test]
+fn a_delta_removing_a_path_the_base_does_not_hold_is_refused() {
+    let (_d, t) = target();
+    let base = volfs::offline::manifest(&t).unwrap();
+    let delta = delta_removing(4096, &base, &[], &[b"sub", b"f/x"]);
+    let err = refused_and_untouched(&t, &delta);
+    assert!(err.to_string().contains("does not hold"), "{err}");
+}
+
+#[test]
+fn a_delta_removing_the_first_name_of_a_hard_link_it_keeps_is_refused() {
+    let (_d, t) = target();
+    fs::hard_link(t.join("f"), t.join("g")).unwrap();
+    let base = volfs::offline::manifest(&t).unwrap();
+    assert_eq!(base.entries[&b"g"[..]].kind, Kind::Hardlink);
+    let delta = delta_removing(4096, &base, &[], &[b"f"]);
+    let err = refused_and_untouched(&t, &delta);
+    assert!(err.to_string().contains("hard link g"), "{err}");
+}
+
+#[test]
+fn mtimes_no_filesystem_keeps_are_refused() {
+    let (_d, t) = target();
+    for sec in [1 << 55, i64::MIN, (1 << 34) + 1] {
+        let e = Entry {
+            mtime: (sec, 0),
+            ..Entry::dir(0o755, 0, 0)
+        };
+        let err = refused_and_untouched(&t, &delta_to(&t, &[(b"sub", e)]));
+        assert!(err.to_string().contains("mtime"), "{sec}: {err}");
+    }
+}
+
+#[test]
+fn metadata_a_hard_link_or_symlink_cannot_carry_is_refused() {
+    let (_d, t) = target();
+    let link = Entry {
+        kind: Kind::Hardlink,
+        link_target: b"f".to_vec(),
+        mtime: (4096, 0),
+        ..Entry::dir(0, 0, 0)
+    };
+    let err = refused_and_untouched(&t, &delta_to(&t, &[(b"g", link)]));
+    assert!(err.to_string().contains("metadata on a hard link"), "{err}");
+    let sym = Entry {
+        kind: Kind::Symlink,
+        size: 1,
+        link_target: b"f".to_vec(),
+        ..Entry::dir(0o1777, 0, 0)
+    };
+    let err = refused_and_untouched(&t, &delta_to(&t, &[(b"s", sym)]));
+    assert!(err.to_string().contains("symlink mode"), "{err}");
 }

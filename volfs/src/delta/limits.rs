@@ -20,6 +20,10 @@ pub const MAX_BLOCK_SIZE: u32 = 16 << 20;
 /// entry with [`DeltaError::EntryTooLarge`] before it writes anything.
 pub const MAX_FRAME: usize = MAX_BLOCK_SIZE as usize + (64 << 10);
 
+/// Modification times (seconds since the epoch) every filesystem a volume
+/// lives on keeps as given: ext4's range, 1901-12-13 to 2446-05-10.
+pub const MTIME_SECONDS: std::ops::RangeInclusive<i64> = -(1 << 31)..=0x3_7fff_ffff;
+
 /// Bounds on what a delta may make its reader hold, each checked before
 /// anything is allocated for it. [`Limits::default`] holds the defaults
 /// given on each field.
@@ -179,11 +183,27 @@ pub(super) fn check_entry(
             e.mode & 0o7777
         )));
     }
+    let bare = e.mode == 0
+        && e.uid == 0
+        && e.gid == 0
+        && e.size == 0
+        && e.mtime_sec == 0
+        && e.mtime_nsec == 0
+        && e.xattrs.is_empty();
+    if kind == Kind::Hardlink && !bare {
+        // A second name has its first name's metadata, nothing of its own.
+        return Err(corrupt("metadata on a hard link"));
+    }
     if e.uid == u32::MAX || e.gid == u32::MAX {
         return Err(corrupt("owner -1"));
     }
     if e.mtime_nsec >= 1_000_000_000 {
         return Err(corrupt("mtime nanoseconds past a second"));
+    }
+    if !MTIME_SECONDS.contains(&e.mtime_sec) {
+        // A filesystem would clamp it, and the tree would no longer hash to
+        // the sender's root once changed.
+        return Err(corrupt("mtime outside what filesystems keep"));
     }
     if e.rdev != 0 {
         return Err(corrupt("device number on a non-device"));
@@ -196,6 +216,10 @@ pub(super) fn check_entry(
     match kind {
         Kind::Symlink if e.link_target.is_empty() || e.link_target.contains(&0) => {
             return Err(corrupt("malformed symlink target"));
+        }
+        Kind::Symlink if e.mode != 0o777 => {
+            // What Linux gives every symlink; an apply cannot set another.
+            return Err(corrupt("symlink mode other than 777"));
         }
         Kind::Symlink if e.size != e.link_target.len() as u64 => {
             return Err(corrupt("symlink size differs from its target's length"));
