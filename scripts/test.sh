@@ -6,3 +6,5 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads=2
+# The delta reader and apply, fuzzed for 30 s more (the run above gives them 5).
+VOLFS_FUZZ_SECS=30 cargo test -p volfs --test fuzz_delta

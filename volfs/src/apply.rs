@@ -6,19 +6,24 @@
 //! `.volfs/staging/`. Only then are paths removed, staged files renamed into
 //! place and metadata set. Finally the tree is rehashed and its root must be
 //! the sender's, or the apply fails loudly.
+//!
+//! Every path is reached beneath the volume root without following a
+//! symlink ([`crate::beneath`]): files are opened and renamed, and owners,
+//! modes, xattrs and times set, through a parent directory opened that way,
+//! with the `*at` calls and `AT_SYMLINK_NOFOLLOW`.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ffi::CString;
 use std::fs;
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 use crate::backing::{Backing, BackingError};
+use crate::beneath::{self, VolumeRoot};
 use crate::blockstore::BlockStore;
-use crate::delta::{DeltaError, ReadDelta, read_delta};
+use crate::delta::{DeltaError, Limits, ReadDelta, read_delta_with};
 use crate::dirty::DirtyMap;
 use crate::manifest::{Entry, Hash, Kind, Manifest, Tracked, hex};
 use crate::scan::{self, Trust, abs};
@@ -81,6 +86,16 @@ pub fn apply_delta<R: Read>(
     base: &Tracked,
     r: R,
 ) -> Result<(Tracked, ApplyReport), ApplyError> {
+    apply_delta_with(backing, base, r, &Limits::default())
+}
+
+/// [`apply_delta`] reading the delta within `limits`.
+pub fn apply_delta_with<R: Read>(
+    backing: &Backing,
+    base: &Tracked,
+    r: R,
+    limits: &Limits,
+) -> Result<(Tracked, ApplyReport), ApplyError> {
     let store = BlockStore::open(
         &backing
             .meta_dir()
@@ -88,7 +103,7 @@ pub fn apply_delta<R: Read>(
     )
     .map_err(DeltaError::from)?;
     let result = (|| {
-        let delta = read_delta(r, &base.manifest, &store)?;
+        let delta = read_delta_with(r, &base.manifest, &store, limits)?;
         check_tree_shape(&delta.manifest)?;
         apply_read(backing, base, &delta, &store)
     })();
@@ -133,6 +148,7 @@ pub fn apply_read(
     store: &BlockStore,
 ) -> Result<(Tracked, ApplyReport), ApplyError> {
     let root = backing.root();
+    let vol = VolumeRoot::new(root).map_err(io_err(root))?;
     let old = &base.manifest;
     let new = &delta.manifest;
     let staging = backing.meta_dir().join("staging");
@@ -151,7 +167,7 @@ pub fn apply_read(
             .filter(|e| e.kind == Kind::Hardlink)
             .map(|e| e.link_target.as_slice())
             .collect();
-        let mut staged: HashMap<&[u8], PathBuf> = HashMap::new();
+        let mut staged: HashMap<&[u8], CString> = HashMap::new();
         let mut patches: Vec<(&[u8], Vec<BlockWrite>)> = Vec::new();
         let mut patch_bytes = 0usize;
         for p in &delta.changed {
@@ -175,26 +191,37 @@ pub fn apply_read(
             {
                 let mut blocks = Vec::with_capacity(changed.len());
                 for i in changed {
-                    let data = block_data(root, new.block_size, &base_index, store, e, i)?;
+                    let data = block_data(&vol, new.block_size, &base_index, store, e, i)?;
                     patch_bytes += data.len();
                     blocks.push((i as u64, data));
                 }
                 patches.push((p.as_slice(), blocks));
             } else {
-                let dst = staging.join(staged.len().to_string());
-                assemble(root, new.block_size, &base_index, store, e, &dst)?;
-                staged.insert(p, dst);
+                let name = staged.len().to_string();
+                assemble(
+                    &vol,
+                    new.block_size,
+                    &base_index,
+                    store,
+                    e,
+                    &staging.join(&name),
+                )?;
+                staged.insert(p, CString::new(name).expect("digits"));
             }
         }
         // Patches in place, recording what they wrote so the check below
         // rehashes only that.
         for (p, blocks) in &patches {
             let path = abs(root, p);
-            let f = fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
+            let f = vol
+                .open(p, libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .map(fs::File::from)
                 .map_err(io_err(&path))?;
-            let ino = f.metadata().map_err(io_err(&path))?.ino();
+            let md = f.metadata().map_err(io_err(&path))?;
+            if !md.is_file() {
+                return Err(io_err(&path)(beneath::not_expected()));
+            }
+            let ino = md.ino();
             let bs = u64::from(new.block_size);
             for (i, data) in blocks {
                 sys::pwrite_all(f.as_raw_fd(), data, i * bs).map_err(io_err(&path))?;
@@ -219,61 +246,85 @@ pub fn apply_read(
         let mut touched_dirs: BTreeSet<Vec<u8>> = BTreeSet::new();
         for p in doomed.iter().rev() {
             let path = abs(root, p);
-            let r = match fs::symlink_metadata(&path) {
-                Ok(m) if m.is_dir() => fs::remove_dir(&path),
-                Ok(_) => fs::remove_file(&path),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(e),
-            };
-            r.map_err(io_err(&path))?;
+            let r = (|| {
+                let (dir, name) = vol.parent(p)?;
+                match sys::statat(dir.as_raw_fd(), &name) {
+                    Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
+                        sys::unlinkat(dir.as_raw_fd(), &name, libc::AT_REMOVEDIR)
+                    }
+                    Ok(_) => sys::unlinkat(dir.as_raw_fd(), &name, 0),
+                    Err(e) => Err(e),
+                }
+            })();
+            match r {
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                r => r.map_err(io_err(&path))?,
+            }
             touched_dirs.insert(parent_of(p).to_vec());
         }
+        let staging_dir = sys::cstr(staging.as_os_str())
+            .and_then(|c| sys::open(&c, libc::O_PATH | libc::O_DIRECTORY, 0))
+            .map_err(io_err(&staging))?;
         // 3. Create and replace, parents first.
         for p in &delta.changed {
             let e = &new.entries[p];
             let path = abs(root, p);
             touched_dirs.insert(parent_of(p).to_vec());
+            let (dir, name) = vol.parent(p).map_err(io_err(&path))?;
+            let dir = dir.as_raw_fd();
             match e.kind {
-                Kind::Dir => match fs::create_dir(&path) {
+                Kind::Dir => match sys::mkdirat(dir, &name, 0o700) {
                     Ok(()) => {}
                     Err(err)
-                        if err.kind() == io::ErrorKind::AlreadyExists
-                            && fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) => {}
+                        if err.raw_os_error() == Some(libc::EEXIST)
+                            && sys::statat(dir, &name)
+                                .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR) => {}
                     Err(err) => return Err(io_err(&path)(err)),
                 },
                 Kind::File => {
                     if let Some(src) = staged.get(p.as_slice()) {
-                        fs::rename(src, &path).map_err(io_err(&path))?;
+                        sys::renameat2(staging_dir.as_raw_fd(), src, dir, &name, 0)
+                            .map_err(io_err(&path))?;
                     }
                 }
                 Kind::Symlink => {
-                    std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&e.link_target), &path)
+                    let target = CString::new(e.link_target.clone())
+                        .map_err(|_| io_err(&path)(io::Error::from_raw_os_error(libc::EINVAL)))?;
+                    sys::symlinkat(&target, dir, &name).map_err(io_err(&path))?;
+                }
+                Kind::Fifo | Kind::Socket => {
+                    sys::mknodat(dir, &name, e.kind.mode_bits() | e.mode, 0)
                         .map_err(io_err(&path))?;
                 }
-                Kind::Fifo | Kind::CharDevice | Kind::BlockDevice | Kind::Socket => {
-                    let c = sys::cstr(path.as_os_str()).map_err(io_err(&path))?;
-                    sys::mknodat(libc::AT_FDCWD, &c, e.kind.mode_bits() | e.mode, e.rdev)
-                        .map_err(io_err(&path))?;
+                Kind::CharDevice | Kind::BlockDevice => {
+                    return Err(DeltaError::Refused(format!(
+                        "entry {} is a device node",
+                        String::from_utf8_lossy(p)
+                    ))
+                    .into());
                 }
                 Kind::Hardlink => {} // below, once every file is in place
             }
             if e.kind != Kind::Hardlink && e.kind != Kind::Dir {
-                set_metadata(&path, e)?;
+                set_metadata(&vol, &path, p, e)?;
             }
         }
         // 4. Hard links: every second name must share its first name's inode.
         for (p, e) in new.entries.iter().filter(|(_, e)| e.kind == Kind::Hardlink) {
             let path = abs(root, p);
             let target = abs(root, &e.link_target);
-            let want = fs::symlink_metadata(&target)
-                .map_err(io_err(&target))?
-                .ino();
-            match fs::symlink_metadata(&path) {
-                Ok(m) if m.ino() == want => continue,
-                Ok(_) => fs::remove_file(&path).map_err(io_err(&path))?,
+            let (tdir, tname) = vol.parent(&e.link_target).map_err(io_err(&target))?;
+            let st = sys::statat(tdir.as_raw_fd(), &tname).map_err(io_err(&target))?;
+            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                return Err(io_err(&target)(beneath::not_expected()));
+            }
+            let (dir, name) = vol.parent(p).map_err(io_err(&path))?;
+            match sys::statat(dir.as_raw_fd(), &name) {
+                Ok(m) if m.st_ino == st.st_ino => continue,
+                Ok(_) => sys::unlinkat(dir.as_raw_fd(), &name, 0).map_err(io_err(&path))?,
                 Err(_) => {}
             }
-            fs::hard_link(&target, &path).map_err(io_err(&path))?;
+            sys::linkat(tdir.as_raw_fd(), &tname, dir.as_raw_fd(), &name).map_err(io_err(&path))?;
             touched_dirs.insert(parent_of(p).to_vec());
         }
         // 5. Directories last, deepest first, so their mtimes stay put.
@@ -284,7 +335,7 @@ pub fn apply_read(
         }
         for p in touched_dirs.iter().rev() {
             if let Some(e) = new.entries.get(p).filter(|e| e.kind == Kind::Dir) {
-                set_metadata(&abs(root, p), e)?;
+                set_metadata(&vol, &abs(root, p), p, e)?;
             }
         }
         Ok(())
@@ -334,7 +385,7 @@ const PATCH_MEMORY: usize = 256 << 20;
 
 /// The bytes of block `i` of `e`, from the block store or the base tree.
 fn block_data(
-    root: &Path,
+    vol: &VolumeRoot,
     block_size: u32,
     base_index: &HashMap<Hash, (Vec<u8>, u64)>,
     store: &BlockStore,
@@ -353,8 +404,11 @@ fn block_data(
     let (p, j) = base_index
         .get(h)
         .ok_or_else(|| DeltaError::MissingBlock(hex(h)))?;
-    let sp = abs(root, p);
-    let f = fs::File::open(&sp).map_err(io_err(&sp))?;
+    let sp = vol.abs(p);
+    let f = vol
+        .read_file(p)
+        .map_err(io_err(&sp))?
+        .ok_or_else(|| io_err(&sp)(beneath::not_expected()))?;
     let mut buf = vec![0u8; len];
     let n = sys::pread_full(f.as_raw_fd(), &mut buf, j * bs).map_err(io_err(&sp))?;
     buf[n..].fill(0);
@@ -366,7 +420,7 @@ fn block_data(
 
 /// Writes a file's bytes to `dst` from the block store or the base tree.
 fn assemble(
-    root: &Path,
+    vol: &VolumeRoot,
     block_size: u32,
     base_index: &HashMap<Hash, (Vec<u8>, u64)>,
     store: &BlockStore,
@@ -383,8 +437,12 @@ fn assemble(
             let src = match open.entry(p.as_slice()) {
                 std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
-                    let sp = abs(root, p);
-                    v.insert(fs::File::open(&sp).map_err(io_err(&sp))?)
+                    let sp = vol.abs(p);
+                    let f = vol
+                        .read_file(p)
+                        .map_err(io_err(&sp))?
+                        .ok_or_else(|| io_err(&sp)(beneath::not_expected()))?;
+                    v.insert(f)
                 }
             };
             let b = &mut buf[..len];
@@ -413,30 +471,43 @@ fn assemble(
     Ok(())
 }
 
-/// Sets owner, mode, xattrs and mtime of `path` to `e`'s.
-fn set_metadata(path: &Path, e: &Entry) -> Result<(), ApplyError> {
-    let c = sys::cstr(path.as_os_str()).map_err(io_err(path))?;
-    // SAFETY: `c` is NUL-terminated.
-    if unsafe { libc::lchown(c.as_ptr(), e.uid, e.gid) } != 0 {
-        return Err(io_err(path)(io::Error::last_os_error()));
+/// Sets owner, mode, xattrs and mtime of `rel` (shown as `path`) to `e`'s,
+/// through its parent directory opened beneath the root, never following a
+/// symlink.
+fn set_metadata(vol: &VolumeRoot, path: &Path, rel: &[u8], e: &Entry) -> Result<(), ApplyError> {
+    let (dir, name) = vol.parent(rel).map_err(io_err(path))?;
+    let obj = sys::openat(dir.as_fd(), &name, libc::O_PATH | libc::O_NOFOLLOW, 0)
+        .map_err(io_err(path))?;
+    let st = sys::fstat(obj.as_raw_fd()).map_err(io_err(path))?;
+    if st.st_mode & libc::S_IFMT != e.kind.mode_bits() {
+        return Err(io_err(path)(beneath::not_expected()));
     }
+    sys::fchown_fd(obj.as_raw_fd(), e.uid, e.gid).map_err(io_err(path))?;
     if e.kind != Kind::Symlink {
-        fs::set_permissions(path, fs::Permissions::from_mode(e.mode)).map_err(io_err(path))?;
+        sys::chmod_fd(obj.as_raw_fd(), e.mode).map_err(io_err(path))?;
     }
-    let have = scan::read_xattrs(path).map_err(io_err(path))?;
-    for (n, _) in &have {
-        if !e.xattrs.iter().any(|(m, _)| m == n) {
-            let cn = CString::new(n.clone()).expect("xattr names have no NUL");
-            sys::xattr::remove(&c, &cn, false).map_err(io_err(path))?;
+    match beneath::open_for_xattrs(dir.as_fd(), &name).map_err(io_err(path))? {
+        Some(fd) => {
+            let have = scan::read_xattrs(fd.as_fd()).map_err(io_err(path))?;
+            for (n, _) in &have {
+                if !e.xattrs.iter().any(|(m, _)| m == n) {
+                    let cn = CString::new(n.clone()).expect("xattr names have no NUL");
+                    sys::xattr::fremove(fd.as_raw_fd(), &cn).map_err(io_err(path))?;
+                }
+            }
+            for (n, v) in &e.xattrs {
+                if !have.iter().any(|(m, w)| m == n && w == v) {
+                    let cn = CString::new(n.clone())
+                        .map_err(|_| io_err(path)(io::Error::from_raw_os_error(libc::EINVAL)))?;
+                    sys::xattr::fset(fd.as_raw_fd(), &cn, v).map_err(io_err(path))?;
+                }
+            }
         }
-    }
-    for (n, v) in &e.xattrs {
-        if !have.iter().any(|(m, w)| m == n && w == v) {
-            let cn = CString::new(n.clone())
-                .map_err(|_| io_err(path)(io::Error::from_raw_os_error(libc::EINVAL)))?;
-            sys::xattr::set(&c, &cn, v, 0, false).map_err(io_err(path))?;
+        None if !e.xattrs.is_empty() => {
+            return Err(io_err(path)(io::Error::from_raw_os_error(libc::EPERM)));
         }
+        None => {}
     }
-    sys::utimensat_nofollow(libc::AT_FDCWD, &c, e.mtime).map_err(io_err(path))?;
+    sys::utimensat_nofollow(dir.as_raw_fd(), &name, e.mtime).map_err(io_err(path))?;
     Ok(())
 }

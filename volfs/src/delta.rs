@@ -13,9 +13,27 @@
 //! hash, and the manifest in the delta says so. A delta is thus always
 //! self-consistent (a fuzzy snapshot), and the racing write, marked dirty
 //! after its block was taken, is in the next delta.
+//!
+//! # A delta is untrusted input
+//!
+//! The reader checks every length, count and size it reads off the stream
+//! against [`Limits`] before it allocates for it, and refuses what an apply
+//! must never do to a host:
+//! - device nodes (character or block): a volume holds data, and a device
+//!   node in a backing directory opens the device to whoever reaches it.
+//!   FIFOs and sockets travel (as bare inodes).
+//! - setuid or setgid bits on anything but a directory. The scan never
+//!   records them (see [`crate::scan`]), so a delta that carries them was not
+//!   made by volfs.
+//! - extended attributes outside the `user.` namespace. `security.*` would
+//!   let a delta set file capabilities or security labels, `trusted.*` is
+//!   root-only metadata of the host, and `system.*` (POSIX ACLs) names uids
+//!   and gids of the source host. Only `user.*` is the app's own data.
+//!
+//! A delta that breaks a rule gets a clear [`DeltaError`] before anything
+//! outside the block store is touched.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -24,14 +42,15 @@ use edge_proto::v1 as pb;
 use edge_proto::v1::delta_frame::Frame;
 use prost::Message;
 
+use crate::beneath::VolumeRoot;
 use crate::blockstore::{BlockStore, BlockStoreError};
 use crate::manifest::{Entry, Hash, Kind, Manifest, ManifestError, hash_from, hex};
-use crate::scan::{META_DIR, abs};
 use crate::sys;
 
-/// The largest frame a reader accepts (a full entry of a 1 TiB file at 64 KiB
-/// blocks is about 560 MiB of hashes: such files travel as patches).
-pub const MAX_FRAME: usize = 256 << 20;
+mod limits;
+
+use limits::{Budget, ENTRY_COST, at_most, check_entry, check_path_with};
+pub use limits::{Limits, MAX_BLOCK_SIZE, MAX_FRAME, MIN_BLOCK_SIZE, MTIME_SECONDS, check_path};
 
 /// Errors of delta extraction and reading.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +95,33 @@ pub enum DeltaError {
     /// Block store.
     #[error(transparent)]
     Store(#[from] BlockStoreError),
+    /// A length, count or size is past its [`Limits`].
+    #[error("delta exceeds a limit: {what} is {got}, at most {max} allowed")]
+    Limit {
+        /// What was measured.
+        what: &'static str,
+        /// What the delta asked for.
+        got: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The delta asks for something an apply never does to a host (a device
+    /// node, a setuid file, an xattr outside `user.`).
+    #[error("delta refused: {0}")]
+    Refused(String),
+    /// An entry of the volume does not fit in one frame.
+    #[error(
+        "entry {path} needs a frame of {bytes} bytes, more than the {max} a reader \
+         accepts (use a larger block size)"
+    )]
+    EntryTooLarge {
+        /// The path.
+        path: String,
+        /// Bytes its frame would take.
+        bytes: usize,
+        /// The largest frame.
+        max: usize,
+    },
 }
 
 /// What an extracted delta holds.
@@ -127,14 +173,6 @@ pub fn write_delta<W: Write>(
             base.block_size, current.block_size
         )));
     }
-    let mut out = Counting { inner: w, n: 0 };
-    out.frame(Frame::Header(pb::DeltaHeader {
-        version: edge_proto::PROTOCOL_VERSION,
-        block_size: current.block_size,
-        base_root: base.root().to_vec(),
-        root: Vec::new(),
-    }))?;
-
     let changed: Vec<&Vec<u8>> = current
         .entries
         .iter()
@@ -146,6 +184,30 @@ pub fn write_delta<W: Write>(
         .keys()
         .filter(|p| !current.entries.contains_key(*p))
         .collect();
+    // Refuse what no reader would take before writing anything.
+    for p in &changed {
+        let m = encode_entry(p, &current.entries[*p], base.entries.get(*p));
+        let bytes = pb::DeltaFrame {
+            frame: Some(Frame::Entry(m)),
+        }
+        .encoded_len();
+        if bytes > MAX_FRAME {
+            return Err(DeltaError::EntryTooLarge {
+                path: String::from_utf8_lossy(p).into_owned(),
+                bytes,
+                max: MAX_FRAME,
+            });
+        }
+    }
+
+    let vol = VolumeRoot::new(root)?;
+    let mut out = Counting { inner: w, n: 0 };
+    out.frame(Frame::Header(pb::DeltaHeader {
+        version: edge_proto::PROTOCOL_VERSION,
+        block_size: current.block_size,
+        base_root: base.root().to_vec(),
+        root: Vec::new(),
+    }))?;
 
     let held: HashSet<Hash> = base
         .entries
@@ -167,12 +229,10 @@ pub fn write_delta<W: Write>(
         if want.is_empty() {
             continue;
         }
-        let f = match fs::File::open(abs(root, p)) {
-            Ok(f) => Some(f),
-            // Removed since the refresh: send zeros under their real hash.
-            Err(err) if err.kind() == io::ErrorKind::NotFound => None,
-            Err(err) => return Err(err.into()),
-        };
+        // Opened beneath the root, never through a symlink. Gone or no
+        // longer a regular file since the refresh: send zeros under their
+        // real hash (the next refresh sees what it is now).
+        let f = vol.read_file(p)?;
         for i in want {
             let h = e.blocks[i];
             if sent.contains(&h) {
@@ -272,25 +332,11 @@ pub struct ReadDelta {
     pub wire_bytes: u64,
 }
 
-/// Checks a path from a delta: relative, no `.`/`..`/empty components, no
-/// NUL, not the metadata directory.
-pub fn check_path(p: &[u8]) -> Result<(), DeltaError> {
-    let bad = || DeltaError::BadPath(String::from_utf8_lossy(p).into_owned());
-    if p.is_empty() {
-        return Ok(());
-    }
-    if p.contains(&0) {
-        return Err(bad());
-    }
-    for (i, c) in p.split(|&b| b == b'/').enumerate() {
-        if c.is_empty() || c == b"." || c == b".." || (i == 0 && c == META_DIR.as_bytes()) {
-            return Err(bad());
-        }
-    }
-    Ok(())
-}
-
-fn read_frame<R: Read>(r: &mut R, n: &mut u64) -> Result<Option<Frame>, DeltaError> {
+fn read_frame<R: Read>(
+    r: &mut R,
+    n: &mut u64,
+    limits: &Limits,
+) -> Result<Option<Frame>, DeltaError> {
     // Varint length prefix, read byte by byte.
     let mut len: u64 = 0;
     for shift in (0..64).step_by(7) {
@@ -306,18 +352,13 @@ fn read_frame<R: Read>(r: &mut R, n: &mut u64) -> Result<Option<Frame>, DeltaErr
             break;
         }
     }
-    let len = usize::try_from(len)
-        .ok()
-        .filter(|&l| l <= MAX_FRAME)
-        .ok_or_else(|| {
-            DeltaError::Corrupt(format!("frame of {len} bytes is larger than {MAX_FRAME}"))
-        })?;
-    let mut buf = vec![0u8; len];
+    at_most("frame size", len, limits.max_frame as u64)?;
+    let mut buf = vec![0u8; len as usize];
     r.read_exact(&mut buf).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => DeltaError::Truncated("inside a frame".into()),
         _ => DeltaError::Io(e),
     })?;
-    *n += len as u64;
+    *n += len;
     let f =
         pb::DeltaFrame::decode(buf.as_slice()).map_err(|e| DeltaError::Corrupt(e.to_string()))?;
     f.frame
@@ -327,14 +368,24 @@ fn read_frame<R: Read>(r: &mut R, n: &mut u64) -> Result<Option<Frame>, DeltaErr
 
 /// Reads a delta against `base`, verifying every block into `store` and the
 /// resulting manifest against the sender's root hash. Nothing outside the
-/// store is touched.
+/// store is touched. Uses the default [`Limits`].
 pub fn read_delta<R: Read>(
-    mut r: R,
+    r: R,
     base: &Manifest,
     store: &BlockStore,
 ) -> Result<ReadDelta, DeltaError> {
+    read_delta_with(r, base, store, &Limits::default())
+}
+
+/// [`read_delta`] within the given `limits`.
+pub fn read_delta_with<R: Read>(
+    mut r: R,
+    base: &Manifest,
+    store: &BlockStore,
+    limits: &Limits,
+) -> Result<ReadDelta, DeltaError> {
     let mut n = 0u64;
-    let Some(Frame::Header(h)) = read_frame(&mut r, &mut n)? else {
+    let Some(Frame::Header(h)) = read_frame(&mut r, &mut n, limits)? else {
         return Err(DeltaError::Corrupt("does not start with a header".into()));
     };
     if h.version != edge_proto::PROTOCOL_VERSION {
@@ -343,8 +394,11 @@ pub fn read_delta<R: Read>(
             h.version
         )));
     }
-    if h.block_size == 0 {
-        return Err(DeltaError::Corrupt("block size 0".into()));
+    if !(limits.min_block_size..=limits.max_block_size).contains(&h.block_size) {
+        return Err(DeltaError::Corrupt(format!(
+            "block size {} is outside {} ..= {}",
+            h.block_size, limits.min_block_size, limits.max_block_size
+        )));
     }
     // A full delta (against no manifest at all) applies to an empty directory.
     let nothing = Manifest::empty(h.block_size);
@@ -367,11 +421,12 @@ pub fn read_delta<R: Read>(
             h.block_size
         )));
     }
+    let mut budget = Budget::new(limits);
     let mut entries: BTreeMap<Vec<u8>, Entry> = BTreeMap::new();
     let mut removed = BTreeSet::new();
     let mut blocks = 0u64;
     let trailer = loop {
-        match read_frame(&mut r, &mut n)? {
+        match read_frame(&mut r, &mut n, limits)? {
             None => return Err(DeltaError::Truncated("no trailer".into())),
             Some(Frame::Header(_)) => return Err(DeltaError::Corrupt("second header".into())),
             Some(Frame::Block(b)) => {
@@ -384,27 +439,34 @@ pub fn read_delta<R: Read>(
                 blocks += 1;
             }
             Some(Frame::Entry(e)) => {
-                check_path(&e.path)?;
+                at_most("entries", entries.len() as u64 + 1, limits.max_entries)?;
+                check_entry(&e, h.block_size, limits, &mut budget)?;
                 let entry = Entry::from_pb(&e, base.entries.get(&e.path))?;
-                if entry.kind == Kind::Hardlink {
-                    check_path(&entry.link_target)?;
-                }
-                // What the apply would only find out half way through.
-                let nul_free = !entry.link_target.contains(&0)
-                    && entry
-                        .xattrs
-                        .iter()
-                        .all(|(n, _)| !n.is_empty() && !n.contains(&0));
-                if !nul_free || (entry.kind == Kind::Symlink && entry.link_target.is_empty()) {
+                if entry.xattrs.windows(2).any(|w| w[0].0 == w[1].0) {
                     return Err(DeltaError::Corrupt(format!(
-                        "entry {} has a malformed link target or xattr name",
+                        "entry {} names an xattr twice",
                         String::from_utf8_lossy(&e.path)
                     )));
                 }
                 entries.insert(e.path, entry);
             }
             Some(Frame::Removed(p)) => {
-                check_path(&p)?;
+                at_most(
+                    "removed paths",
+                    removed.len() as u64 + 1,
+                    limits.max_removed,
+                )?;
+                check_path_with(&p, limits)?;
+                if p.is_empty() {
+                    return Err(DeltaError::BadPath("(the volume root)".into()));
+                }
+                if !base.entries.contains_key(&p) {
+                    return Err(DeltaError::Corrupt(format!(
+                        "removes {}, which the base does not hold",
+                        String::from_utf8_lossy(&p)
+                    )));
+                }
+                budget.spend(ENTRY_COST + p.len() as u64)?;
                 removed.insert(p);
             }
             Some(Frame::Trailer(t)) => break t,
@@ -447,15 +509,23 @@ pub fn read_delta<R: Read>(
                 return Err(DeltaError::MissingBlock(hex(h)));
             }
         }
-        if e.kind == Kind::Hardlink
-            && manifest
-                .entries
-                .get(&e.link_target)
-                .is_none_or(|t| t.kind != Kind::File)
+    }
+    // Every hard link, also one the delta left alone, must name a file of
+    // the result: the delta may have removed or replaced its first name.
+    for (p, e) in manifest
+        .entries
+        .iter()
+        .filter(|(_, e)| e.kind == Kind::Hardlink)
+    {
+        if manifest
+            .entries
+            .get(&e.link_target)
+            .is_none_or(|t| t.kind != Kind::File)
         {
-            return Err(DeltaError::Corrupt(
-                "hard link to a path that is not a file".into(),
-            ));
+            return Err(DeltaError::Corrupt(format!(
+                "hard link {} to a path that is not a file",
+                String::from_utf8_lossy(p)
+            )));
         }
     }
     Ok(ReadDelta {

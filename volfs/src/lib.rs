@@ -16,22 +16,26 @@
 //! - [`delta`]: writing and reading delta streams.
 //! - [`blockstore`]: the content-addressed store a receiver stages blocks in.
 //! - [`apply`]: applying a delta to a backing directory, all or nothing.
+//! - [`beneath`]: opening paths beneath a volume's root, never through a symlink.
 //! - [`backing`]: a backing directory and its hidden `.volfs/` metadata.
 //! - [`fs`]: the FUSE passthrough filesystem (`fs/ops.rs`: one method per
 //!   kernel request).
 //! - [`mount`]: a live mount and its operations; [`control`]: its control socket.
 //! - [`offline`]: the same operations on an unmounted volume.
+//! - [`fuzz`]: the delta reader and apply as one fuzz target.
 //! - `sys`: thin wrappers over the `*at` system calls.
 
 #![warn(missing_docs)]
 
 pub mod apply;
 pub mod backing;
+pub mod beneath;
 pub mod blockstore;
 pub mod control;
 pub mod delta;
 pub mod dirty;
 pub mod fs;
+pub mod fuzz;
 pub mod manifest;
 pub mod mount;
 pub mod offline;

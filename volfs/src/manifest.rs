@@ -169,7 +169,10 @@ impl Entry {
         }
     }
 
-    /// Reads the proto form. `base` resolves the patch form.
+    /// Reads the proto form. `base` resolves the patch form. A patch's
+    /// `block_count` is allocated as given: a reader of untrusted bytes
+    /// checks it first (the delta reader does, within its
+    /// [`Limits`](crate::delta::Limits)).
     pub fn from_pb(e: &pb::ManifestEntry, base: Option<&Entry>) -> Result<Entry, ManifestError> {
         let kind = Kind::from_pb(e.kind)?;
         let blocks = if e.patch {

@@ -223,8 +223,10 @@ pub fn mount(
             MountOption::Subtype("volfs".into()),
             MountOption::DefaultPermissions,
             MountOption::RW,
-            MountOption::Dev,
-            MountOption::Suid,
+            // What an app writes is data: no device opens through the
+            // mount and no setuid bit takes effect when a file is run.
+            MountOption::NoDev,
+            MountOption::NoSuid,
         ];
         c.acl = if opts.allow_other {
             SessionACL::All

@@ -5,17 +5,37 @@
 //! live mount the blocks the [`DirtyMap`] marked; after a remount the files
 //! whose inode or change time differs from what the manifest recorded; and
 //! every block when nothing is trusted (`volfs verify`).
+//!
+//! The tree is the app's: every directory is listed, and every file, symlink
+//! and xattr read, through a descriptor opened beneath the root without
+//! following a symlink ([`crate::beneath`]). A path that changes kind while
+//! it is read (a file or directory swapped for a symlink) is left out of
+//! this refresh, with everything under it, and read again by the next.
+//!
+//! # What a manifest records
+//!
+//! What travels to another host is what the app may hand it, nothing more:
+//! - only extended attributes in the `user.` namespace (see [`crate::delta`]
+//!   for why `security.*`, `trusted.*` and `system.*` stay on their host);
+//! - modes of everything but directories without their setuid and setgid
+//!   bits. An app may `chmod u+s` its own file (the mount is `nosuid`, so it
+//!   gains nothing); the file still moves, as a plain file. A receiver
+//!   refuses a delta that carries those bits, so recording them would make
+//!   such a volume unmovable;
+//! - no device nodes: they are left out of the manifest, and a receiver
+//!   refuses a delta that carries one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::beneath::{self, VolumeRoot};
 use crate::dirty::{DirtyMap, FileDirty};
 use crate::manifest::{Entry, Hash, Kind, LocalStat, Manifest, Tracked};
 use crate::sys;
@@ -80,21 +100,38 @@ fn kind_of(mode: u32) -> Option<Kind> {
 }
 
 /// Walks `root` and returns every path (relative bytes) with its `lstat`.
-/// Paths that vanish during the walk are left out.
+/// Directories are opened beneath the root ([`VolumeRoot`]) and listed
+/// through that descriptor, so a directory swapped for a symlink is never
+/// followed. Paths that vanish or change kind during the walk are left out.
 pub fn walk(root: &Path) -> io::Result<BTreeMap<Vec<u8>, fs::Metadata>> {
+    walk_beneath(&VolumeRoot::new(root)?)
+}
+
+fn walk_beneath(vol: &VolumeRoot) -> io::Result<BTreeMap<Vec<u8>, fs::Metadata>> {
     let mut out = BTreeMap::new();
-    out.insert(Vec::new(), fs::symlink_metadata(root)?);
+    out.insert(
+        Vec::new(),
+        fs::File::from(vol.open(b"", libc::O_PATH)?).metadata()?,
+    );
     let mut stack = vec![Vec::<u8>::new()];
     while let Some(dir) = stack.pop() {
-        let rd = match fs::read_dir(abs(root, &dir)) {
+        let fd = match vol.open(&dir, libc::O_RDONLY | libc::O_DIRECTORY) {
+            Ok(fd) => fd,
+            Err(e) if beneath::changed(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        // Listed through /proc/self/fd, which reopens the very directory
+        // `fd` holds; each entry's metadata is an `fstatat` relative to it.
+        let listing = sys::proc_path(fd.as_raw_fd());
+        let rd = match fs::read_dir(OsStr::from_bytes(listing.as_bytes())) {
             Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) if beneath::changed(&e) => continue,
             Err(e) => return Err(e),
         };
         for ent in rd {
             let ent = match ent {
                 Ok(e) => e,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) if beneath::changed(&e) => continue,
                 Err(e) => return Err(e),
             };
             let name = ent.file_name();
@@ -108,7 +145,7 @@ pub fn walk(root: &Path) -> io::Result<BTreeMap<Vec<u8>, fs::Metadata>> {
             rel.extend_from_slice(name.as_bytes());
             let md = match ent.metadata() {
                 Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) if beneath::changed(&e) => continue,
                 Err(e) => return Err(e),
             };
             if md.is_dir() {
@@ -120,18 +157,19 @@ pub fn walk(root: &Path) -> io::Result<BTreeMap<Vec<u8>, fs::Metadata>> {
     Ok(out)
 }
 
-/// Sorted extended attributes of a path (not following a final symlink).
-pub fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let c = sys::cstr(path.as_os_str())?;
-    let names = match sys::xattr::list(&c, false) {
+/// Sorted extended attributes of the object behind an open fd (not
+/// `O_PATH`), those a manifest carries only (see [`carried_xattr`]).
+pub fn read_xattrs(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let fd = fd.as_raw_fd();
+    let names = match sys::xattr::flist(fd) {
         Ok(n) => n,
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
     let mut out = Vec::new();
-    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+    for name in names.split(|&b| b == 0).filter(|n| carried_xattr(n)) {
         let cname = std::ffi::CString::new(name).expect("split at NUL");
-        match sys::xattr::get(&c, &cname, false) {
+        match sys::xattr::fget(fd, &cname) {
             Ok(v) => out.push((name.to_vec(), v)),
             Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
             Err(e) => return Err(e),
@@ -141,10 +179,26 @@ pub fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     Ok(out)
 }
 
+/// The permission bits a manifest records for a `kind` with `mode`: setuid
+/// and setgid only on directories (where setgid means "inherit the group").
+pub fn recorded_mode(kind: Kind, mode: u32) -> u32 {
+    let mode = mode & 0o7777;
+    if kind == Kind::Dir {
+        mode
+    } else {
+        mode & !(libc::S_ISUID | libc::S_ISGID)
+    }
+}
+
+/// Whether an xattr name is one a manifest carries (`user.*`).
+pub fn carried_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"user.")
+}
+
 fn meta_entry(kind: Kind, md: &fs::Metadata) -> Entry {
     Entry {
         kind,
-        mode: md.mode() & 0o7777,
+        mode: recorded_mode(kind, md.mode()),
         uid: md.uid(),
         gid: md.gid(),
         size: match kind {
@@ -198,7 +252,8 @@ pub fn refresh(
     let start = Instant::now();
     let block_size = prev.manifest.block_size;
     let bs = u64::from(block_size);
-    let tree = walk(root)?;
+    let vol = VolumeRoot::new(root)?;
+    let tree = walk_beneath(&vol)?;
     let mut hasher = Hasher {
         block_size: bs,
         buf: vec![0; block_size as usize],
@@ -228,7 +283,9 @@ pub fn refresh(
         let Some(kind) = kind_of(md.mode()) else {
             continue;
         };
-        let path = abs(root, rel);
+        if matches!(kind, Kind::CharDevice | Kind::BlockDevice) {
+            continue;
+        }
         if kind == Kind::File && md.nlink() > 1 {
             if let Some(first) = first_name.get(&md.ino()) {
                 let e = Entry {
@@ -248,10 +305,10 @@ pub fn refresh(
             }
             first_name.insert(md.ino(), rel.clone());
         }
-        let (mut entry, local) = if kind == Kind::File {
+        let (entry, local) = if kind == Kind::File {
             seen_inodes.insert(md.ino());
             match hash_file(
-                &path,
+                &vol,
                 rel,
                 md.ino(),
                 prev,
@@ -261,18 +318,15 @@ pub fn refresh(
                 &mut hasher,
             ) {
                 Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) if beneath::changed(&e) => continue,
                 Err(e) => return Err(e),
             }
         } else {
             let mut e = meta_entry(kind, md);
-            if kind == Kind::Symlink {
-                match fs::read_link(&path) {
-                    Ok(t) => e.link_target = t.into_os_string().into_vec(),
-                    Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-                    Err(err) => return Err(err),
-                }
-                e.size = e.link_target.len() as u64;
+            match other_details(&vol, rel, md, &mut e) {
+                Ok(()) => {}
+                Err(err) if beneath::changed(&err) => continue,
+                Err(err) => return Err(err),
             }
             (
                 e,
@@ -281,11 +335,6 @@ pub fn refresh(
                     ctime: (md.ctime(), md.ctime_nsec() as u32),
                 },
             )
-        };
-        entry.xattrs = match read_xattrs(&path) {
-            Ok(x) => x,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
         };
         out.local.insert(rel.clone(), local);
         out.manifest.entries.insert(rel.clone(), entry);
@@ -301,19 +350,82 @@ pub fn refresh(
         }
         d.clear_metadata_count();
     }
+    prune_orphans(&mut out);
     let mut stats = hasher.stats;
     stats.paths = out.manifest.entries.len() as u64;
     stats.elapsed = start.elapsed();
     Ok((out, stats))
 }
 
-use std::os::unix::ffi::OsStringExt;
+/// Reads what a directory or symlink entry holds besides its `lstat`: a
+/// directory's xattrs, a symlink's target. The object must still be the one
+/// the walk saw (same inode), else it [changed](beneath::changed).
+fn other_details(vol: &VolumeRoot, rel: &[u8], md: &fs::Metadata, e: &mut Entry) -> io::Result<()> {
+    let flags = match e.kind {
+        Kind::Dir => libc::O_RDONLY | libc::O_DIRECTORY,
+        Kind::Symlink => libc::O_PATH | libc::O_NOFOLLOW,
+        // FIFOs and sockets hold no `user.*` xattrs.
+        _ => return Ok(()),
+    };
+    let fd = vol.open(rel, flags)?;
+    let st = sys::fstat(fd.as_raw_fd())?;
+    if st.st_ino != md.ino() || st.st_mode & libc::S_IFMT != md.mode() & libc::S_IFMT {
+        return Err(beneath::not_expected());
+    }
+    if e.kind == Kind::Dir {
+        e.xattrs = read_xattrs(fd.as_fd())?;
+    } else {
+        e.link_target = sys::readlink_fd(fd.as_raw_fd())?;
+        e.size = e.link_target.len() as u64;
+    }
+    Ok(())
+}
+
+/// Leaves out paths whose parent is not a directory of the manifest, and
+/// hard links whose first name is not a file of it: the walk saw a
+/// directory or file that changed before it was read. They come back in a
+/// later refresh; a manifest always describes a tree.
+fn prune_orphans(t: &mut Tracked) {
+    let paths: Vec<Vec<u8>> = t.manifest.entries.keys().cloned().collect();
+    // Byte order puts every directory before what it holds.
+    for p in paths.iter().filter(|p| !p.is_empty()) {
+        let parent = match p.iter().rposition(|&b| b == b'/') {
+            Some(i) => &p[..i],
+            None => &b""[..],
+        };
+        if t.manifest
+            .entries
+            .get(parent)
+            .is_none_or(|e| e.kind != Kind::Dir)
+        {
+            t.manifest.entries.remove(p);
+            t.local.remove(p);
+        }
+    }
+    let dangling: Vec<Vec<u8>> = t
+        .manifest
+        .entries
+        .iter()
+        .filter(|(_, e)| {
+            e.kind == Kind::Hardlink
+                && t.manifest
+                    .entries
+                    .get(&e.link_target)
+                    .is_none_or(|f| f.kind != Kind::File)
+        })
+        .map(|(p, _)| p.clone())
+        .collect();
+    for p in dangling {
+        t.manifest.entries.remove(&p);
+        t.local.remove(&p);
+    }
+}
 
 /// Hashes one regular file: takes its dirty marks first, then stats and reads
 /// it through one open fd (so a write after the take is marked again).
 #[allow(clippy::too_many_arguments)]
 fn hash_file(
-    path: &Path,
+    vol: &VolumeRoot,
     rel: &[u8],
     ino: u64,
     prev: &Tracked,
@@ -324,17 +436,12 @@ fn hash_file(
 ) -> io::Result<(Entry, LocalStat)> {
     let marks: Option<FileDirty> = dirty.and_then(|d| d.take(ino));
     let result = (|| {
-        let f = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NOATIME)
-            .open(path)
-            .or_else(|_| {
-                fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(path)
-            })?;
+        let f = vol.read_file(rel)?.ok_or_else(beneath::not_expected)?;
         let md = f.metadata()?;
+        if md.ino() != ino {
+            // Replaced since the walk: its marks are not the ones taken.
+            return Err(beneath::not_expected());
+        }
         let fd = f.as_raw_fd();
         let local = LocalStat {
             ino: md.ino(),
@@ -396,6 +503,7 @@ fn hash_file(
                 entry.blocks = blocks;
             }
         }
+        entry.xattrs = read_xattrs(f.as_fd())?;
         Ok((entry, local))
     })();
     if result.is_err() {

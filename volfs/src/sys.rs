@@ -83,6 +83,28 @@ pub fn fstat(fd: RawFd) -> io::Result<libc::stat> {
     Ok(unsafe { st.assume_init() })
 }
 
+/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`.
+pub fn statat(dir: RawFd, name: &CStr) -> io::Result<libc::stat> {
+    let mut st = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `st` is valid for writes of a stat; `name` is NUL-terminated.
+    check(unsafe {
+        libc::fstatat(
+            dir,
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: fstatat succeeded, so it filled the struct.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// `linkat(olddir, oldname, newdir, newname, 0)`: never follows a symlink.
+pub fn linkat(olddir: RawFd, oldname: &CStr, newdir: RawFd, newname: &CStr) -> io::Result<()> {
+    // SAFETY: both names are NUL-terminated.
+    check(unsafe { libc::linkat(olddir, oldname.as_ptr(), newdir, newname.as_ptr(), 0) }).map(drop)
+}
+
 /// `mkdirat`.
 pub fn mkdirat(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
     // SAFETY: `name` is NUL-terminated.
@@ -346,30 +368,6 @@ pub mod xattr {
         }
     }
 
-    /// Names, NUL-separated as the kernel returns them.
-    pub fn list(path: &CStr, follow: bool) -> io::Result<Vec<u8>> {
-        // SAFETY: `path` is NUL-terminated and `buf`/`len` describe a valid buffer.
-        size_loop(|buf, len| unsafe {
-            if follow {
-                libc::listxattr(path.as_ptr(), buf.cast(), len)
-            } else {
-                libc::llistxattr(path.as_ptr(), buf.cast(), len)
-            }
-        })
-    }
-
-    /// One value.
-    pub fn get(path: &CStr, name: &CStr, follow: bool) -> io::Result<Vec<u8>> {
-        // SAFETY: strings are NUL-terminated and `buf`/`len` describe a valid buffer.
-        size_loop(|buf, len| unsafe {
-            if follow {
-                libc::getxattr(path.as_ptr(), name.as_ptr(), buf, len)
-            } else {
-                libc::lgetxattr(path.as_ptr(), name.as_ptr(), buf, len)
-            }
-        })
-    }
-
     /// Raw `getxattr`/`listxattr` with a caller buffer (size 0 asks for the size).
     pub fn raw(path: &CStr, name: Option<&CStr>, buf: &mut [u8]) -> io::Result<usize> {
         let (p, l) = if buf.is_empty() {
@@ -409,6 +407,31 @@ pub mod xattr {
             }
         })
         .map(drop)
+    }
+
+    /// Names of the object behind an open (not `O_PATH`) fd, NUL-separated.
+    pub fn flist(fd: RawFd) -> io::Result<Vec<u8>> {
+        // SAFETY: `buf`/`len` describe a valid buffer.
+        size_loop(|buf, len| unsafe { libc::flistxattr(fd, buf.cast(), len) })
+    }
+
+    /// One value of the object behind an open fd.
+    pub fn fget(fd: RawFd, name: &CStr) -> io::Result<Vec<u8>> {
+        // SAFETY: `name` is NUL-terminated and `buf`/`len` describe a valid buffer.
+        size_loop(|buf, len| unsafe { libc::fgetxattr(fd, name.as_ptr(), buf, len) })
+    }
+
+    /// `fsetxattr`.
+    pub fn fset(fd: RawFd, name: &CStr, value: &[u8]) -> io::Result<()> {
+        // SAFETY: `name` is NUL-terminated and `value` is a valid slice.
+        check(unsafe { libc::fsetxattr(fd, name.as_ptr(), value.as_ptr().cast(), value.len(), 0) })
+            .map(drop)
+    }
+
+    /// `fremovexattr`.
+    pub fn fremove(fd: RawFd, name: &CStr) -> io::Result<()> {
+        // SAFETY: `name` is NUL-terminated.
+        check(unsafe { libc::fremovexattr(fd, name.as_ptr()) }).map(drop)
     }
 
     /// `removexattr` / `lremovexattr`.

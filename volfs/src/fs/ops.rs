@@ -125,6 +125,10 @@ impl Filesystem for VolFs {
         reply: ReplyEntry,
     ) {
         let r = (|| {
+            // A volume holds data: no device nodes in a backing directory.
+            if matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK) {
+                return Err(Errno::EPERM);
+            }
             let (p, setgid, c) = self.new_in(parent, name)?;
             let mode = mode & !(umask & 0o777);
             sys::mknodat(p.fd.as_raw_fd(), &c, mode, u64::from(rdev)).map_err(errno)?;
