@@ -24,10 +24,6 @@ pub const DELTA_VERSION: u32 = 1;
 /// Version of the persisted manifest (`.volfs/manifest.pb`, `volfs manifest`).
 pub const MANIFEST_VERSION: u32 = 1;
 
-/// The first version of the delta format and the stored manifest; prefer
-/// [`DELTA_VERSION`] and [`MANIFEST_VERSION`].
-pub const PROTOCOL_VERSION: u32 = 1;
-
 /// gRPC metadata keys of edgeshift, defined once for edges and clients.
 pub mod meta {
     /// On a call refused or held because its session is moving: "1".

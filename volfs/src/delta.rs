@@ -203,7 +203,7 @@ pub fn write_delta<W: Write>(
     let vol = VolumeRoot::new(root)?;
     let mut out = Counting { inner: w, n: 0 };
     out.frame(Frame::Header(pb::DeltaHeader {
-        version: edge_proto::PROTOCOL_VERSION,
+        version: edge_proto::DELTA_VERSION,
         block_size: current.block_size,
         base_root: base.root().to_vec(),
         root: Vec::new(),
@@ -388,7 +388,7 @@ pub fn read_delta_with<R: Read>(
     let Some(Frame::Header(h)) = read_frame(&mut r, &mut n, limits)? else {
         return Err(DeltaError::Corrupt("does not start with a header".into()));
     };
-    if h.version != edge_proto::PROTOCOL_VERSION {
+    if h.version != edge_proto::DELTA_VERSION {
         return Err(DeltaError::Corrupt(format!(
             "protocol version {} unknown",
             h.version

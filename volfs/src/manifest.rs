@@ -323,7 +323,7 @@ impl Manifest {
     /// Serializes for `volfs manifest` (a base for a later diff).
     pub fn to_bytes(&self) -> Vec<u8> {
         let pm = pb::PersistedManifest {
-            version: edge_proto::PROTOCOL_VERSION,
+            version: edge_proto::MANIFEST_VERSION,
             block_size: self.block_size,
             root: self.root().to_vec(),
             entries: self.entries.iter().map(|(p, e)| e.to_pb(p)).collect(),
@@ -369,7 +369,7 @@ type Decoded = (Manifest, BTreeMap<Vec<u8>, LocalStat>, bool);
 
 fn decode_persisted(b: &[u8]) -> Result<Decoded, ManifestError> {
     let pm = pb::PersistedManifest::decode(b).map_err(|e| ManifestError::Corrupt(e.to_string()))?;
-    if pm.version != edge_proto::PROTOCOL_VERSION {
+    if pm.version != edge_proto::MANIFEST_VERSION {
         return Err(ManifestError::Corrupt(format!(
             "version {} unknown",
             pm.version
@@ -405,7 +405,7 @@ impl Tracked {
     /// Writes atomically (temp file, fsync, rename) to `path`.
     pub fn save(&self, path: &Path, clean: bool) -> Result<(), ManifestError> {
         let pm = pb::PersistedManifest {
-            version: edge_proto::PROTOCOL_VERSION,
+            version: edge_proto::MANIFEST_VERSION,
             block_size: self.manifest.block_size,
             root: self.manifest.root().to_vec(),
             entries: self

@@ -29,7 +29,7 @@ fn encode(frames: Vec<Frame>) -> Vec<u8> {
 
 fn header(block_size: u32, base: &Manifest) -> Frame {
     Frame::Header(pb::DeltaHeader {
-        version: edge_proto::PROTOCOL_VERSION,
+        version: edge_proto::DELTA_VERSION,
         block_size,
         base_root: base.root().to_vec(),
         root: Vec::new(),
