@@ -21,6 +21,13 @@ pub const RELEASE_WAIT: Duration = Duration::from_secs(60);
 /// How long the quiesce waits for running ops before it gives up.
 pub const OPS_WAIT: Duration = Duration::from_secs(120);
 
+/// How long the live round may take before the attempt is given up (a
+/// puller that stopped reading must not hold the session's handovers).
+pub const LIVE_WAIT: Duration = Duration::from_secs(30 * 60);
+
+/// How long the instance may stay frozen while the final delta goes out.
+pub const FINAL_WAIT: Duration = Duration::from_secs(120);
+
 /// Where the owner is in a handover.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OwnerState {
@@ -123,8 +130,12 @@ pub enum OwnerEvent {
 /// The owner's timers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OwnerTimer {
+    /// The live round did not go out in time.
+    Live,
     /// Running ops did not finish in time.
     Ops,
+    /// The final delta did not go out in time (the instance is frozen).
+    Final,
     /// No Release or Abort came in time.
     Release,
 }
@@ -270,13 +281,25 @@ impl OwnerState {
             E::Pull { attempt, to } => match self {
                 S::Serving => {
                     *self = S::Giving { attempt, to };
-                    vec![A::SendLive]
+                    vec![
+                        A::Arm {
+                            attempt,
+                            timer: OwnerTimer::Live,
+                            after: LIVE_WAIT,
+                        },
+                        A::SendLive,
+                    ]
                 }
                 // The same puller lost track of an attempt that is only
                 // waiting for its Release (it restarted): start over.
                 S::FinalSent { to: cur, .. } if cur.edge_id == to.edge_id => {
                     let mut out = self.abort();
                     *self = S::Giving { attempt, to };
+                    out.push(A::Arm {
+                        attempt,
+                        timer: OwnerTimer::Live,
+                        after: LIVE_WAIT,
+                    });
                     out.push(A::SendLive);
                     out
                 }
@@ -314,6 +337,11 @@ impl OwnerState {
                     vec![
                         A::Persist(Persist::Frozen { attempt, to }),
                         A::Freeze,
+                        A::Arm {
+                            attempt,
+                            timer: OwnerTimer::Final,
+                            after: FINAL_WAIT,
+                        },
                         A::SendFinal,
                     ]
                 }
@@ -368,7 +396,9 @@ impl OwnerState {
             }
             E::Failed { attempt, .. } if is_current(attempt) => self.abort(),
             E::Timer { attempt, timer } if is_current(attempt) => match (&*self, timer) {
-                (S::Quiescing { .. }, OwnerTimer::Ops)
+                (S::Giving { .. }, OwnerTimer::Live)
+                | (S::Quiescing { .. }, OwnerTimer::Ops)
+                | (S::Frozen { .. }, OwnerTimer::Final)
                 | (S::FinalSent { .. }, OwnerTimer::Release) => self.abort(),
                 _ => vec![],
             },
@@ -402,7 +432,14 @@ mod tests {
                 attempt,
                 to: peer("b")
             }),
-            vec![A::SendLive]
+            vec![
+                A::Arm {
+                    attempt,
+                    timer: OwnerTimer::Live,
+                    after: LIVE_WAIT
+                },
+                A::SendLive
+            ]
         );
         let a = s.step(E::LiveSent { attempt });
         assert_eq!(a[0], A::HoldCalls);
@@ -416,6 +453,11 @@ mod tests {
                     to: peer("b")
                 }),
                 A::Freeze,
+                A::Arm {
+                    attempt,
+                    timer: OwnerTimer::Final,
+                    after: FINAL_WAIT
+                },
                 A::SendFinal
             ],
             "persisted before the freeze"
@@ -634,6 +676,11 @@ mod tests {
                 A::Thaw,
                 A::Persist(Persist::Serving),
                 A::ResumeCalls,
+                A::Arm {
+                    attempt: 2,
+                    timer: OwnerTimer::Live,
+                    after: LIVE_WAIT
+                },
                 A::SendLive
             ]
         );
@@ -646,5 +693,33 @@ mod tests {
             vec![A::Reply(Err(Refusal::NotGiving))],
             "the old attempt cannot release any more"
         );
+    }
+
+    #[test]
+    fn a_live_round_or_a_final_delta_that_never_goes_out_is_given_up() {
+        let mut s = OwnerState::Serving;
+        s.step(E::Pull {
+            attempt: 1,
+            to: peer("b"),
+        });
+        assert_eq!(
+            s.step(E::Timer {
+                attempt: 1,
+                timer: OwnerTimer::Live
+            }),
+            vec![A::ResumeCalls]
+        );
+        s.step(E::Pull {
+            attempt: 2,
+            to: peer("b"),
+        });
+        s.step(E::LiveSent { attempt: 2 });
+        s.step(E::OpsDrained { attempt: 2 });
+        let a = s.step(E::Timer {
+            attempt: 2,
+            timer: OwnerTimer::Final,
+        });
+        assert_eq!(a[0], A::Thaw, "a frozen instance does not stay frozen");
+        assert_eq!(s, OwnerState::Serving);
     }
 }

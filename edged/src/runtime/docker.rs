@@ -43,6 +43,11 @@ pub async fn connect() -> Result<Docker, RuntimeError> {
     d.negotiate_version().await.map_err(derr)
 }
 
+/// The container of a session on an edge (edges on one host share an engine).
+pub fn container_name(edge_id: &str, session_id: &str) -> String {
+    format!("edgeshift-{edge_id}-{session_id}")
+}
+
 impl DockerRuntime {
     /// A runtime for `image` on the engine `docker`.
     pub fn new(docker: Docker, image: String) -> Self {
@@ -53,7 +58,7 @@ impl DockerRuntime {
 impl Runtime for DockerRuntime {
     fn start<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFut<'a, Result<InstanceId, RuntimeError>> {
         Box::pin(async move {
-            let name = format!("edgeshift-{}-{}", spec.edge_id, spec.session_id);
+            let name = container_name(&spec.edge_id, &spec.session_id);
             let host = HostConfig {
                 binds: Some(vec![
                     format!("{}:{DATA_IN_CONTAINER}", spec.volume.display()),

@@ -65,11 +65,6 @@ fn signal_group(pid: u32, sig: i32) {
     unsafe { libc::kill(-(pid as i32), sig) };
 }
 
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(pid as i32, sig) };
-}
-
 impl Runtime for ProcessRuntime {
     fn start<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFut<'a, Result<InstanceId, RuntimeError>> {
         Box::pin(async move {
@@ -132,9 +127,12 @@ impl Runtime for ProcessRuntime {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&pid);
             if !pid_alive(pid) {
+                // What the app started may outlive it in its group.
+                signal_group(pid, libc::SIGKILL);
                 return Ok(());
             }
-            signal(pid, libc::SIGTERM);
+            // The whole group: the app and whatever it started.
+            signal_group(pid, libc::SIGTERM);
             // A paused instance handles SIGTERM once it runs again.
             signal_group(pid, libc::SIGCONT);
             let graceful = async {
@@ -154,7 +152,7 @@ impl Runtime for ProcessRuntime {
                 .is_err()
             {
                 tracing::warn!(pid, "instance ignored SIGTERM; killing it");
-                signal(pid, libc::SIGKILL);
+                signal_group(pid, libc::SIGKILL);
             }
             Ok(())
         })

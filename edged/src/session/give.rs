@@ -46,6 +46,14 @@ impl Edge {
             let actions = st.step(ev);
             for a in actions {
                 let failed = match &a {
+                    // Clearing "frozen" may fail harmlessly: a restart that
+                    // finds it thaws and serves anyway. The calls must resume.
+                    OwnerAction::Persist(Persist::Serving) => {
+                        if let Err(e) = self.persist_owner(s, &Persist::Serving).await {
+                            tracing::error!(session = %s.id, error = %e, "could not persist that the handover ended; serving on");
+                        }
+                        None
+                    }
                     OwnerAction::Persist(p) => self.persist_owner(s, p).await.err(),
                     OwnerAction::Freeze => s.freeze().await.err(),
                     OwnerAction::Thaw => {
@@ -97,7 +105,7 @@ impl Edge {
                         // Not released after all: the puller may ask again.
                         *st = before;
                         out.push(OwnerAction::Reply(Err(Refusal::NotGiving)));
-                    } else if let Some(attempt) = attempt.or(st.attempt()) {
+                    } else if let Some(attempt) = st.attempt().or(attempt) {
                         next = Some(OwnerEvent::Failed { attempt, reason });
                     }
                     break;
@@ -125,10 +133,18 @@ impl Edge {
                     at: now_unix(),
                 };
                 let (store, id, t2) = (self.tombstones.clone(), s.id.clone(), t.clone());
-                tokio::task::spawn_blocking(move || store.put(&id, &t2))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("persisting the tombstone: {e}"))?;
+                tokio::task::spawn_blocking(move || {
+                    let r = store.put(&id, &t2);
+                    if r.is_err() {
+                        // Not released: a half-written tombstone must not
+                        // remove the session at the next start.
+                        store.remove(&id);
+                    }
+                    r
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("persisting the tombstone: {e}"))?;
                 self.released
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -191,6 +207,17 @@ impl Edge {
                 return;
             }
         };
+        // Only an owner gives: a session pulled here and still waiting for
+        // its old owner's release is not this edge's to hand on.
+        if s.role() != Role::Serving || s.state() != super::State::Serving {
+            let _ = tx
+                .send(Err(Status::failed_precondition(format!(
+                    "session {} is not owned by this edge yet (its handover here is not finished)",
+                    s.id
+                ))))
+                .await;
+            return;
+        }
         let attempt = new_attempt();
         let to = Peer {
             edge_id: req.to_edge.clone(),
@@ -739,5 +766,47 @@ mod tests {
             );
         }
         assert_eq!(*s.owner.lock().await, OwnerState::Serving);
+    }
+
+    #[tokio::test]
+    async fn a_session_still_waiting_for_its_release_is_not_given_away_or_closed() {
+        let (edge, s, fake, _d) = edge_with_session().await;
+        *s.role.lock().unwrap() = Role::AwaitingRelease {
+            attempt: 1,
+            from: peer("a"),
+        };
+        let (tx, mut rx) = mpsc::channel(4);
+        edge.give(
+            pb::PeerHandoverRequest {
+                session_id: "s1".into(),
+                token: b"t".to_vec(),
+                held_manifest: Vec::new(),
+                to_edge: "c".into(),
+                to_addr: "c:1".into(),
+            },
+            tx,
+        )
+        .await;
+        let err = rx.recv().await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert_eq!(*s.owner.lock().await, OwnerState::Serving);
+        assert!(fake.calls().is_empty(), "nothing frozen");
+        assert!(matches!(
+            edge.close("s1", Some(b"t")).await,
+            Err(EdgeError::Moving(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_session_being_handed_over_is_not_closed_from_under_the_handover() {
+        let (edge, s, _fake, _d) = edge_with_session().await;
+        to_final_sent(&edge, &s, 4).await;
+        assert!(matches!(
+            edge.close("s1", None).await,
+            Err(EdgeError::Moving(_))
+        ));
+        assert_eq!(edge.session_count(), 1);
+        edge.release("s1", 4, "b").await.unwrap();
+        assert_eq!(edge.session_count(), 0);
     }
 }

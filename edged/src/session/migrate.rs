@@ -81,6 +81,11 @@ pub(super) async fn peer_client(
         .map_err(|e| Status::invalid_argument(format!("bad edge address {addr:?}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
+        // A peer that stops answering (stopped, partitioned) is noticed
+        // even while a stream waits on it.
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
         .connect()
         .await
         .map_err(|e| {
@@ -156,13 +161,17 @@ impl Edge {
             .ok_or_else(|| {
                 Status::invalid_argument(format!("{to:?} is not a neighbour of this edge"))
             })?;
-        if !self
+        let s = self
             .sessions
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .contains_key(id)
-        {
-            return Err(EdgeError::UnknownSession(id.to_string()).status());
+            .get(id)
+            .cloned()
+            .ok_or_else(|| EdgeError::UnknownSession(id.to_string()).status())?;
+        if s.role() != super::Role::Serving || s.state() != super::State::Serving {
+            return Err(Status::failed_precondition(format!(
+                "session {id} is not owned by this edge yet (its handover here is not finished)"
+            )));
         }
         let ticket: [u8; 32] = super::random_bytes();
         self.tickets

@@ -870,18 +870,30 @@ impl Edge {
             tracing::info!(session = %id, "a session that failed to recover was removed by the operator");
             return Ok(());
         }
-        let s = {
+        let s = self
+            .sessions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| EdgeError::UnknownSession(id.to_string()))?;
+        if let Some(t) = token {
+            s.check_token(t)?;
+        }
+        {
+            // Under the handover lock: a session being handed over (or
+            // pulled here and not yet released) is not closed from under the
+            // handover; once closed, a late Release finds nothing to release.
+            let owner = s.owner.lock().await;
+            if *owner != OwnerState::Serving || s.role() != Role::Serving {
+                return Err(EdgeError::Moving(id.to_string()));
+            }
             let mut map = self.sessions.write().unwrap_or_else(|p| p.into_inner());
-            let s = map
-                .get(id)
-                .cloned()
-                .ok_or_else(|| EdgeError::UnknownSession(id.to_string()))?;
-            if let Some(t) = token {
-                s.check_token(t)?;
+            if !map.get(id).is_some_and(|x| Arc::ptr_eq(x, &s)) {
+                return Err(EdgeError::UnknownSession(id.to_string()));
             }
             map.remove(id);
-            s
-        };
+        }
         s.teardown().await;
         self.tell_candidates_to_drop(id, "");
         tracing::info!(session = %id, "session closed");
@@ -910,7 +922,12 @@ impl Edge {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .filter(|s| s.last_used.load(Ordering::Relaxed) < cutoff && s.state() == State::Serving)
+            .filter(|s| {
+                s.last_used.load(Ordering::Relaxed) < cutoff
+                    && s.state() == State::Serving
+                    && s.role() == Role::Serving
+                    && s.owner.try_lock().is_ok_and(|o| *o == OwnerState::Serving)
+            })
             .map(|s| s.id.clone())
             .collect();
         for id in idle {

@@ -309,9 +309,16 @@ impl Edge {
 
     /// Candidate side: drops what is staged for a session.
     pub async fn drop_staged(&self, id: &str) {
-        if crate::config::valid_name(id) {
-            let _ = tokio::fs::remove_dir_all(self.staging_dir(id)).await;
+        if !crate::config::valid_name(id) {
+            return;
         }
+        let lock = self.staging_lock(id);
+        let _g = lock.lock().await;
+        if self.is_pulling(id) {
+            // The copy is what a pull under way resumes from.
+            return;
+        }
+        let _ = tokio::fs::remove_dir_all(self.staging_dir(id)).await;
     }
 
     /// Candidate side: drops staged copies older than the TTL.

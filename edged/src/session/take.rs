@@ -568,7 +568,7 @@ impl Edge {
             created: p.meta.created_unix,
             instance: None,
             volfs_pid: None,
-            epoch: p.meta.epoch.max(1) + 1,
+            epoch: p.meta.epoch.clamp(1, u64::MAX - 1) + 1,
             role: Role::Starting {
                 attempt: p.attempt,
                 from: owner.clone(),
