@@ -18,12 +18,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
-use edges::bin;
 use prost::Message;
 
 const CHECK: &str = "/grpc.health.v1.Health/Check";
-
-mod edges;
 
 #[derive(Parser)]
 struct Args {
@@ -122,7 +119,7 @@ async fn main() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let base = tmp.path().join("base");
     std::fs::create_dir_all(&base)?;
-    let edge = edges::start(tmp.path(), "bench", "127.0.0.1", &base, None, "")?;
+    let edge = start_edge(tmp.path(), "bench", "127.0.0.1", &base, None, "")?;
     let url = edge.url();
     let client = edge_client::connect(&url).await?;
     let session = client.open_session("list", "bench").await?;
@@ -143,7 +140,7 @@ async fn main() -> anyhow::Result<()> {
         })
     };
     let sock = edge
-        .data
+        .data_dir
         .join("sessions")
         .join(session.id())
         .join("run/app.sock");
@@ -225,7 +222,7 @@ async fn main() -> anyhow::Result<()> {
         let tmp2 = tempfile::tempdir()?;
         let base = tmp2.path().join("base");
         std::fs::create_dir_all(&base)?;
-        let edge = edges::start(tmp2.path(), "bench", "127.0.0.1", &base, Some(tag), "")?;
+        let edge = start_edge(tmp2.path(), "bench", "127.0.0.1", &base, Some(tag), "")?;
         let url = edge.url();
         writeln!(
             out,
@@ -242,4 +239,35 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.out)?;
     std::fs::write(a.out.join("invokebench.csv"), csv)?;
     Ok(())
+}
+
+/// A binary of the workspace next to this one.
+fn bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    Ok(edgeshift_tests::bin(name))
+}
+
+/// Edge `id` on `ip`, its config and log in `dir`, serving the List app
+/// from `base` with the process runtime or, given an image, Docker; `extra`
+/// is laid over its configuration.
+fn start_edge(
+    dir: &std::path::Path,
+    id: &str,
+    ip: &str,
+    base: &std::path::Path,
+    docker_image: Option<&str>,
+    extra: &str,
+) -> anyhow::Result<edgeshift_tests::Edge> {
+    let runtime = match docker_image {
+        Some(i) => edgeshift_tests::Runtime::Docker(i.into()),
+        None => edgeshift_tests::Runtime::Process(bin("list-app")?),
+    };
+    let apps = [edgeshift_tests::App {
+        name: "list".into(),
+        base: base.to_path_buf(),
+        runtime,
+    }];
+    let addr = edgeshift_tests::free_addr(ip);
+    let mut cfg = edgeshift_tests::config(id, addr, &dir.join(id), &apps, extra);
+    cfg.start_timeout = std::time::Duration::from_secs(30);
+    Ok(edgeshift_tests::Edge::launch_in(dir, cfg))
 }

@@ -24,10 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use edges::bin;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-mod edges;
 
 #[derive(Parser)]
 struct Args {
@@ -213,23 +210,23 @@ struct Outcome {
 async fn edgeshift_case(work: &Path, c: &Case) -> anyhow::Result<Outcome> {
     let base = work.join("base");
     std::fs::create_dir_all(&base)?;
-    let b = edges::start(work, "b", "127.0.0.2", &base, None, "")?;
+    let b = start_edge(work, "b", "127.0.0.2", &base, None, "")?;
     let (ab, ab_task, precopy_link) = relay(b.addr, c.link).await?;
     // Pre-copy rounds every 2 s; the dirty bytes below land right before the move.
     let extra = format!(
         "[[neighbours]]\nid = \"b\"\naddr = \"{ab}\"\n[precopy]\ninterval = 2\ndirty_threshold = 1099511627776\n"
     );
-    let a = edges::start(work, "a", "127.0.0.1", &base, None, &extra)?;
+    let a = start_edge(work, "a", "127.0.0.1", &base, None, &extra)?;
     let (ba, ba_task, _) = relay(a.addr, c.link).await?;
     let ca = edge_client::connect(&a.url()).await?;
     let cb = edge_client::connect(&b.url()).await?;
     let s = ca.open_session("list", "bench").await?;
-    let blob = a.data.join("sessions").join(s.id()).join("mnt/blob");
+    let blob = a.data_dir.join("sessions").join(s.id()).join("mnt/blob");
     let f = blob.clone();
     let size = c.size;
     tokio::task::spawn_blocking(move || write_volume(&f, size)).await??;
     // Wait until B staged everything (and one more round found nothing new).
-    let staged = b.data.join("staging").join(s.id()).join("volume/blob");
+    let staged = b.data_dir.join("staging").join(s.id()).join("volume/blob");
     let deadline = Instant::now() + Duration::from_secs(600);
     while dir_file_bytes(&staged) != c.size {
         anyhow::ensure!(Instant::now() < deadline, "pre-copy did not catch up");
@@ -245,7 +242,7 @@ async fn edgeshift_case(work: &Path, c: &Case) -> anyhow::Result<Outcome> {
     let (f, size, d) = (blob.clone(), c.size, c.dirty);
     tokio::task::spawn_blocking(move || dirty(&f, size, d, 3)).await??;
     // What volfs counts as dirty since the last pre-copy round (its refresh).
-    let backing = a.data.join("sessions").join(s.id()).join("volume");
+    let backing = a.data_dir.join("sessions").join(s.id()).join("volume");
     let st =
         tokio::task::spawn_blocking(move || volfs::control::request(&backing, "status")).await??;
     let since_round = match st {
@@ -624,4 +621,35 @@ async fn main() -> anyhow::Result<()> {
     )?;
     eprintln!("CSV and SVG in {}", a.out.display());
     Ok(())
+}
+
+/// A binary of the workspace next to this one.
+fn bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    Ok(edgeshift_tests::bin(name))
+}
+
+/// Edge `id` on `ip`, its config and log in `dir`, serving the List app
+/// from `base` with the process runtime or, given an image, Docker; `extra`
+/// is laid over its configuration.
+fn start_edge(
+    dir: &std::path::Path,
+    id: &str,
+    ip: &str,
+    base: &std::path::Path,
+    docker_image: Option<&str>,
+    extra: &str,
+) -> anyhow::Result<edgeshift_tests::Edge> {
+    let runtime = match docker_image {
+        Some(i) => edgeshift_tests::Runtime::Docker(i.into()),
+        None => edgeshift_tests::Runtime::Process(bin("list-app")?),
+    };
+    let apps = [edgeshift_tests::App {
+        name: "list".into(),
+        base: base.to_path_buf(),
+        runtime,
+    }];
+    let addr = edgeshift_tests::free_addr(ip);
+    let mut cfg = edgeshift_tests::config(id, addr, &dir.join(id), &apps, extra);
+    cfg.start_timeout = std::time::Duration::from_secs(30);
+    Ok(edgeshift_tests::Edge::launch_in(dir, cfg))
 }

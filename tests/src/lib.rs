@@ -10,20 +10,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A binary of the workspace, next to the test executable's directory.
+/// A binary of the workspace: next to this executable (a benchmark in
+/// `target/<profile>/`) or one directory up (a test in `target/<profile>/deps/`).
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    let p = dir.join(name);
-    assert!(
-        p.is_file(),
-        "{} is missing: run `cargo build --workspace` before the tests",
-        p.display()
-    );
-    p
+    let exe = std::env::current_exe().expect("executable path");
+    let here = exe.parent().expect("executable directory");
+    let found = [here.join(name), here.join("..").join(name)]
+        .into_iter()
+        .find(|p| p.is_file());
+    found.unwrap_or_else(|| {
+        panic!(
+            "{name} is missing next to {}: run `cargo build --workspace` (or `--release` for benchmarks) first",
+            here.display()
+        )
+    })
 }
 
 /// Fails (never skips) without FUSE or root.
@@ -143,43 +143,97 @@ pub struct Edge {
     pub config: PathBuf,
     /// Its data directory.
     pub data_dir: PathBuf,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// The configuration of a test edge as edged reads it: edged's commented
+/// default, with the edge's id, address, data directory and `apps`, and
+/// `extra` (TOML, e.g. `max_sessions = 3` or a `[precopy]` table) laid over
+/// it. Validated like `edged config check` validates a file.
+pub fn config(
+    id: &str,
+    addr: SocketAddr,
+    data_dir: &Path,
+    apps: &[App],
+    extra: &str,
+) -> edged::config::Config {
+    use edged::config::{AppConfig, Config, DEFAULT_TOML, RuntimeConfig};
+    let mut cfg = Config::from_toml(DEFAULT_TOML, "default").unwrap();
+    cfg.edge_id = id.into();
+    cfg.listen = addr;
+    cfg.data_dir = data_dir.to_path_buf();
+    cfg.session_ttl = Duration::from_secs(3600);
+    cfg.max_payload = 1 << 20;
+    cfg.volfs_binary = Some(bin("volfs"));
+    cfg.apps = apps
+        .iter()
+        .map(|a| {
+            let runtime = match &a.runtime {
+                Runtime::Process(p) => RuntimeConfig::Process {
+                    command: p.clone(),
+                    args: Vec::new(),
+                },
+                Runtime::Docker(i) => RuntimeConfig::Docker { image: i.clone() },
+            };
+            let app = AppConfig {
+                base_volume: a.base.clone(),
+                runtime,
+                ..cfg.apps["list"].clone()
+            };
+            (a.name.clone(), app)
+        })
+        .collect();
+    // Lay `extra` over the typed value, then read the whole back through
+    // edged's own parser and checks.
+    let mut table: toml::Table = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+    let over: toml::Table = toml::from_str(extra).expect("extra config is TOML");
+    for (k, v) in over {
+        match (table.get_mut(&k), v) {
+            (Some(toml::Value::Table(t)), toml::Value::Table(o)) => t.extend(o),
+            (_, v) => {
+                table.insert(k, v);
+            }
+        }
+    }
+    Config::from_toml(&toml::to_string(&table).unwrap(), "test edge")
+        .unwrap_or_else(|e| panic!("test edge config: {e}"))
 }
 
 impl Edge {
-    /// Starts an edge on `ip` serving `apps`; `extra` is appended to the config's top level.
+    /// Starts an edge on `ip` serving `apps`, with `extra` laid over its
+    /// configuration (see [`config`]).
     pub fn start(id: &str, ip: &str, apps: &[App], extra: &str) -> Edge {
-        require_fuse();
-        let dir = tempfile::tempdir().unwrap();
-        let data_dir = dir.path().join("data");
         let addr = free_addr(ip);
-        let mut toml = format!(
-            "edge_id = {id:?}\nlisten = \"{addr}\"\ndata_dir = {:?}\nsession_ttl = 3600\nmax_payload = 1048576\nstart_timeout = 20\nblock_size = 65536\nvolfs_binary = {:?}\n{extra}\n",
-            data_dir.display().to_string(),
-            bin("volfs").display().to_string(),
-        );
-        for a in apps {
-            let rt = match &a.runtime {
-                Runtime::Process(p) => format!(
-                    "{{ kind = \"process\", command = {:?} }}",
-                    p.display().to_string()
-                ),
-                Runtime::Docker(i) => format!("{{ kind = \"docker\", image = {i:?} }}"),
-            };
-            toml += &format!(
-                "\n[apps.{}]\nbase_volume = {:?}\nruntime = {rt}\n",
-                a.name,
-                a.base.display().to_string()
-            );
-        }
-        let config = dir.path().join("edged.toml");
-        std::fs::write(&config, toml).unwrap();
+        Edge::start_at(id, addr, apps, extra)
+    }
+
+    /// [`Edge::start`] on a given address.
+    pub fn start_at(id: &str, addr: SocketAddr, apps: &[App], extra: &str) -> Edge {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(id, addr, &dir.path().join("data"), apps, extra);
+        Edge::launch(dir, cfg)
+    }
+
+    /// Starts `edged serve` on a typed configuration, in `dir` (its config
+    /// file and log go there).
+    pub fn launch(dir: tempfile::TempDir, cfg: edged::config::Config) -> Edge {
+        let mut e = Edge::launch_in(dir.path(), cfg);
+        e._dir = Some(dir);
+        e
+    }
+
+    /// Starts `edged serve` on a typed configuration, its config file and
+    /// log as `ID.toml` and `ID.log` in `dir`, which the caller keeps.
+    pub fn launch_in(dir: &Path, cfg: edged::config::Config) -> Edge {
+        require_fuse();
+        let config = dir.join(format!("{}.toml", cfg.edge_id));
+        std::fs::write(&config, toml::to_string(&cfg).unwrap()).unwrap();
         let mut e = Edge {
             child: None,
-            addr,
+            addr: cfg.listen,
             config,
-            data_dir,
-            _dir: dir,
+            data_dir: cfg.data_dir.clone(),
+            _dir: None,
         };
         e.spawn();
         e
@@ -697,5 +751,53 @@ pub fn check_items(items: &[String], acked: &[String], unsure: &[String]) {
         acked.iter().chain(unsure).map(String::as_str).collect();
     for i in items {
         assert!(known.contains(i.as_str()), "item {i:?} was never written");
+    }
+}
+
+/// Edges `a`, `b`, `c`, ... on 127.0.0.1, 127.0.0.2, ..., each a neighbour of
+/// every other, serving the same apps.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The edges, in order of their ids.
+    pub edges: Vec<Edge>,
+}
+
+impl Cluster {
+    /// Starts `n` edges; `extra` is laid over each one's configuration.
+    pub fn mesh(n: usize, apps: &[App], extra: &str) -> Cluster {
+        let ids: Vec<String> = (0..n)
+            .map(|i| ((b'a' + i as u8) as char).to_string())
+            .collect();
+        let addrs: Vec<SocketAddr> = (0..n)
+            .map(|i| free_addr(&format!("127.0.0.{}", i + 1)))
+            .collect();
+        let edges = (0..n)
+            .map(|i| {
+                let mut neighbours = String::new();
+                for j in (0..n).filter(|j| *j != i) {
+                    neighbours += &format!(
+                        "[[neighbours]]\nid = {:?}\naddr = \"{}\"\n",
+                        ids[j], addrs[j]
+                    );
+                }
+                // `extra` first: its top-level keys must precede any table.
+                Edge::start_at(&ids[i], addrs[i], apps, &format!("{extra}\n{neighbours}"))
+            })
+            .collect();
+        Cluster { edges }
+    }
+
+    /// A client connection to each edge.
+    pub async fn clients(&self) -> Vec<edge_client::EdgeClient> {
+        let mut out = Vec::new();
+        for e in &self.edges {
+            out.push(edge_client::connect(&e.url()).await.unwrap());
+        }
+        out
+    }
+
+    /// The edges, borrowed (for [`sole_owner`] and [`holders`]).
+    pub fn refs(&self) -> Vec<&Edge> {
+        self.edges.iter().collect()
     }
 }

@@ -246,7 +246,7 @@ async fn a_seeded_run_of_handovers_with_an_edge_killed_at_random_keeps_one_owner
     let rounds: usize = std::env::var("EDGESHIFT_CHAOS_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(8);
+        .unwrap_or(12);
     eprintln!("chaos seed {seed}, {rounds} rounds (EDGESHIFT_CHAOS_SEED / _ROUNDS to replay)");
     let mut rng = Rng(seed | 1);
     let bases = Bases::new();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use edge_client::{FileLocator, Follower, locator::FollowEvent};
-use edgeshift_tests::{App, Bases, Edge, Faults, Relay, Runtime, bin};
+use edgeshift_tests::{App, Bases, Cluster, Edge, Faults, Relay, Runtime, bin};
 use tonic::Code;
 
 use edgeshift_tests::list::{ADD, ITEMS, add, items_of, items_req};
@@ -21,13 +21,8 @@ async fn items(s: &edge_client::Session) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_session_follows_the_client_a_b_c_and_back_to_a() {
     let bases = Bases::new();
-    let apps = bases.process_apps();
-    let edges = [
-        Edge::start("a", "127.0.0.1", &apps, ""),
-        Edge::start("b", "127.0.0.2", &apps, ""),
-        Edge::start("c", "127.0.0.3", &apps, ""),
-    ];
-    let clients: Vec<_> = futures_join(&edges).await;
+    let cluster = Cluster::mesh(3, &bases.process_apps(), "");
+    let (edges, clients) = (&cluster.edges, cluster.clients().await);
     let s = clients[0].open_session("list", "walker").await.unwrap();
     s.invoke(ADD, add("at a")).await.unwrap();
     let mut expect = vec!["at a".to_string()];

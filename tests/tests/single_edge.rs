@@ -475,7 +475,11 @@ async fn a_session_that_cannot_be_recovered_yet_is_kept_listed_and_recovered_lat
     // edged dies; the operator renames the app in the config meanwhile.
     edge.kill();
     let cfg = std::fs::read_to_string(&edge.config).unwrap();
-    std::fs::write(&edge.config, cfg.replace("[apps.list]", "[apps.list2]")).unwrap();
+    let renamed = cfg
+        .replace("[apps.list]", "[apps.list2]")
+        .replace("[apps.list.", "[apps.list2.");
+    assert_ne!(renamed, cfg);
+    std::fs::write(&edge.config, renamed).unwrap();
     edge.restart();
     let listed = sessions(&edge).await;
     let info = listed
