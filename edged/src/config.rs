@@ -67,6 +67,9 @@ pub struct Config {
     /// Pre-copy to the neighbours.
     #[serde(default)]
     pub precopy: PrecopyConfig,
+    /// How a handover decides when to quiesce.
+    #[serde(default)]
+    pub handover: HandoverConfig,
     /// How long this edge remembers where a session it released went (a
     /// late call is redirected, a repeated release answered).
     #[serde(with = "secs", default = "default_tombstone_ttl")]
@@ -97,6 +100,28 @@ pub struct Neighbour {
     pub id: String,
     /// Its address, `host:port`.
     pub addr: String,
+}
+
+/// How a handover decides when to quiesce: live rounds repeat while what
+/// is left to send shrinks, until the final round is predicted to fit the
+/// downtime budget at the rate the previous rounds went out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandoverConfig {
+    /// The downtime a final round should fit, seconds.
+    #[serde(with = "secs")]
+    pub max_downtime: Duration,
+    /// At most this many live rounds before the quiesce.
+    pub max_live_rounds: u32,
+}
+
+impl Default for HandoverConfig {
+    fn default() -> Self {
+        HandoverConfig {
+            max_downtime: Duration::from_millis(100),
+            max_live_rounds: 8,
+        }
+    }
 }
 
 /// How sessions are pre-copied to the neighbours.
@@ -274,6 +299,13 @@ dirty_threshold = 1048576
 bandwidth_mbit = 0
 # Staged copies nobody took over are dropped after this long (s).
 staged_ttl = 3600
+
+[handover]
+# Live rounds repeat while what is left shrinks, until the last round is
+# predicted to fit this downtime (s) at the rate earlier rounds went out ...
+max_downtime = 0.1
+# ... or this many live rounds went out.
+max_live_rounds = 8
 
 # A Docker app runs as an unprivileged numeric user (default 65534:65534),
 # with a CPU share, and no swap beyond its memory limit.

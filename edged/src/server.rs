@@ -192,7 +192,9 @@ impl Peer for PeerService {
         &self,
         req: Request<pb::PeerHandoverRequest>,
     ) -> Result<Response<Self::HandoverStream>, Status> {
-        let (tx, rx) = mpsc::channel(64);
+        // Few frames in flight: the give task's pace is the link's, so the
+        // rate a live round measures is the link's too.
+        let (tx, rx) = mpsc::channel(4);
         let edge = self.0.clone();
         tokio::spawn(async move { edge.give(req.into_inner(), tx).await });
         Ok(Response::new(ReceiverStream::new(rx)))

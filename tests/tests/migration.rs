@@ -687,3 +687,62 @@ async fn killing_the_candidate_during_pre_copy_loses_nothing() {
     );
     a.wait_empty().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn live_rounds_repeat_while_the_app_writes_until_the_last_one_fits_the_downtime_budget() {
+    let bases = Bases::new();
+    let apps = bases.process_apps();
+    // A budget no first round can meet while the app writes.
+    let (a, b) = (
+        Edge::start(
+            "a",
+            "127.0.0.1",
+            &apps,
+            "[handover]\nmax_downtime = 0.002\n",
+        ),
+        Edge::start("b", "127.0.0.2", &apps, ""),
+    );
+    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let s = ca.open_session("list", "walker").await.unwrap();
+    for i in 0..200 {
+        s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
+    }
+    // A writer that keeps dirtying the volume during the move, over a link
+    // of about 1.6 MB/s.
+    let writer = edgeshift_tests::Writer::start(s.clone(), "w");
+    let relay = Relay::start(
+        a.addr,
+        Faults {
+            throttle: Some(Duration::from_millis(10)),
+            ..Faults::default()
+        },
+    )
+    .await;
+    let via = edge_client::connect(&relay.addr.to_string()).await.unwrap();
+    let moving =
+        edge_client::Session::attach(&via, s.id().into(), s.token().clone(), "a".into(), vec![]);
+    let cb = edge_client::connect(&b.url()).await.unwrap();
+    let mut events = Vec::new();
+    moving
+        .handover_to(&cb, |p| events.push(p.clone()))
+        .await
+        .unwrap();
+    let quiesce = events
+        .iter()
+        .position(|p| p.phase() == edge_client::HandoverPhase::Quiesced)
+        .expect("a quiesce");
+    let live: Vec<u64> = events[..quiesce]
+        .iter()
+        .filter(|p| p.phase() == edge_client::HandoverPhase::Pull)
+        .map(|p| p.bytes_received)
+        .collect();
+    assert!(
+        live.len() >= 2 && live.len() <= 8,
+        "more than one live round while the app wrote, at most max_live_rounds: {live:?}\n{}",
+        a.log()
+    );
+    let (acked, unsure) = writer.finish().await;
+    let got = items(&s).await;
+    edgeshift_tests::check_items(&got[200..], &acked, &unsure);
+    assert_eq!(s.edge_id(), "b");
+}

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use edge_proto::v1 as pb;
 use edge_proto::v1::handover_chunk::Chunk;
+use prost::Message;
 use tokio::sync::mpsc;
 use tonic::Status;
 use tracing::Instrument;
@@ -316,10 +317,46 @@ impl Edge {
                 Ok::<_, Status>((frames(&bytes)?, result))
             }
         };
-        let (f1, held1) = round(1, base).await?;
-        for f in f1 {
-            send(Chunk::Frame(f)).await?;
-        }
+        // Live rounds while the app runs: another one while what is left
+        // shrinks and would not fit the downtime budget at the rate the
+        // last one went out (diff and send).
+        let mut base = base;
+        let mut n = 1u32;
+        let held1 = loop {
+            let t = Instant::now();
+            let (frames, held) = round(n, base).await?;
+            let mut bytes = 0u64;
+            for f in frames {
+                bytes += f.encoded_len() as u64;
+                send(Chunk::Frame(f)).await?;
+            }
+            let rate = bytes as f64 / t.elapsed().as_secs_f64().max(1e-3);
+            let left = volume::control(&backing, "status")
+                .await
+                .ok()
+                .and_then(|r| volume::field(&r, "bytes"))
+                .unwrap_or(0);
+            let predicted = Duration::from_secs_f64(left as f64 / rate.max(1.0));
+            let cfg = &self.cfg.handover;
+            if n >= cfg.max_live_rounds || predicted <= cfg.max_downtime || left >= bytes {
+                tracing::debug!(
+                    rounds = n,
+                    left,
+                    predicted_ms = predicted.as_millis() as u64,
+                    "live rounds done"
+                );
+                break held;
+            }
+            tracing::debug!(
+                round = n,
+                bytes,
+                left,
+                predicted_ms = predicted.as_millis() as u64,
+                "another live round"
+            );
+            base = held.display().to_string();
+            n += 1;
+        };
         // Quiesce: new calls are held; running ones finish.
         let acts = self.owner_event(s, OwnerEvent::LiveSent { attempt }).await;
         if !acts.contains(&OwnerAction::WaitOps) {
@@ -346,7 +383,7 @@ impl Edge {
         }))
         .await?;
         // The final round: the instance is frozen, the control request flushes volfs.
-        let (f2, held2) = round(2, held1.display().to_string()).await?;
+        let (f2, held2) = round(n + 1, held1.display().to_string()).await?;
         for f in f2 {
             send(Chunk::Frame(f)).await?;
         }
