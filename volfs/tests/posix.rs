@@ -682,3 +682,64 @@ fn utimensat_with_one_time_omitted_leaves_that_time_alone() {
     }
     d.assert_none();
 }
+
+#[test]
+fn utimensat_without_following_sets_the_times_of_a_symlink() {
+    let mut d = Diffs::default();
+    let times = [ts(T::At(OLD)), ts(T::At(OLD + 5))];
+    d.check(
+        "utimensat AT_SYMLINK_NOFOLLOW on a symlink",
+        |root: &Path| {
+            fs::write(root.join("target"), b"t").unwrap();
+            std::os::unix::fs::symlink("target", root.join("l")).unwrap();
+        },
+        |root: &Path| {
+            let p = c(&root.join("l"));
+            // SAFETY: a system call on a valid C string and two timespecs.
+            let r = unsafe {
+                libc::utimensat(
+                    libc::AT_FDCWD,
+                    p.as_ptr(),
+                    times.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            };
+            let link = fs::symlink_metadata(root.join("l")).unwrap();
+            let target = fs::metadata(root.join("target")).unwrap();
+            (
+                err_of(r.into()),
+                (link.atime(), link.mtime()),
+                target.mtime() == OLD + 5,
+            )
+        },
+    );
+    d.assert_none();
+}
+
+#[test]
+fn mkdir_symlink_link_and_rename_to_a_name_longer_than_name_max_are_enametoolong() {
+    let mut d = Diffs::default();
+    let long = "n".repeat(256);
+    let setup = |root: &Path| {
+        fs::create_dir(root.join("d")).unwrap();
+        fs::write(root.join("f"), b"f").unwrap();
+    };
+    d.check("mkdir, symlink, link, rename", setup, |root: &Path| {
+        let f = c(&root.join("f"));
+        let to = c(&root.join(&long));
+        let sub = c(&root.join("d").join(&long));
+        // SAFETY: system calls on valid C strings.
+        unsafe {
+            [
+                err_of(libc::mkdir(to.as_ptr(), 0o755).into()),
+                err_of(libc::mkdir(sub.as_ptr(), 0o755).into()),
+                err_of(libc::symlink(f.as_ptr(), to.as_ptr()).into()),
+                err_of(libc::link(f.as_ptr(), to.as_ptr()).into()),
+                err_of(libc::rename(f.as_ptr(), to.as_ptr()).into()),
+                err_of(libc::rename(f.as_ptr(), sub.as_ptr()).into()),
+                err_of(libc::unlink(to.as_ptr()).into()),
+            ]
+        }
+    });
+    d.assert_none();
+}

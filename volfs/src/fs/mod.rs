@@ -438,10 +438,6 @@ impl VolFs {
                     }),
                 })
             };
-            let st = sys::fstat(fd).map_err(errno)?;
-            if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
-                return Err(Errno::from_i32(libc::EOPNOTSUPP));
-            }
             sys::utimens_fd(fd, conv(atime), conv(mtime)).map_err(errno)?;
         }
         self.dirty.mark_metadata();
