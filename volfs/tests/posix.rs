@@ -743,3 +743,77 @@ fn mkdir_symlink_link_and_rename_to_a_name_longer_than_name_max_are_enametoolong
     });
     d.assert_none();
 }
+
+/// Whether `p` carries file capabilities.
+fn has_caps(p: &Path) -> bool {
+    let cp = c(p);
+    // SAFETY: a system call on valid C strings and a null, empty buffer.
+    let r = unsafe {
+        libc::getxattr(
+            cp.as_ptr(),
+            c"security.capability".as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    r >= 0
+}
+
+/// `root/f`, open to all, with file capabilities (CAP_FSETID permitted).
+fn file_with_caps(root: &Path) {
+    let f = root.join("f");
+    fs::write(&f, b"data").unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o666)).unwrap();
+    let mut v = Vec::new();
+    for w in [0x0200_0001u32, 1 << CAP_FSETID, 0, 0, 0] {
+        v.extend_from_slice(&w.to_le_bytes());
+    }
+    let cp = c(&f);
+    // SAFETY: a system call on valid C strings and a buffer of its length.
+    let r = unsafe {
+        libc::setxattr(
+            cp.as_ptr(),
+            c"security.capability".as_ptr(),
+            v.as_ptr().cast(),
+            v.len(),
+            0,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn truncation_and_a_write_remove_file_capabilities() {
+    let mut d = Diffs::default();
+    let root_cred = Cred {
+        uid: 0,
+        gid: 0,
+        fsetid: true,
+    };
+    for (how, cred) in [
+        (Truncate::Path, root_cred),
+        (Truncate::Open, root_cred),
+        (Truncate::Fd, NOBODY),
+        (Truncate::Open, NOBODY),
+    ] {
+        d.check(
+            &format!("{how:?} truncation by {cred:?}"),
+            file_with_caps,
+            |root: &Path| {
+                let (e, _) = truncate_as(cred, how)(root);
+                (e, has_caps(&root.join("f")))
+            },
+        );
+    }
+    for cred in [NOBODY, root_cred] {
+        d.check(
+            &format!("a write by {cred:?}"),
+            file_with_caps,
+            |root: &Path| {
+                let (e, _) = write_as(cred)(root);
+                (e, has_caps(&root.join("f")))
+            },
+        );
+    }
+    d.assert_none();
+}
