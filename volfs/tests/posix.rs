@@ -389,8 +389,8 @@ fn chown_by_root_clears_setuid_and_group_executable_setgid() {
 }
 
 #[test]
-fn a_file_created_in_a_setgid_directory_by_a_user_outside_its_group_takes_the_group_without_setgid()
-{
+fn a_file_created_in_a_setgid_directory_by_a_user_outside_its_group_takes_its_group_and_no_executable_setgid()
+ {
     let mut d = Diffs::default();
     let setup = |root: &Path| {
         let d = root.join("d");
