@@ -215,12 +215,13 @@ fn timespec(t: TimeSpec) -> libc::timespec {
     }
 }
 
-/// Sets atime/mtime of the (non-symlink) object behind an fd.
+/// Sets atime/mtime of the object behind an fd (an `O_PATH` fd of a
+/// symlink sets the symlink's own times).
 pub fn utimens_fd(fd: RawFd, atime: TimeSpec, mtime: TimeSpec) -> io::Result<()> {
-    let p = proc_path(fd);
     let ts = [timespec(atime), timespec(mtime)];
-    // SAFETY: `p` is NUL-terminated and `ts` holds two timespecs.
-    check(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), ts.as_ptr(), 0) }).map(drop)
+    // SAFETY: EMPTY is NUL-terminated and `ts` holds two timespecs.
+    check(unsafe { libc::utimensat(fd, EMPTY.as_ptr(), ts.as_ptr(), libc::AT_EMPTY_PATH) })
+        .map(drop)
 }
 
 /// Sets atime/mtime of `name` in `dir` without following a symlink.

@@ -10,7 +10,10 @@
 //! backing file; a new inode is marked whole; truncation marks the range it
 //! cut or grew. Open files are plain fds handed to the kernel as file
 //! handles. Permissions are the kernel's job (`default_permissions`); the
-//! daemon runs as root and gives new objects the caller's owner.
+//! daemon runs as root and gives new objects the caller's owner. Dropping
+//! setuid/setgid on write, truncate and chown is the daemon's job
+//! (`FUSE_HANDLE_KILLPRIV_V2`), decided by the caller's `CAP_FSETID` and
+//! groups as the kernel would (`caller`).
 //!
 //! POSIX and BSD locks are not sent to the daemon: without `FUSE_POSIX_LOCKS`
 //! the kernel keeps them itself, which is exact for a volume mounted on one
@@ -29,6 +32,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{Errno, FileAttr, FileHandle, FileType, INodeNo, ReplyXattr, Request, TimeOrNow};
 
+use self::caller::{Caller, setid_bits_to_drop};
 use crate::dirty::DirtyMap;
 use crate::scan::META_DIR;
 use crate::sys;
@@ -311,27 +315,68 @@ impl VolFs {
     }
 
     /// What the kernel expects of a filesystem with `FUSE_HANDLE_KILLPRIV_V2`
-    /// when an unprivileged caller writes or truncates: drop setuid, setgid
-    /// (when group-executable) and file capabilities. The daemon writes as
-    /// root, so the backing filesystem would not do it by itself.
-    fn kill_privs(&self, fd: RawFd) -> R<()> {
+    /// when a caller without `CAP_FSETID` writes to or truncates a regular
+    /// file: drop setuid, setgid (when group-executable, or when the caller
+    /// is not in the file's group: `in_group`) and file capabilities. The
+    /// daemon writes as root, so the backing filesystem would not do it by
+    /// itself.
+    fn kill_privs(&self, fd: RawFd, in_group: impl FnOnce(u32) -> bool) -> R<()> {
         let st = sys::fstat(fd).map_err(errno)?;
-        let mut mode = st.st_mode & 0o7777;
-        if mode & libc::S_ISUID != 0 {
-            mode &= !libc::S_ISUID;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Ok(());
         }
-        if mode & libc::S_ISGID != 0 && mode & libc::S_IXGRP != 0 {
-            mode &= !libc::S_ISGID;
-        }
-        if mode != st.st_mode & 0o7777 {
-            sys::chmod_fd(fd, mode).map_err(errno)?;
+        let mode = st.st_mode & 0o7777;
+        let drop = setid_bits_to_drop(mode, st.st_gid, in_group);
+        if drop != 0 {
+            sys::chmod_fd(fd, mode & !drop).map_err(errno)?;
             self.dirty.mark_metadata();
         }
+        self.kill_caps(fd)
+    }
+
+    /// Removes file capabilities, as any write or truncation does.
+    fn kill_caps(&self, fd: RawFd) -> R<()> {
         let p = sys::proc_path(fd);
         match sys::xattr::remove(&p, c"security.capability", true) {
             Ok(()) => self.dirty.mark_metadata(),
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::ENOTSUP)) => {}
             Err(e) => return Err(errno(e)),
+        }
+        Ok(())
+    }
+
+    /// Before truncating `fd` for `req`: drops setuid/setgid unless the
+    /// caller holds `CAP_FSETID`, and file capabilities.
+    fn kill_privs_for_truncate(&self, req: &Request, fd: RawFd) -> R<()> {
+        let st = sys::fstat(fd).map_err(errno)?;
+        if st.st_mode & (libc::S_ISUID | libc::S_ISGID) == 0 {
+            return self.kill_caps(fd);
+        }
+        let caller = Caller::of(req);
+        if caller.fsetid() {
+            self.kill_caps(fd)
+        } else {
+            self.kill_privs(fd, |g| caller.in_group(g))
+        }
+    }
+
+    /// Changes the owner of `fd` for `req`. The backing chown, made by
+    /// root, drops setuid and a group-executable setgid; a setgid that is
+    /// not group-executable goes too when the caller is neither in the
+    /// file's group nor holds `CAP_FSETID` (as the kernel's `chown_common`).
+    fn chown_for(&self, req: &Request, fd: RawFd, uid: u32, gid: u32) -> R<()> {
+        let st = sys::fstat(fd).map_err(errno)?;
+        let mode = st.st_mode & 0o7777;
+        let drop_setgid = st.st_mode & libc::S_IFMT != libc::S_IFDIR
+            && mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID
+            && {
+                let caller = Caller::of(req);
+                !caller.fsetid() && !caller.in_group(st.st_gid)
+            };
+        sys::fchown_fd(fd, uid, gid).map_err(errno)?;
+        if drop_setgid {
+            let now = sys::fstat(fd).map_err(errno)?.st_mode & 0o7777;
+            sys::chmod_fd(fd, now & !libc::S_ISGID).map_err(errno)?;
         }
         Ok(())
     }
@@ -359,15 +404,13 @@ impl VolFs {
         let i = self.inode(ino)?;
         let fd = i.fd.as_raw_fd();
         if uid.is_some() || gid.is_some() {
-            sys::fchown_fd(fd, uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX)).map_err(errno)?;
+            self.chown_for(req, fd, uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
         }
         if let Some(m) = mode {
             sys::chmod_fd(fd, m & 0o7777).map_err(errno)?;
         }
         if let Some(s) = size {
-            if req.uid() != 0 {
-                self.kill_privs(fd)?;
-            }
+            self.kill_privs_for_truncate(req, fd)?;
             let old = sys::fstat(fd).map_err(errno)?.st_size as u64;
             match fh {
                 Some(h) => sys::ftruncate(h.0 as RawFd, s),
@@ -395,10 +438,6 @@ impl VolFs {
                     }),
                 })
             };
-            let st = sys::fstat(fd).map_err(errno)?;
-            if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
-                return Err(Errno::from_i32(libc::EOPNOTSUPP));
-            }
             sys::utimens_fd(fd, conv(atime), conv(mtime)).map_err(errno)?;
         }
         self.dirty.mark_metadata();
@@ -481,4 +520,5 @@ thread_local! {
 
 use std::os::fd::AsFd;
 
+mod caller;
 mod ops;

@@ -16,6 +16,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use super::caller::Caller;
 use super::{MAX_WRITE, READ_BUF, SetAttr, TTL, VolFs, errno, open_flags};
 use crate::sys;
 
@@ -237,9 +238,7 @@ impl Filesystem for VolFs {
             let fd = sys::open(&sys::proc_path(i.fd.as_raw_fd()), open_flags(flags.0), 0)
                 .map_err(errno)?;
             if flags.0 & libc::O_TRUNC != 0 {
-                if req.uid() != 0 {
-                    self.kill_privs(fd.as_raw_fd())?;
-                }
+                self.kill_privs_for_truncate(req, fd.as_raw_fd())?;
                 self.truncate_marked(ino, fd.as_raw_fd())?;
             }
             Ok(fd.into_raw_fd())
@@ -274,7 +273,7 @@ impl Filesystem for VolFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -285,7 +284,9 @@ impl Filesystem for VolFs {
         reply: ReplyWrite,
     ) {
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-            if let Err(e) = self.kill_privs(fh.0 as RawFd) {
+            // The kernel sets this for a caller without CAP_FSETID.
+            let in_group = |g| Caller::of(req).in_group(g);
+            if let Err(e) = self.kill_privs(fh.0 as RawFd, in_group) {
                 return reply.error(e);
             }
         }
@@ -539,6 +540,7 @@ impl Filesystem for VolFs {
                     let fd = sys::openat(p.fd.as_fd(), &c, fl, 0).map_err(errno)?;
                     let attr = self.lookup_child(parent, name)?;
                     if flags & libc::O_TRUNC != 0 {
+                        self.kill_privs_for_truncate(req, fd.as_raw_fd())?;
                         self.truncate_marked(attr.ino, fd.as_raw_fd())?;
                     }
                     let st = sys::fstat(fd.as_raw_fd()).map_err(errno)?;
