@@ -5,7 +5,10 @@
 //! against the sender's root hash and every changed file assembled in
 //! `.volfs/staging/`. Only then are paths removed, staged files renamed into
 //! place and metadata set. Finally the tree is rehashed and its root must be
-//! the sender's, or the apply fails loudly.
+//! the sender's, or the apply fails loudly. Before the manifest is saved as
+//! clean the volume's filesystem is synced (file data, directories and
+//! metadata), so an applied delta is durable when the apply returns: a new
+//! edge that asks for the release after an apply asks with its copy on disk.
 //!
 //! Every path is reached beneath the volume root without following a
 //! symlink ([`crate::beneath`]): files are opened and renamed, and owners,
@@ -356,6 +359,9 @@ pub fn apply_read(
         scan::refresh(root, &fresh, None, Trust::Nothing)
     }
     .map_err(io_err(root))?;
+    // Durable before it is recorded as clean (and before anyone relies on it).
+    let rootdir = fs::File::open(root).map_err(io_err(root))?;
+    sys::syncfs(rootdir.as_raw_fd()).map_err(io_err(root))?;
     let got = now.manifest.root();
     if got != delta.root {
         backing.save(&now, true)?;
