@@ -140,6 +140,9 @@ pub struct PrecopyConfig {
     /// A staged copy nobody took over is dropped after this long.
     #[serde(with = "secs")]
     pub staged_ttl: Duration,
+    /// Bytes all staged copies on this edge may take on disk; a pre-copy
+    /// round past it is refused (a handover pull is not: a client is moving).
+    pub staging_budget: u64,
 }
 
 impl Default for PrecopyConfig {
@@ -150,6 +153,7 @@ impl Default for PrecopyConfig {
             dirty_threshold: 1 << 20,
             bandwidth_mbit: 0.0,
             staged_ttl: Duration::from_secs(3600),
+            staging_budget: 8 << 30,
         }
     }
 }
@@ -299,6 +303,9 @@ dirty_threshold = 1048576
 bandwidth_mbit = 0
 # Staged copies nobody took over are dropped after this long (s).
 staged_ttl = 3600
+# Bytes all copies staged here may take on disk; pre-copy rounds past it
+# are refused (handovers are not).
+staging_budget = 8589934592
 
 [handover]
 # Live rounds repeat while what is left shrinks, until the last round is

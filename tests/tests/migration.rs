@@ -746,3 +746,38 @@ async fn live_rounds_repeat_while_the_app_writes_until_the_last_one_fits_the_dow
     edgeshift_tests::check_items(&got[200..], &acked, &unsure);
     assert_eq!(s.edge_id(), "b");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_past_its_staging_budget_refuses_pre_copy_but_still_takes_a_handover() {
+    let bases = Bases::new();
+    let apps = bases.process_apps();
+    let b = Edge::start(
+        "b",
+        "127.0.0.2",
+        &apps,
+        "[precopy]\nstaging_budget = 100000\n",
+    );
+    let extra = format!(
+        "[[neighbours]]\nid = \"b\"\naddr = \"{}\"\n[precopy]\ninterval = 0.2\n",
+        b.addr
+    );
+    let a = Edge::start("a", "127.0.0.1", &apps, &extra);
+    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let s = ca.open_session("list", "walker").await.unwrap();
+    for i in 0..100 {
+        s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
+    }
+    // Rounds come and are refused: nothing past the budget is kept.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let staged = b.data_dir.join("staging").join(s.id());
+    assert!(
+        dir_bytes(&staged.join("volume")) + dir_bytes(&staged) < 100_000,
+        "B kept {} bytes",
+        dir_bytes(&staged.join("volume"))
+    );
+    // A client that moves is not held to the pre-copy budget.
+    let cb = edge_client::connect(&b.url()).await.unwrap();
+    s.handover_to(&cb, |_| {}).await.unwrap();
+    let r = s.invoke(ADD, add("on b")).await.unwrap();
+    assert_eq!(edgeshift_tests::list::count_of(r), 101);
+}

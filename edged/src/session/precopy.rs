@@ -274,19 +274,54 @@ impl Edge {
                 "a handover of this session is under way",
             ));
         }
-        let vol = self.staging_dir(&meta.session_id).join("volume");
+        let staged = self.staging_dir(&meta.session_id);
+        let vol = staged.join("volume");
         tokio::fs::create_dir_all(&vol)
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
-        let mut buf = Vec::new();
+        // The round is spooled to disk as it arrives (not held in memory),
+        // within what is left of this edge's staging budget.
+        let root = self.cfg.data_dir.join("staging");
+        let used = tokio::task::spawn_blocking(move || dir_bytes(&root))
+            .await
+            .unwrap_or(0);
+        let room = self.cfg.precopy.staging_budget.saturating_sub(used);
+        let spool = staged.join("incoming.delta");
+        let mut out = tokio::io::BufWriter::new(
+            tokio::fs::File::create(&spool)
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?,
+        );
+        let mut n = 0u64;
         let mut full = false;
-        while let Some(c) = stream.message().await? {
-            if let Some(pb::precopy_chunk::Chunk::Frame(f)) = c.chunk {
-                if let Some(pb::delta_frame::Frame::Header(h)) = &f.frame {
-                    full = h.base_root == volfs::Manifest::empty(h.block_size).root();
+        let received = async {
+            while let Some(c) = stream.message().await? {
+                if let Some(pb::precopy_chunk::Chunk::Frame(f)) = c.chunk {
+                    if let Some(pb::delta_frame::Frame::Header(h)) = &f.frame {
+                        full = h.base_root == volfs::Manifest::empty(h.block_size).root();
+                    }
+                    let bytes = f.encode_length_delimited_to_vec();
+                    n += bytes.len() as u64;
+                    if n > room {
+                        return Err(Status::resource_exhausted(format!(
+                            "this edge's staging budget of {} bytes is full",
+                            self.cfg.precopy.staging_budget
+                        )));
+                    }
+                    tokio::io::AsyncWriteExt::write_all(&mut out, &bytes)
+                        .await
+                        .map_err(|e| Status::internal(e.to_string()))?;
                 }
-                buf.extend_from_slice(&f.encode_length_delimited_to_vec());
             }
+            tokio::io::AsyncWriteExt::flush(&mut out)
+                .await
+                .map_err(|e| Status::internal(e.to_string()))
+        }
+        .await;
+        drop(out);
+        if let Err(st) = received {
+            let _ = tokio::fs::remove_file(&spool).await;
+            return Err(st);
         }
         if full {
             // Against nothing: start the staged copy afresh.
@@ -295,10 +330,14 @@ impl Edge {
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?;
         }
-        let n = buf.len() as u64;
-        let v = vol.clone();
-        let report = tokio::task::spawn_blocking(move || volfs::offline::apply(&v, buf.as_slice()))
-            .await
+        let (v, sp) = (vol.clone(), spool.clone());
+        let report = tokio::task::spawn_blocking(move || {
+            std::fs::File::open(&sp).map(|f| volfs::offline::apply(&v, std::io::BufReader::new(f)))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let _ = tokio::fs::remove_file(&spool).await;
+        let report = report
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::data_loss(e.to_string()))?;
         Ok(pb::PrecopyAck {
@@ -397,4 +436,23 @@ impl Edge {
         }
         Ok(now.into_iter().map(|n| n.id).collect())
     }
+}
+
+/// Bytes of regular files under `dir` (not following symlinks).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => total += e.metadata().map(|m| m.len()).unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    total
 }
