@@ -246,9 +246,6 @@ fn bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
     Ok(edgeshift_tests::bin(name))
 }
 
-/// Edge `id` on `ip`, its config and log in `dir`, serving the List app
-/// from `base` with the process runtime or, given an image, Docker; `extra`
-/// is laid over its configuration.
 fn start_edge(
     dir: &std::path::Path,
     id: &str,
@@ -257,17 +254,12 @@ fn start_edge(
     docker_image: Option<&str>,
     extra: &str,
 ) -> anyhow::Result<edgeshift_tests::Edge> {
-    let runtime = match docker_image {
-        Some(i) => edgeshift_tests::Runtime::Docker(i.into()),
-        None => edgeshift_tests::Runtime::Process(bin("list-app")?),
-    };
-    let apps = [edgeshift_tests::App {
-        name: "list".into(),
-        base: base.to_path_buf(),
-        runtime,
-    }];
-    let addr = edgeshift_tests::free_addr(ip);
-    let mut cfg = edgeshift_tests::config(id, addr, &dir.join(id), &apps, extra);
-    cfg.start_timeout = std::time::Duration::from_secs(30);
-    Ok(edgeshift_tests::Edge::launch_in(dir, cfg))
+    Ok(edgeshift_tests::start_list_edge_in(
+        dir,
+        id,
+        ip,
+        base,
+        docker_image,
+        extra,
+    ))
 }

@@ -129,26 +129,10 @@ impl EdgeClient {
 
 pub use edge_proto::phase_name;
 
-/// How tonic and hyper word a connection that broke or never opened.
-const TRANSPORT_ERRORS: [&str; 7] = [
-    "operation was canceled",
-    "h2 protocol error",
-    "transport error",
-    "tcp connect error",
-    "error reading a body",
-    "connection reset",
-    "broken pipe",
-];
-
 /// A handover that broke because the new edge stopped answering, said in
 /// plain words (the old edge still serves the session).
 fn lost_edge(st: Status, to: &str, from_edge: &str) -> Status {
-    let m = st.message().to_ascii_lowercase();
-    let transport = matches!(
-        st.code(),
-        tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
-    ) && TRANSPORT_ERRORS.iter().any(|k| m.contains(k));
-    if transport {
+    if edge_proto::lost_connection(&st) {
         Status::unavailable(format!(
             "the new edge {to} stopped answering during the handover (connection lost); the session stays on edge {from_edge}"
         ))

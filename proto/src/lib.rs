@@ -34,6 +34,28 @@ pub mod meta {
     pub const MOVED_TO_ID: &str = "edgeshift-moved-to-id";
 }
 
+/// Whether a status is a connection that broke or never opened (as tonic
+/// and hyper word it), not an answer of the other side: callers say so in
+/// plain words ("edge X stopped answering") instead of "h2 protocol error".
+pub fn lost_connection(st: &tonic::Status) -> bool {
+    const WORDING: [&str; 7] = [
+        "operation was canceled",
+        "h2 protocol error",
+        "transport error",
+        "tcp connect error",
+        "error reading a body",
+        "connection reset",
+        "broken pipe",
+    ];
+    matches!(
+        st.code(),
+        tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
+    ) && {
+        let m = st.message().to_ascii_lowercase();
+        WORDING.iter().any(|k| m.contains(k))
+    }
+}
+
 /// Short name of a handover phase: "pull", "quiesced", "final", "apply",
 /// "start", "ready".
 pub fn phase_name(p: v1::HandoverPhase) -> &'static str {

@@ -9,22 +9,9 @@ use std::time::{Duration, Instant};
 
 use edgeshift_tests::list::{ITEMS, add, items_of, items_req};
 use edgeshift_tests::{
-    Bases, Edge, Faults, Relay, Writer, check_items, instance_pid, instances_of, pid_alive,
+    Bases, Edge, Faults, Relay, Writer, check_items, instance_pid, instances_of, noise, pid_alive,
     proc_state, sole_owner,
 };
-
-/// Random letters, so the volume does not compress into few distinct blocks.
-fn noise(i: usize, n: usize) -> String {
-    let mut x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b'a' + (x % 26) as u8)
-        })
-        .collect()
-}
 
 async fn items(s: &edge_client::Session) -> Vec<String> {
     items_of(s.invoke(ITEMS, items_req(0)).await.unwrap())

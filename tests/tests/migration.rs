@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use edge_client::{FileLocator, Follower, locator::FollowEvent};
-use edgeshift_tests::{App, Bases, Cluster, Edge, Faults, Relay, Runtime, bin};
+use edgeshift_tests::{App, Bases, Cluster, Edge, Faults, Relay, Runtime, bin, noise};
 use tonic::Code;
 
 use edgeshift_tests::list::{ADD, ITEMS, add, items_of, items_req};
@@ -272,19 +272,6 @@ async fn pre_copy_leaves_only_the_last_changes_for_the_handover() {
         "the staged copy became the session"
     );
     s.close().await.unwrap();
-}
-
-/// Random letters, so the volume does not compress into few distinct blocks.
-fn noise(i: usize, n: usize) -> String {
-    let mut x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b'a' + (x % 26) as u8)
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,24 +118,7 @@ pub fn moving_status() -> Status {
 /// connection that broke or never opened says that the edge stopped
 /// answering, not "h2 protocol error".
 pub fn peer_status(what: &str, edge: &str, st: Status) -> Status {
-    let transport = matches!(
-        st.code(),
-        tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
-    ) && {
-        let m = st.message().to_ascii_lowercase();
-        [
-            "operation was canceled",
-            "h2 protocol error",
-            "transport error",
-            "tcp connect error",
-            "error reading a body",
-            "connection reset",
-            "broken pipe",
-        ]
-        .iter()
-        .any(|k| m.contains(k))
-    };
-    if transport {
+    if edge_proto::lost_connection(&st) {
         Status::unavailable(format!(
             "{what}: edge {edge} stopped answering (the connection was lost or refused)"
         ))

@@ -219,6 +219,22 @@ impl Edge {
                 .await;
             return;
         }
+        // Both are persisted (role, tombstone) and told to clients.
+        if !crate::config::valid_name(&req.to_edge)
+            || req.to_addr.is_empty()
+            || req.to_addr.len() > 255
+            || req
+                .to_addr
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace())
+        {
+            let _ = tx
+                .send(Err(Status::invalid_argument(
+                    "to_edge must be an edge id and to_addr a host:port",
+                )))
+                .await;
+            return;
+        }
         let attempt = new_attempt();
         let to = Peer {
             edge_id: req.to_edge.clone(),
@@ -444,12 +460,7 @@ impl Edge {
         attempt: Attempt,
         from: &str,
     ) -> Result<(), EdgeError> {
-        let live = self
-            .sessions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned();
+        let live = self.get(id);
         let Some(s) = live else {
             // Released already (the answer was lost, or this edge restarted).
             return match self.tombstone(id) {
@@ -480,11 +491,7 @@ impl Edge {
         from: &str,
     ) -> Result<(), EdgeError> {
         let s = self
-            .sessions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
             .get(id)
-            .cloned()
             .ok_or_else(|| EdgeError::UnknownSession(id.to_string()))?;
         let acts = self
             .owner_event(

@@ -133,11 +133,7 @@ impl Edge {
                 if !ok {
                     return Err(EdgeError::BadToken(id.to_string()));
                 }
-                self.sessions
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(id)
-                    .cloned()
+                self.get(id)
                     .ok_or_else(|| EdgeError::UnknownSession(id.to_string()))
             }
             r => r,
@@ -162,11 +158,7 @@ impl Edge {
                 Status::invalid_argument(format!("{to:?} is not a neighbour of this edge"))
             })?;
         let s = self
-            .sessions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
             .get(id)
-            .cloned()
             .ok_or_else(|| EdgeError::UnknownSession(id.to_string()).status())?;
         if s.role() != super::Role::Serving || s.state() != super::State::Serving {
             return Err(Status::failed_precondition(format!(

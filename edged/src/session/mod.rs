@@ -547,6 +547,15 @@ impl Edge {
             .retain(|_, l| Arc::strong_count(l) > 1);
     }
 
+    /// The session `id`, if this edge holds it (whatever its role).
+    fn get(&self, id: &str) -> Option<Arc<Session>> {
+        self.sessions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
     /// Sessions known to this edge (tests and the soak benchmark watch it).
     pub fn session_count(&self) -> usize {
         self.sessions
@@ -769,12 +778,7 @@ impl Edge {
 
     /// The session, if the token matches.
     pub fn session(&self, id: &str, token: &[u8]) -> Result<Arc<Session>, EdgeError> {
-        let s = self
-            .sessions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned();
+        let s = self.get(id);
         if s.is_none() {
             if let Some(t) = self.tombstone(id) {
                 return Err(EdgeError::Moved(id.to_string(), t.to));
@@ -871,11 +875,7 @@ impl Edge {
             return Ok(());
         }
         let s = self
-            .sessions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
             .get(id)
-            .cloned()
             .ok_or_else(|| EdgeError::UnknownSession(id.to_string()))?;
         if let Some(t) = token {
             s.check_token(t)?;

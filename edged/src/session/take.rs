@@ -319,11 +319,7 @@ impl Edge {
     /// owner's), forget any tombstone of an earlier stay, open the calls.
     async fn serve_pulled(&self, id: &str) -> Result<(), Status> {
         let s = self
-            .sessions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
             .get(id)
-            .cloned()
             .ok_or_else(|| Status::internal("pulled session vanished"))?;
         s.set_role(Role::Serving).await.map_err(|e| e.status())?;
         if self
@@ -432,6 +428,18 @@ impl Edge {
             };
             match chunk.chunk {
                 Some(Chunk::Meta(m)) => {
+                    // Persisted and listed: bounded like an open's.
+                    let client_ok = !m.client_id.is_empty()
+                        && m.client_id.len() <= 128
+                        && !m.client_id.chars().any(char::is_control);
+                    if !client_ok || !crate::config::valid_name(&m.app) {
+                        return Err((
+                            Status::invalid_argument(
+                                "the old edge sent a malformed session identity",
+                            ),
+                            Some(m.attempt),
+                        ));
+                    }
                     if m.session_id != id || m.attempt == 0 {
                         return Err((
                             Status::failed_precondition("the old edge sent another session"),
