@@ -506,14 +506,6 @@ impl Edge {
         }))
     }
 
-    /// This edge as a handover peer.
-    pub fn me(&self) -> Peer {
-        Peer {
-            edge_id: self.cfg.edge_id.clone(),
-            addr: self.cfg.advertised(),
-        }
-    }
-
     /// Where a released session went, if it was released from here.
     pub fn tombstone(&self, id: &str) -> Option<Tombstone> {
         self.released

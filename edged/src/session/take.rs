@@ -463,6 +463,18 @@ impl Edge {
                         .await
                         .map_err(|e| (io_status(e), attempt_of(&meta)))?
                         .map_err(|e| {
+                            if matches!(
+                                e,
+                                volfs::apply::ApplyError::Delta(
+                                    volfs::delta::DeltaError::WrongBase { .. }
+                                )
+                            ) {
+                                // The staged copy is not what it said it held
+                                // (left half-applied by a crash): start it
+                                // afresh, so the next pull sends everything.
+                                tracing::warn!(error = %e, "staged copy does not match its manifest; dropping it");
+                                let _ = std::fs::remove_dir_all(&vol);
+                            }
                             (
                                 Status::data_loss(format!("round {round}: {e}")),
                                 attempt_of(&meta),
