@@ -90,7 +90,7 @@ async fn throughput(call: &Call, conc: usize, secs: u64) -> anyhow::Result<f64> 
 }
 
 async fn open_times(url: &str, n: usize) -> anyhow::Result<Vec<(String, Duration)>> {
-    let client = edge_client::connect(url).await?;
+    let client = edgeshift_tests::connect(url).await?;
     let mut per_phase: std::collections::BTreeMap<String, Vec<Duration>> = Default::default();
     for i in 0..n {
         let t = Instant::now();
@@ -121,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&base)?;
     let edge = start_edge(tmp.path(), "bench", "127.0.0.1", &base, None, "")?;
     let url = edge.url();
-    let client = edge_client::connect(&url).await?;
+    let client = edgeshift_tests::connect(&url).await?;
     let session = client.open_session("list", "bench").await?;
     let req: Bytes = tonic_health::pb::HealthCheckRequest {
         service: String::new(),
@@ -145,6 +145,29 @@ async fn main() -> anyhow::Result<()> {
         .join(session.id())
         .join("run/app.sock");
     let app = edged::forward::AppClient::connect(&sock, 1 << 20).await?;
+    // The same hop without TLS (an edge in insecure_plaintext): what TLS costs.
+    let plain = start_edge(
+        tmp.path(),
+        "plain",
+        "127.0.0.2",
+        &base,
+        None,
+        "insecure_plaintext = true",
+    )?;
+    let plain_session = edge_client::connect(&plain.url())
+        .await?
+        .open_session("list", "bench")
+        .await?;
+    let via_plain: Call = {
+        let (s, req) = (plain_session.clone(), req.clone());
+        Arc::new(move || {
+            let (s, req) = (s.clone(), req.clone());
+            Box::pin(async move {
+                s.invoke(CHECK, req).await?;
+                Ok(())
+            })
+        })
+    };
     let direct: Call = {
         let req = req.clone();
         Arc::new(move || {
@@ -159,13 +182,17 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("latency: {} sequential calls each", a.calls);
     let ld = latency(&direct, a.calls).await?;
     let le = latency(&via_edge, a.calls).await?;
+    let lp = latency(&via_plain, a.calls).await?;
     eprintln!(
         "throughput: {} callers for {} s each",
         a.concurrency, a.seconds
     );
     let td = throughput(&direct, a.concurrency, a.seconds).await?;
     let te = throughput(&via_edge, a.concurrency, a.seconds).await?;
+    let tp = throughput(&via_plain, a.concurrency, a.seconds).await?;
     session.close().await?;
+    plain_session.close().await?;
+    drop(plain);
 
     let mut out = String::new();
     let mut csv = String::from("path,p50_us,p90_us,p99_us,calls_per_s\n");
@@ -177,7 +204,8 @@ async fn main() -> anyhow::Result<()> {
     writeln!(out, "|---|---:|---:|---:|---:|")?;
     for (name, l, t) in [
         ("client → app socket (direct)", &ld, td),
-        ("client → edged → app socket", &le, te),
+        ("client → edged (TLS) → app socket", &le, te),
+        ("client → edged (plaintext) → app socket", &lp, tp),
     ] {
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         writeln!(
@@ -198,7 +226,12 @@ async fn main() -> anyhow::Result<()> {
         )?;
     }
     let overhead = pct(&le, 0.5).as_secs_f64() * 1e6 - pct(&ld, 0.5).as_secs_f64() * 1e6;
-    writeln!(out, "\np50 overhead of the edged hop: {overhead:.0} µs")?;
+    writeln!(
+        out,
+        "\np50 overhead of the edged hop (TLS): {overhead:.0} µs"
+    )?;
+    let tls = pct(&le, 0.5).as_secs_f64() * 1e6 - pct(&lp, 0.5).as_secs_f64() * 1e6;
+    writeln!(out, "p50 cost of TLS on that hop: {tls:.0} µs")?;
 
     writeln!(
         out,

@@ -210,16 +210,25 @@ struct Outcome {
 async fn edgeshift_case(work: &Path, c: &Case) -> anyhow::Result<Outcome> {
     let base = work.join("base");
     std::fs::create_dir_all(&base)?;
-    let b = start_edge(work, "b", "127.0.0.2", &base, None, "")?;
+    // Neighbours are mutual: B takes pre-copies from A because it lists A.
+    let a_addr = edgeshift_tests::free_addr("127.0.0.1");
+    let b = start_edge(
+        work,
+        "b",
+        "127.0.0.2",
+        &base,
+        None,
+        &edgeshift_tests::neighbour("a", a_addr),
+    )?;
     let (ab, ab_task, precopy_link) = relay(b.addr, c.link).await?;
     // Pre-copy rounds every 2 s; the dirty bytes below land right before the move.
     let extra = format!(
         "[[neighbours]]\nid = \"b\"\naddr = \"{ab}\"\n[precopy]\ninterval = 2\ndirty_threshold = 1099511627776\n"
     );
-    let a = start_edge(work, "a", "127.0.0.1", &base, None, &extra)?;
+    let a = start_edge(work, "a", &a_addr.to_string(), &base, None, &extra)?;
     let (ba, ba_task, _) = relay(a.addr, c.link).await?;
-    let ca = edge_client::connect(&a.url()).await?;
-    let cb = edge_client::connect(&b.url()).await?;
+    let ca = edgeshift_tests::connect(&a.url()).await?;
+    let cb = edgeshift_tests::connect(&b.url()).await?;
     let s = ca.open_session("list", "bench").await?;
     let blob = a.data_dir.join("sessions").join(s.id()).join("mnt/blob");
     let f = blob.clone();
@@ -252,7 +261,7 @@ async fn edgeshift_case(work: &Path, c: &Case) -> anyhow::Result<Outcome> {
             .unwrap_or(0),
         _ => bail!("no status from A's volume"),
     };
-    let via = edge_client::connect(&ba.to_string()).await?;
+    let via = edgeshift_tests::connect(&ba.to_string()).await?;
     let moving =
         edge_client::Session::attach(&via, s.id().into(), s.token().clone(), "a".into(), vec![]);
     let items = prost::Message::encode_to_vec(&edgeshift_examples::pb::list::ItemsRequest {

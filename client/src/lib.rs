@@ -9,7 +9,8 @@
 //! the same stubs keep working.
 //!
 //! ```ignore
-//! let edge = edge_client::connect("http://127.0.0.1:50051").await?;
+//! let trust = edge_client::Trust::ca_file("fleet-ca.pem")?;
+//! let edge = edge_client::connect_with("edge1.example:50051", &trust).await?;
 //! let session = edge.open_session("list", "phone-1").await?;
 //! let mut list = ListClient::new(session.channel());
 //! list.add(AddRequest { item: "milk".into() }).await?;
@@ -65,24 +66,89 @@ pub enum ConnectError {
     Unreachable(String, tonic::transport::Error),
 }
 
+/// How a client checks the edges it talks to. The same trust is used for
+/// every edge a session is later redirected or handed over to.
+#[derive(Clone)]
+pub enum Trust {
+    /// TLS; an edge must present a certificate of this CA (the fleet's,
+    /// PEM) naming the host it is dialed at.
+    Ca(String),
+    /// No TLS: the session token crosses the network in the clear. For
+    /// edges on loopback only (`insecure_plaintext`).
+    Plaintext,
+}
+
+impl std::fmt::Debug for Trust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Trust::Ca(_) => "Trust::Ca",
+            Trust::Plaintext => "Trust::Plaintext",
+        })
+    }
+}
+
+impl Trust {
+    /// Trusts the fleet CA certificate in the PEM file at `path`.
+    pub fn ca_file(path: impl AsRef<std::path::Path>) -> std::io::Result<Trust> {
+        std::fs::read_to_string(path).map(Trust::Ca)
+    }
+
+    fn scheme(&self) -> &'static str {
+        match self {
+            Trust::Ca(_) => "https",
+            Trust::Plaintext => "http",
+        }
+    }
+}
+
+/// `host:port` of an address with or without a scheme.
+fn bare(addr: &str) -> &str {
+    addr.trim_start_matches("https://")
+        .trim_start_matches("http://")
+}
+
 /// A connection to one edge.
 #[derive(Debug, Clone)]
 pub struct EdgeClient {
     stub: EdgeStub<Channel>,
     addr: String,
+    trust: Trust,
 }
 
-/// Connects to an edge (`http://host:port`, or `host:port`).
+/// Connects to an edge without TLS (`http://host:port` or `host:port`):
+/// for edges on loopback. Use [`connect_with`] and a [`Trust`] otherwise.
 pub async fn connect(addr: &str) -> Result<EdgeClient, ConnectError> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let ep = tonic::transport::Endpoint::from_shared(url.clone())
+    if addr.starts_with("https://") {
+        return Err(ConnectError::Address(
+            addr.into(),
+            "an https edge needs a Trust: use connect_with(addr, Trust::Ca(pem))".into(),
+        ));
+    }
+    connect_with(addr, &Trust::Plaintext).await
+}
+
+/// Connects to an edge (`host:port`, or a URL whose scheme matches
+/// `trust`), verifying it as `trust` says.
+pub async fn connect_with(addr: &str, trust: &Trust) -> Result<EdgeClient, ConnectError> {
+    if addr.contains("://") && !addr.starts_with(&format!("{}://", trust.scheme())) {
+        return Err(ConnectError::Address(
+            addr.into(),
+            format!("expected a {}:// address for {trust:?}", trust.scheme()),
+        ));
+    }
+    let url = format!("{}://{}", trust.scheme(), bare(addr));
+    let mut ep = tonic::transport::Endpoint::from_shared(url.clone())
         .map_err(|e| ConnectError::Address(addr.into(), e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
+    if let Trust::Ca(pem) = trust {
+        ep = ep
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+            )
+            .map_err(|e| ConnectError::Address(addr.into(), e.to_string()))?;
+    }
     let ch = ep
         .connect()
         .await
@@ -92,6 +158,7 @@ pub async fn connect(addr: &str) -> Result<EdgeClient, ConnectError> {
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20),
         addr: url,
+        trust: trust.clone(),
     })
 }
 
@@ -159,6 +226,8 @@ struct Inner {
     /// Bumped whenever a handover ends (either way): calls refused as
     /// "moving" wait for it, then go again.
     handovers: watch::Sender<u64>,
+    /// How edges named by redirects are verified.
+    trust: Trust,
 }
 
 /// An open session: a handle to the client's own instance of an app.
@@ -203,6 +272,7 @@ impl Session {
                 next_op: AtomicU64::new(start),
                 phases,
                 handovers: watch::channel(0).0,
+                trust: edge.trust.clone(),
             }),
         }
     }
@@ -217,6 +287,11 @@ impl Session {
 
     fn stub(&self) -> EdgeStub<Channel> {
         self.current().stub
+    }
+
+    /// How the edges of this session are verified.
+    pub fn trust(&self) -> &Trust {
+        &self.inner.trust
     }
 
     /// Session id.
@@ -288,11 +363,11 @@ impl Session {
                             .map(str::to_string)
                     };
                     let here = self.edge_addr();
-                    let to = meta(MOVED_TO_ADDR).filter(|a| {
-                        a.trim_start_matches("http://") != here.trim_start_matches("http://")
-                    });
+                    let to = meta(MOVED_TO_ADDR).filter(|a| bare(a) != bare(&here));
                     if let Some(addr) = to {
-                        if let Ok(edge) = connect(&addr).await {
+                        // Verified like the first edge: a redirect to an
+                        // edge without the fleet's certificate goes nowhere.
+                        if let Ok(edge) = connect_with(bare(&addr), &self.inner.trust).await {
                             let edge_id = meta(MOVED_TO_ID).unwrap_or_default();
                             *self.inner.edge.write().unwrap_or_else(|e| e.into_inner()) = Current {
                                 stub: edge.stub,
@@ -374,7 +449,7 @@ impl Session {
                 .handover(pb::HandoverRequest {
                     session_id: self.inner.id.clone(),
                     token: self.inner.token.to_vec(),
-                    from_addr: from.addr.trim_start_matches("http://").to_string(),
+                    from_addr: bare(&from.addr).to_string(),
                     from_edge: from.edge_id.clone(),
                 })
                 .await

@@ -51,7 +51,7 @@ pub enum FollowEvent {
 }
 
 fn normalize(a: &str) -> &str {
-    a.trim_start_matches("http://").trim_end_matches('/')
+    crate::bare(a).trim_end_matches('/')
 }
 
 /// Hands a session over whenever its locator names another edge. Dropping
@@ -96,7 +96,7 @@ impl Follower {
                 if normalize(&to) == normalize(&session.edge_addr()) {
                     continue;
                 }
-                let edge = match crate::connect(&to).await {
+                let edge = match crate::connect_with(crate::bare(&to), session.trust()).await {
                     Ok(e) => e,
                     Err(e) => {
                         let _ = ev_tx.send(FollowEvent::Failed(to, e.to_string()));

@@ -60,3 +60,25 @@ pub async fn connect(path: &Path) -> Result<AdminClient<Channel>, tonic::transpo
             .await?;
     Ok(AdminClient::new(ch))
 }
+
+/// A client of the Admin service on an edge's `admin_listen` port
+/// (`host:port`), as the operator whose certificate and key are given;
+/// the edge is verified against the fleet CA by the host it is dialed at.
+pub async fn connect_remote(
+    addr: &str,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<AdminClient<Channel>, tonic::transport::Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let ch = Endpoint::from_shared(format!("https://{addr}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca_pem))
+                .identity(Identity::from_pem(cert_pem, key_pem)),
+        )?
+        .connect()
+        .await?;
+    Ok(AdminClient::new(ch))
+}

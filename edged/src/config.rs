@@ -74,6 +74,31 @@ pub struct Config {
     /// late call is redirected, a repeated release answered).
     #[serde(with = "secs", default = "default_tombstone_ttl")]
     pub tombstone_ttl: Duration,
+    /// The fleet's certificates (see `edged pki`); required unless
+    /// `insecure_plaintext`.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Serve and dial without TLS: nothing encrypted, no peer identity.
+    /// Refused unless every address is loopback.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+    /// Also serve the Admin service on this TCP address, to operators
+    /// presenting a certificate of the fleet CA (`edged pki issue
+    /// --operator`). Requires `[tls]`.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+}
+
+/// The certificate files of an edge (PEM).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The fleet CA's certificate: peers, operators (and clients) trust it.
+    pub ca: PathBuf,
+    /// This edge's certificate, issued by the CA for its id.
+    pub cert: PathBuf,
+    /// Its private key (mode 0600).
+    pub key: PathBuf,
 }
 
 fn default_journal_bytes() -> u64 {
@@ -273,6 +298,21 @@ block_size = 65536
 # are redirected there.
 tombstone_ttl = 86400
 # volfs_binary = "/usr/local/bin/volfs"   # default: next to edged, else PATH
+# The Admin service on TCP too, for operators with a certificate of the fleet
+# CA (edged pki issue --operator NAME). Off by default.
+# admin_listen = "127.0.0.1:50052"
+# Without TLS nothing is encrypted and peers are not authenticated; allowed
+# only when every address (listen, advertise, neighbours) is loopback.
+# insecure_plaintext = false
+
+# The fleet's certificates, made with `edged pki init DIR` (once per fleet)
+# and `edged pki issue --ca DIR --edge ID --addr HOST` (once per edge).
+# Clients verify the edge against the CA; edges verify each other (mutual
+# TLS: a peer's id is read from its certificate).
+[tls]
+ca = "/var/lib/edgeshift/pki/ca.pem"
+cert = "/var/lib/edgeshift/pki/edge-a.pem"
+key = "/var/lib/edgeshift/pki/edge-a.key"
 
 # Each app: a base volume (copied into every new session's volume) and a
 # runtime. The process runtime runs a child process; the docker runtime a
@@ -371,6 +411,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_transport()?;
         if !(512..=16 << 20).contains(&self.block_size) {
             return bad(format!(
                 "block_size {} is outside 512 ..= 16 MiB",
@@ -387,6 +428,58 @@ impl Config {
     }
 }
 
+impl Config {
+    /// TLS or plaintext, and what each needs.
+    fn validate_transport(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        match (&self.tls, self.insecure_plaintext) {
+            (Some(_), true) => {
+                return bad("both [tls] and insecure_plaintext = true: choose one".into());
+            }
+            (None, false) => {
+                return bad("no [tls] table: make the fleet's certificates with `edged pki init` and `edged pki issue`, or set insecure_plaintext = true (loopback only)".into());
+            }
+            (Some(_), false) => {
+                let ids =
+                    std::iter::once(&self.edge_id).chain(self.neighbours.iter().map(|n| &n.id));
+                for id in ids {
+                    if !crate::pki::valid_label(id) {
+                        return bad(format!(
+                            "edge id {id:?}: with TLS an edge id is a DNS label (1-63 of a-z, 0-9, '-'), as its certificate names it"
+                        ));
+                    }
+                }
+            }
+            (None, true) => {
+                let mut addrs = vec![self.listen.to_string(), self.advertised()];
+                addrs.extend(self.neighbours.iter().map(|n| n.addr.clone()));
+                for a in addrs {
+                    if !loopback(&a) {
+                        return bad(format!(
+                            "insecure_plaintext with the non-loopback address {a}: tokens and volumes would cross the network in the clear; configure [tls]"
+                        ));
+                    }
+                }
+                if self.admin_listen.is_some() {
+                    return bad(
+                        "admin_listen needs [tls] (operators authenticate by certificate)".into(),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `host:port` (or `host`) is a loopback address or `localhost`.
+fn loopback(addr: &str) -> bool {
+    let host = crate::tls::host_of(addr);
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Names of apps, edges and sessions: 1-64 characters of `[a-zA-Z0-9._-]`,
 /// not starting with a dot.
 pub fn valid_name(s: &str) -> bool {
@@ -394,6 +487,15 @@ pub fn valid_name(s: &str) -> bool {
         && !s.starts_with('.')
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// [`DEFAULT_TOML`] without its `[tls]` table and in plaintext (for unit
+/// tests that need no certificates).
+#[cfg(test)]
+pub(crate) fn plaintext_default() -> String {
+    let head = DEFAULT_TOML.split("\n[tls]").next().unwrap();
+    let apps = &DEFAULT_TOML[DEFAULT_TOML.find("\n[apps.list]").unwrap()..];
+    (head.to_string() + apps).replace("# insecure_plaintext = false", "insecure_plaintext = true")
 }
 
 #[cfg(test)]
@@ -422,6 +524,23 @@ mod tests {
         assert!(e.contains("numeric UID:GID"), "{e}");
         let t = DEFAULT_TOML.replace("pids_limit = 128", "pids_limit = 128\ncpus = 0");
         assert!(Config::from_toml(&t, "t").is_err());
+        // Plaintext only on loopback, never with [tls], never by default.
+        let plain = plaintext_default();
+        Config::from_toml(&plain, "t").unwrap();
+        let no_tls = plain.replace("insecure_plaintext = true", "");
+        let e = Config::from_toml(&no_tls, "t").unwrap_err().to_string();
+        assert!(e.contains("no [tls] table"), "{e}");
+        let e = Config::from_toml(&plain.replace("127.0.0.1:50051", "0.0.0.0:50051"), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("non-loopback"), "{e}");
+        let both =
+            DEFAULT_TOML.replace("# insecure_plaintext = false", "insecure_plaintext = true");
+        assert!(Config::from_toml(&both, "t").is_err());
+        let e = Config::from_toml(&DEFAULT_TOML.replace("\"edge-a\"", "\"Edge_A\""), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("DNS label"), "{e}");
         let t = DEFAULT_TOML.replace("session_ttl", "session_tl");
         assert!(matches!(
             Config::from_toml(&t, "t"),

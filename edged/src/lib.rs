@@ -21,6 +21,9 @@
 //! - [`volume`]: seeding a volume and its volfs shim process.
 //! - [`runtime`]: the [`runtime::Runtime`] trait, the process and Docker
 //!   runtimes, and `FROM scratch` image builds.
+//! - [`pki`]: the fleet CA and the certificates it issues (`edged pki`);
+//!   [`tls`]: TLS of the ports and who a caller is; [`peers`]: dialing
+//!   another edge, verified by its id.
 //! - [`server`]: the gRPC services (`Edge`, `Admin`, health) and `run`.
 //!
 //! Why a volfs *process* per volume: an edged restart, crash or upgrade must
@@ -35,7 +38,10 @@ pub mod config;
 pub mod forward;
 pub mod journal;
 pub mod migration;
+pub mod peers;
+pub mod pki;
 pub mod runtime;
 pub mod server;
 pub mod session;
+pub mod tls;
 pub mod volume;

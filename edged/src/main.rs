@@ -1,5 +1,5 @@
-//! `edged`: serve an edge, print the default configuration, list sessions,
-//! build app images.
+//! `edged`: serve an edge, print and check configurations, list, close and
+//! move sessions, make the fleet's certificates, build app images.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -64,23 +64,84 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ImageCmd,
     },
+    /// The fleet's certificates: a CA, and certificates for edges and operators.
+    Pki {
+        #[command(subcommand)]
+        cmd: PkiCmd,
+    },
 }
 
-/// Where the operator reaches a running edged: its Admin socket.
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create a fleet CA in DIR (ca.pem, and ca.key mode 0600; keep it offline).
+    Init {
+        /// Directory for the CA (created 0700).
+        dir: PathBuf,
+    },
+    /// Issue a certificate for an edge or an operator, signed by the CA in --ca.
+    Issue {
+        /// The CA's directory (from `pki init`).
+        #[arg(long)]
+        ca: PathBuf,
+        /// An edge certificate for this edge id (server and peer client).
+        #[arg(
+            long,
+            conflicts_with = "operator",
+            required_unless_present = "operator"
+        )]
+        edge: Option<String>,
+        /// Addresses clients dial the edge by (IP or DNS name, port ignored); repeatable.
+        #[arg(long = "addr")]
+        addrs: Vec<String>,
+        /// An operator certificate (client of the Admin TCP port) for this name.
+        #[arg(long)]
+        operator: Option<String>,
+        /// Where NAME.pem and NAME.key (0600) go [default: the CA's directory].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+/// Where the operator reaches a running edged: its Admin socket, or its
+/// Admin TCP port with an operator certificate.
 #[derive(clap::Args)]
 struct AdminArgs {
     /// The edge's configuration (its Admin socket is taken from there).
-    #[arg(long, conflicts_with = "socket")]
+    #[arg(long, conflicts_with_all = ["socket", "remote"])]
     config: Option<PathBuf>,
     /// The Admin socket itself [default: /var/lib/edgeshift/admin.sock].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "remote")]
     socket: Option<PathBuf>,
+    /// The edge's Admin TCP port (`admin_listen`), `host:port`.
+    #[arg(long, requires_all = ["ca", "cert", "key"])]
+    remote: Option<String>,
+    /// With --remote: the fleet CA's certificate.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// With --remote: the operator's certificate (`edged pki issue --operator`).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// With --remote: the operator's key.
+    #[arg(long)]
+    key: Option<PathBuf>,
 }
 
 impl AdminArgs {
     async fn connect(
         &self,
     ) -> anyhow::Result<edge_proto::v1::admin_client::AdminClient<tonic::transport::Channel>> {
+        if let (Some(addr), Some(ca), Some(cert), Some(key)) =
+            (&self.remote, &self.ca, &self.cert, &self.key)
+        {
+            let read =
+                |p: &PathBuf| std::fs::read_to_string(p).with_context(|| p.display().to_string());
+            return edged::admin::connect_remote(addr, &read(ca)?, &read(cert)?, &read(key)?)
+                .await
+                .with_context(|| format!("the Admin port {addr}"));
+        }
         let path = match (&self.socket, &self.config) {
             (Some(s), _) => s.clone(),
             (None, Some(c)) => edged::admin::socket_path(&Config::load(c)?),
@@ -186,6 +247,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cmd: ConfigCmd::Check { path },
         } => {
             let c = Config::load(&path)?;
+            let notes = edged::tls::check(&c).map_err(anyhow::Error::msg)?;
+            for n in notes {
+                println!("{n}");
+            }
             println!("ok: edge {} with {} apps", c.edge_id, c.apps.len());
             Ok(())
         }
@@ -271,6 +336,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = Config::load(&config)?;
             let n = edged::session::cleanup_all(&cfg).await;
             println!("removed {n} sessions");
+            Ok(())
+        }
+        Cmd::Pki {
+            cmd: PkiCmd::Init { dir },
+        } => {
+            edged::pki::Ca::generate()?.save(&dir)?;
+            println!(
+                "fleet CA in {}: give {} to edges and clients; keep {} offline",
+                dir.display(),
+                dir.join(edged::pki::CA_CERT).display(),
+                dir.join(edged::pki::CA_KEY).display()
+            );
+            Ok(())
+        }
+        Cmd::Pki {
+            cmd:
+                PkiCmd::Issue {
+                    ca,
+                    edge,
+                    addrs,
+                    operator,
+                    out,
+                    days,
+                },
+        } => {
+            let authority = edged::pki::Ca::load(&ca)?;
+            let out = out.unwrap_or_else(|| ca.clone());
+            let (issued, name) = match (edge, operator) {
+                (Some(id), _) => (authority.issue_edge(&id, &addrs, days)?, id),
+                (None, Some(name)) => (authority.issue_operator(&name, days)?, name),
+                (None, None) => anyhow::bail!("name --edge ID or --operator NAME"),
+            };
+            let (cert, key) = issued.save(&out, &name)?;
+            println!(
+                "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}",
+                std::path::absolute(ca.join(edged::pki::CA_CERT))?,
+                std::path::absolute(cert)?,
+                std::path::absolute(key)?
+            );
             Ok(())
         }
         Cmd::Image {

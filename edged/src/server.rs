@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
 
+use crate::pki::Identity;
 use crate::session::Edge;
 
 /// Implements `edge.v1.Edge` over an [`Edge`].
@@ -113,7 +114,10 @@ impl EdgeSvc for EdgeService {
         let (tx, rx) = mpsc::channel(16);
         let edge = self.0.clone();
         tokio::spawn(async move {
-            if let Err(st) = edge.take(&r.session_id, &r.token, &r.from_addr, &tx).await {
+            if let Err(st) = edge
+                .take(&r.session_id, &r.token, &r.from_edge, &r.from_addr, &tx)
+                .await
+            {
                 tracing::warn!(session = %r.session_id, error = %st.message(), "handover failed");
                 let _ = tx.send(Err(st)).await;
             }
@@ -166,12 +170,45 @@ impl Admin for AdminService {
 #[derive(Debug, Clone)]
 pub struct PeerService(pub Arc<Edge>);
 
+impl PeerService {
+    /// The calling edge: under TLS the id its certificate names (a request
+    /// field never counts); in plaintext, `claimed`.
+    fn caller<T>(&self, req: &Request<T>, claimed: &str) -> Result<String, Status> {
+        if !self.0.peers.authenticated() {
+            return Ok(claimed.to_string());
+        }
+        match crate::tls::caller(req) {
+            Some(Identity::Edge(id)) => Ok(id),
+            Some(Identity::Operator(name)) => Err(Status::permission_denied(format!(
+                "operator {name}: the Peer service serves fleet edges only"
+            ))),
+            None => Err(Status::unauthenticated(
+                "the Peer service needs the certificate of a fleet edge (mutual TLS)",
+            )),
+        }
+    }
+
+    /// The calling edge, which must be a configured neighbour of this one
+    /// (pre-copy, drop and operator moves happen between neighbours only).
+    fn neighbour<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let id = self.caller(req, "")?;
+        if self.0.peers.authenticated() && !self.0.cfg.neighbours.iter().any(|n| n.id == id) {
+            return Err(Status::permission_denied(format!(
+                "edge {id} is not a neighbour of edge {}",
+                self.0.cfg.edge_id
+            )));
+        }
+        Ok(id)
+    }
+}
+
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn hello(
         &self,
         req: Request<pb::HelloRequest>,
     ) -> Result<Response<pb::HelloResponse>, Status> {
+        self.caller(&req, "")?;
         let r = req.into_inner();
         if r.version != edge_proto::PEER_VERSION {
             return Err(Status::failed_precondition(format!(
@@ -194,9 +231,12 @@ impl Peer for PeerService {
     ) -> Result<Response<Self::HandoverStream>, Status> {
         // Few frames in flight: the give task's pace is the link's, so the
         // rate a live round measures is the link's too.
+        let to = self.caller(&req, &req.get_ref().to_edge)?;
+        let mut r = req.into_inner();
+        r.to_edge = to;
         let (tx, rx) = mpsc::channel(4);
         let edge = self.0.clone();
-        tokio::spawn(async move { edge.give(req.into_inner(), tx).await });
+        tokio::spawn(async move { edge.give(r, tx).await });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -206,8 +246,10 @@ impl Peer for PeerService {
         &self,
         req: Request<pb::AdoptRequest>,
     ) -> Result<Response<Self::AdoptStream>, Status> {
+        // Under TLS the edge asking is the owner it will be dialed as.
+        let from = self.neighbour(&req)?;
         let (tx, rx) = mpsc::channel(16);
-        self.0.adopt(req.into_inner(), tx);
+        self.0.adopt(from, req.into_inner(), tx);
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -215,6 +257,7 @@ impl Peer for PeerService {
         &self,
         req: Request<tonic::Streaming<pb::PrecopyChunk>>,
     ) -> Result<Response<pb::PrecopyAck>, Status> {
+        self.neighbour(&req)?;
         Ok(Response::new(self.0.stage(req.into_inner()).await?))
     }
 
@@ -222,6 +265,7 @@ impl Peer for PeerService {
         &self,
         req: Request<pb::DropRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        self.neighbour(&req)?;
         self.0.drop_staged(&req.into_inner().session_id).await;
         Ok(Response::new(pb::ReleaseResponse {}))
     }
@@ -230,9 +274,10 @@ impl Peer for PeerService {
         &self,
         req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let from = self.caller(&req, &req.get_ref().from_edge)?;
         let r = req.into_inner();
         self.0
-            .release(&r.session_id, r.attempt, &r.from_edge)
+            .release(&r.session_id, r.attempt, &from)
             .await
             .map_err(|e| e.status())?;
         Ok(Response::new(pb::ReleaseResponse {}))
@@ -242,9 +287,10 @@ impl Peer for PeerService {
         &self,
         req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let from = self.caller(&req, &req.get_ref().from_edge)?;
         let r = req.into_inner();
         self.0
-            .abort_handover(&r.session_id, r.attempt, &r.from_edge)
+            .abort_handover(&r.session_id, r.attempt, &from)
             .await
             .map_err(|e| e.status())?;
         Ok(Response::new(pb::ReleaseResponse {}))
@@ -301,7 +347,23 @@ pub async fn run(
             let _ = s.set_nodelay(true);
         })
     });
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = edge.peers.material() {
+        builder = builder.tls_config(tls.edge_port())?;
+    }
+    let admin_tcp = match (edge.cfg.admin_listen, edge.peers.material()) {
+        (Some(addr), Some(tls)) => Some(tokio::spawn(
+            tonic::transport::Server::builder()
+                .tls_config(tls.admin_port())?
+                .add_service(AdminServer::with_interceptor(
+                    AdminService(edge.clone()),
+                    operators_only,
+                ))
+                .serve_with_shutdown(addr, stopped(stop_rx.clone())),
+        )),
+        _ => None,
+    };
+    let result = builder
         .add_service(health_svc)
         .add_service(
             EdgeServer::new(EdgeService(edge.clone()))
@@ -320,5 +382,21 @@ pub async fn run(
     if let Ok(Err(e)) = admin_server.await {
         tracing::error!(error = %e, "the Admin service failed");
     }
+    if let Some(t) = admin_tcp {
+        if let Ok(Err(e)) = t.await {
+            tracing::error!(error = %e, "the Admin TCP service failed");
+        }
+    }
     result
+}
+
+/// The Admin TCP port serves operator certificates only (an edge's
+/// certificate is the fleet's too, but an edge is no operator).
+fn operators_only(req: Request<()>) -> Result<Request<()>, Status> {
+    match crate::tls::caller(&req) {
+        Some(Identity::Operator(_)) => Ok(req),
+        _ => Err(Status::permission_denied(
+            "the Admin service needs an operator certificate of the fleet CA",
+        )),
+    }
 }

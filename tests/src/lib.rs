@@ -128,6 +128,76 @@ impl Default for Bases {
     }
 }
 
+/// The fleet CA of this test process: every test edge gets a certificate
+/// of it, and clients trust it. Made once, in memory.
+pub fn fleet_ca() -> &'static edged::pki::Ca {
+    static CA: std::sync::OnceLock<edged::pki::Ca> = std::sync::OnceLock::new();
+    CA.get_or_init(|| edged::pki::Ca::generate().expect("a test CA"))
+}
+
+/// What a test client trusts: the test fleet's CA.
+pub fn trust() -> edge_client::Trust {
+    edge_client::Trust::Ca(fleet_ca().cert_pem.clone())
+}
+
+/// A client of the edge at `url` (`https://host:port`), trusting the test
+/// fleet's CA.
+pub async fn connect(url: &str) -> Result<edge_client::EdgeClient, edge_client::ConnectError> {
+    edge_client::connect_with(url, &trust()).await
+}
+
+/// A raw gRPC channel to `url` (`https://host:port`) trusting the test
+/// fleet's CA and presenting `identity` (a certificate and key) if given:
+/// for calling a service the way a stranger, an operator or a peer would.
+pub async fn channel(
+    url: &str,
+    identity: Option<&edged::pki::Issued>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let mut tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&fleet_ca().cert_pem));
+    if let Some(i) = identity {
+        tls = tls.identity(Identity::from_pem(&i.cert_pem, &i.key_pem));
+    }
+    Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .tls_config(tls)?
+        .connect()
+        .await
+}
+
+/// Writes a certificate of the test CA for edge `id` (naming `ip`,
+/// 127.0.0.1 and localhost, where the tests and the relay dial it) into
+/// `dir`; returns the `[tls]` table.
+pub fn edge_certs(dir: &Path, id: &str, ip: std::net::IpAddr) -> edged::config::TlsConfig {
+    use std::os::unix::fs::PermissionsExt;
+    let issued = fleet_ca()
+        .issue_edge(
+            id,
+            &[ip.to_string(), "127.0.0.1".into(), "localhost".into()],
+            30,
+        )
+        .expect("a test edge certificate");
+    std::fs::create_dir_all(dir).unwrap();
+    let t = edged::config::TlsConfig {
+        ca: dir.join("ca.pem"),
+        cert: dir.join(format!("{id}.pem")),
+        key: dir.join(format!("{id}.key")),
+    };
+    std::fs::write(&t.ca, &fleet_ca().cert_pem).unwrap();
+    std::fs::write(&t.cert, &issued.cert_pem).unwrap();
+    std::fs::write(&t.key, &issued.key_pem).unwrap();
+    std::fs::set_permissions(&t.key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    t
+}
+
+/// A `[[neighbours]]` entry naming edge `id` at `addr`. Neighbours are
+/// mutual: an edge takes pre-copies and operator moves only from edges it
+/// lists too.
+pub fn neighbour(id: &str, addr: SocketAddr) -> String {
+    format!("[[neighbours]]\nid = {id:?}\naddr = \"{addr}\"\n")
+}
+
 /// A free TCP port on `ip`.
 pub fn free_addr(ip: &str) -> SocketAddr {
     TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
@@ -165,6 +235,11 @@ pub fn config(
     cfg.session_ttl = Duration::from_secs(3600);
     cfg.max_payload = 1 << 20;
     cfg.volfs_binary = Some(bin("volfs"));
+    let pki = data_dir
+        .parent()
+        .unwrap_or(data_dir)
+        .join(format!("pki-{id}"));
+    cfg.tls = Some(edge_certs(&pki, id, addr.ip()));
     cfg.apps = apps
         .iter()
         .map(|a| {
@@ -187,6 +262,9 @@ pub fn config(
     // edged's own parser and checks.
     let mut table: toml::Table = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
     let over: toml::Table = toml::from_str(extra).expect("extra config is TOML");
+    if over.get("insecure_plaintext") == Some(&toml::Value::Boolean(true)) {
+        table.remove("tls");
+    }
     for (k, v) in over {
         match (table.get_mut(&k), v) {
             (Some(toml::Value::Table(t)), toml::Value::Table(o)) => t.extend(o),
@@ -321,9 +399,20 @@ impl Edge {
         std::fs::read_to_string(self.config.with_extension("log")).unwrap_or_default()
     }
 
-    /// `http://addr`.
+    /// `https://addr` (`http://` for an edge in `insecure_plaintext`).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let plain = std::fs::read_to_string(&self.config)
+            .is_ok_and(|c| c.contains("insecure_plaintext = true"));
+        let scheme = if plain { "http" } else { "https" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// A client of this edge (trusting the test fleet's CA).
+    pub async fn client(&self) -> edge_client::EdgeClient {
+        if self.url().starts_with("http://") {
+            return edge_client::connect(&self.url()).await.unwrap();
+        }
+        connect(&self.url()).await.unwrap()
     }
 
     /// Kills edged with SIGKILL (sessions, shims and instances live on).
@@ -668,7 +757,9 @@ pub fn start_list_edge_in(
         base: base.to_path_buf(),
         runtime,
     }];
-    let mut cfg = config(id, free_addr(ip), &dir.join(id), &apps, extra);
+    // `ip` alone, or a chosen `ip:port`.
+    let addr = ip.parse().unwrap_or_else(|_| free_addr(ip));
+    let mut cfg = config(id, addr, &dir.join(id), &apps, extra);
     cfg.start_timeout = Duration::from_secs(30);
     Edge::launch_in(dir, cfg)
 }
@@ -836,7 +927,7 @@ impl Cluster {
     pub async fn clients(&self) -> Vec<edge_client::EdgeClient> {
         let mut out = Vec::new();
         for e in &self.edges {
-            out.push(edge_client::connect(&e.url()).await.unwrap());
+            out.push(e.client().await);
         }
         out
     }

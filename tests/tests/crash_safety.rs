@@ -18,12 +18,14 @@ async fn items(s: &edge_client::Session) -> Vec<String> {
 }
 
 async fn client(e: &Edge) -> edge_client::EdgeClient {
-    edge_client::connect(&e.url()).await.unwrap()
+    e.client().await
 }
 
 /// A handle of `s` that reaches its edge through `via` (a relay).
 async fn through(s: &edge_client::Session, via: &Relay, edge_id: &str) -> edge_client::Session {
-    let c = edge_client::connect(&via.addr.to_string()).await.unwrap();
+    let c = edgeshift_tests::connect(&via.addr.to_string())
+        .await
+        .unwrap();
     edge_client::Session::attach(&c, s.id().into(), s.token().clone(), edge_id.into(), vec![])
 }
 

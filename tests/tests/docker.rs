@@ -49,7 +49,7 @@ async fn docker_runtime_end_to_end() {
     let tag = format!("edgeshift-test/list-app:{}", std::process::id());
     let (_bases, apps) = list_app_image(&tag);
     let edge = Edge::start("docker", "127.0.0.1", &apps, "");
-    let client = edge_client::connect(&edge.url()).await.unwrap();
+    let client = edge.client().await;
     let s = client.open_session("list", "phone").await.unwrap();
     let mut stub = ListClient::new(s.channel());
     stub.add(AddRequest {
@@ -120,8 +120,8 @@ async fn a_docker_session_moves_between_edges() {
     let (_bases, apps) = list_app_image(&tag);
     let a = Edge::start("a", "127.0.0.1", &apps, "");
     let b = Edge::start("b", "127.0.0.2", &apps, "");
-    let ca = edge_client::connect(&a.url()).await.unwrap();
-    let cb = edge_client::connect(&b.url()).await.unwrap();
+    let ca = a.client().await;
+    let cb = b.client().await;
     let s = ca.open_session("list", "phone").await.unwrap();
     let mut stub = ListClient::new(s.channel());
     stub.add(AddRequest {

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use edge_client::{FileLocator, Follower, locator::FollowEvent};
-use edgeshift_tests::{App, Bases, Cluster, Edge, Faults, Relay, Runtime, bin, noise};
+use edgeshift_tests::{
+    App, Bases, Cluster, Edge, Faults, Relay, Runtime, bin, free_addr, neighbour, noise,
+};
 use tonic::Code;
 
 use edgeshift_tests::list::{ADD, ITEMS, add, items_of, items_req};
@@ -56,7 +58,7 @@ async fn the_session_follows_the_client_a_b_c_and_back_to_a() {
 async fn futures_join(edges: &[Edge]) -> Vec<edge_client::EdgeClient> {
     let mut v = Vec::new();
     for e in edges {
-        v.push(edge_client::connect(&e.url()).await.unwrap());
+        v.push(e.client().await);
     }
     v
 }
@@ -69,10 +71,7 @@ async fn a_running_call_finishes_and_its_result_is_had_through_the_new_edge() {
         Edge::start("a", "127.0.0.1", &apps, ""),
         Edge::start("b", "127.0.0.2", &apps, ""),
     );
-    let (ca, cb) = (
-        edge_client::connect(&a.url()).await.unwrap(),
-        edge_client::connect(&b.url()).await.unwrap(),
-    );
+    let (ca, cb) = (a.client().await, b.client().await);
     let s = ca.open_session("list", "walker").await.unwrap();
     for i in 0..5 {
         s.invoke(ADD, add(&format!("item {i}"))).await.unwrap();
@@ -108,10 +107,7 @@ async fn calls_made_during_the_move_are_served_once() {
         Edge::start("a", "127.0.0.1", &apps, ""),
         Edge::start("b", "127.0.0.2", &apps, ""),
     );
-    let (ca, cb) = (
-        edge_client::connect(&a.url()).await.unwrap(),
-        edge_client::connect(&b.url()).await.unwrap(),
-    );
+    let (ca, cb) = (a.client().await, b.client().await);
     let s = ca.open_session("list", "walker").await.unwrap();
     let done = Arc::new(AtomicUsize::new(0));
     let writer = {
@@ -149,10 +145,7 @@ async fn a_failed_move_leaves_the_session_whole_on_the_old_edge() {
         runtime: Runtime::Process("/nonexistent/list-app".into()),
     }];
     let b = Edge::start("b", "127.0.0.2", &broken, "");
-    let (ca, cb) = (
-        edge_client::connect(&a.url()).await.unwrap(),
-        edge_client::connect(&b.url()).await.unwrap(),
-    );
+    let (ca, cb) = (a.client().await, b.client().await);
     let s = ca.open_session("list", "walker").await.unwrap();
     s.invoke(ADD, add("before")).await.unwrap();
     let err = s.handover_to(&cb, |_| {}).await.unwrap_err();
@@ -166,7 +159,7 @@ async fn a_failed_move_leaves_the_session_whole_on_the_old_edge() {
 
     // A move to an edge whose source is gone fails clearly, too.
     let c = Edge::start("c", "127.0.0.3", &bases.process_apps(), "");
-    let cc = edge_client::connect(&c.url()).await.unwrap();
+    let cc = c.client().await;
     drop(a);
     let err = s.handover_to(&cc, |_| {}).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
@@ -181,7 +174,7 @@ async fn a_follower_moves_the_session_when_the_location_file_changes() {
         Edge::start("a", "127.0.0.1", &apps, ""),
         Edge::start("b", "127.0.0.2", &apps, ""),
     );
-    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let ca = a.client().await;
     let s = ca.open_session("list", "walker").await.unwrap();
     s.invoke(ADD, add("x")).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -226,16 +219,14 @@ fn dir_bytes(p: &std::path::Path) -> u64 {
 async fn pre_copy_leaves_only_the_last_changes_for_the_handover() {
     let bases = Bases::new();
     let apps = bases.process_apps();
-    let b = Edge::start("b", "127.0.0.2", &apps, "");
+    let a_addr = free_addr("127.0.0.1");
+    let b = Edge::start("b", "127.0.0.2", &apps, &neighbour("a", a_addr));
     let extra = format!(
         "[[neighbours]]\nid = \"b\"\naddr = \"{}\"\n[precopy]\ninterval = 0.3\n",
         b.addr
     );
-    let a = Edge::start("a", "127.0.0.1", &apps, &extra);
-    let (ca, cb) = (
-        edge_client::connect(&a.url()).await.unwrap(),
-        edge_client::connect(&b.url()).await.unwrap(),
-    );
+    let a = Edge::start_at("a", a_addr, &apps, &extra);
+    let (ca, cb) = (a.client().await, b.client().await);
     let s = ca.open_session("list", "walker").await.unwrap();
     let big = "x".repeat(4000);
     for i in 0..300 {
@@ -275,47 +266,86 @@ async fn pre_copy_leaves_only_the_last_changes_for_the_handover() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cut_link_leaves_one_owner_and_a_damaged_block_is_sent_again() {
+async fn a_cut_or_tampered_link_leaves_one_owner() {
     let bases = Bases::new();
     let apps = bases.process_apps();
     let (a, b) = (
         Edge::start("a", "127.0.0.1", &apps, ""),
         Edge::start("b", "127.0.0.2", &apps, ""),
     );
-    let cb = edge_client::connect(&b.url()).await.unwrap();
-    let direct = edge_client::connect(&a.url()).await.unwrap();
+    let cb = b.client().await;
+    let direct = a.client().await;
     let s = direct.open_session("list", "walker").await.unwrap();
     for i in 0..200 {
         s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
     }
     let count = |r: Bytes| edgeshift_tests::list::count_of(r);
-    // A link cut mid-transfer (every connection): the move fails, A owns it whole.
-    let relay = Relay::start(
-        a.addr,
+    // A link cut mid-transfer (every connection), then a link that flips a
+    // byte (TLS refuses the record): each move fails, A owns it whole.
+    for faults in [
         Faults {
             cut_after: Some(200_000),
             ..Faults::default()
         },
-    )
-    .await;
-    let via = edge_client::connect(&relay.addr.to_string()).await.unwrap();
-    let moving =
-        edge_client::Session::attach(&via, s.id().into(), s.token().clone(), "a".into(), vec![]);
-    let err = moving.handover_to(&cb, |_| {}).await.unwrap_err();
-    assert!(
-        matches!(
-            err.code(),
-            Code::Internal | Code::Unavailable | Code::Unknown | Code::DataLoss
-        ),
-        "{err:?}"
-    );
-    assert!(b.session_dirs().is_empty(), "B took a session");
-    assert!(b.mounts().is_empty());
+        Faults {
+            corrupt_at: Some(300_000),
+            ..Faults::default()
+        },
+    ] {
+        let relay = Relay::start(a.addr, faults).await;
+        let via = edgeshift_tests::connect(&relay.addr.to_string())
+            .await
+            .unwrap();
+        let moving = edge_client::Session::attach(
+            &via,
+            s.id().into(),
+            s.token().clone(),
+            "a".into(),
+            vec![],
+        );
+        let err = moving.handover_to(&cb, |_| {}).await.unwrap_err();
+        assert!(
+            matches!(
+                err.code(),
+                Code::Internal | Code::Unavailable | Code::Unknown | Code::DataLoss
+            ),
+            "{faults:?}: {err:?}"
+        );
+        b.wait_empty().await;
+        assert!(b.session_dirs().is_empty(), "B took a session");
+        assert!(b.mounts().is_empty());
+    }
     let n = count(s.invoke(ADD, add("still on a")).await.unwrap());
     assert_eq!(s.edge_id(), "a");
     assert_eq!(n, 201);
-    // A byte flipped inside a block in transit: B refuses the block, pulls
-    // again, and the damaged block is sent again; the move succeeds.
+    // The link heals: the move succeeds.
+    s.handover_to(&cb, |_| {}).await.unwrap();
+    assert_eq!(count(s.invoke(ADD, add("on b")).await.unwrap()), n + 1);
+    a.wait_empty().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tls_a_damaged_block_is_refused_and_sent_again() {
+    // In plaintext nothing but the block hashes catches a flipped byte: B
+    // refuses the block, pulls again, and the block is sent again.
+    let bases = Bases::new();
+    let apps = bases.process_apps();
+    let plain = "insecure_plaintext = true";
+    let (a, b) = (
+        Edge::start("a", "127.0.0.1", &apps, plain),
+        Edge::start("b", "127.0.0.2", &apps, plain),
+    );
+    assert!(a.url().starts_with("http://"));
+    let cb = b.client().await;
+    let s = a
+        .client()
+        .await
+        .open_session("list", "walker")
+        .await
+        .unwrap();
+    for i in 0..200 {
+        s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
+    }
     let relay = Relay::start(
         a.addr,
         Faults {
@@ -333,7 +363,8 @@ async fn a_cut_link_leaves_one_owner_and_a_damaged_block_is_sent_again() {
         "B saw the damage: {}",
         b.log()
     );
-    assert_eq!(count(moving.invoke(ADD, add("on b")).await.unwrap()), n + 1);
+    let n = edgeshift_tests::list::count_of(moving.invoke(ADD, add("on b")).await.unwrap());
+    assert_eq!(n, 201);
     a.wait_empty().await;
 }
 
@@ -348,12 +379,12 @@ async fn a_retry_after_a_failed_start_and_a_restart_of_the_new_edge_resumes_from
         runtime: Runtime::Process("/nonexistent/list-app".into()),
     }];
     let mut b = Edge::start("b", "127.0.0.2", &broken, "");
-    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let ca = a.client().await;
     let s = ca.open_session("list", "walker").await.unwrap();
     for i in 0..200 {
         s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
     }
-    let cb = edge_client::connect(&b.url()).await.unwrap();
+    let cb = b.client().await;
     let mut first = 0;
     assert!(
         s.handover_to(&cb, |p| first = first.max(p.bytes_received))
@@ -373,7 +404,7 @@ async fn a_retry_after_a_failed_start_and_a_restart_of_the_new_edge_resumes_from
     .unwrap();
     b.restart();
     s.invoke(ADD, add("one more")).await.unwrap();
-    let cb = edge_client::connect(&b.url()).await.unwrap();
+    let cb = b.client().await;
     let mut second = 0;
     s.handover_to(&cb, |p| second = p.bytes_received)
         .await
@@ -459,20 +490,21 @@ async fn twenty_clients_moving_among_three_edges_lose_no_call_and_run_none_twice
 async fn an_operator_moves_a_session_and_the_client_follows() {
     let bases = Bases::new();
     let apps = bases.process_apps();
-    let b = Edge::start("b", "127.0.0.2", &apps, "");
-    let a = Edge::start(
+    let a_addr = free_addr("127.0.0.1");
+    let b = Edge::start("b", "127.0.0.2", &apps, &neighbour("a", a_addr));
+    let a = Edge::start_at(
         "a",
-        "127.0.0.1",
+        a_addr,
         &apps,
         &format!("[[neighbours]]\nid = \"b\"\naddr = \"{}\"\n", b.addr),
     );
-    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let ca = a.client().await;
     let s = ca.open_session("list", "walker").await.unwrap();
     s.invoke(ADD, add("before")).await.unwrap();
     // The operator's door is a Unix socket; the Edge port does not serve Admin.
-    let mut public = edge_proto::v1::admin_client::AdminClient::connect(a.url())
-        .await
-        .unwrap();
+    let mut public = edge_proto::v1::admin_client::AdminClient::new(
+        edgeshift_tests::channel(&a.url(), None).await.unwrap(),
+    );
     let refused = public
         .list_sessions(edge_proto::v1::ListSessionsRequest {})
         .await
@@ -525,14 +557,15 @@ async fn an_operator_moves_a_session_and_the_client_follows() {
 async fn pre_copy_goes_to_the_candidates_the_client_names() {
     let bases = Bases::new();
     let apps = bases.process_apps();
-    let b = Edge::start("b", "127.0.0.2", &apps, "");
-    let c = Edge::start("c", "127.0.0.3", &apps, "");
+    let a_addr = free_addr("127.0.0.1");
+    let b = Edge::start("b", "127.0.0.2", &apps, &neighbour("a", a_addr));
+    let c = Edge::start("c", "127.0.0.3", &apps, &neighbour("a", a_addr));
     let extra = format!(
         "[[neighbours]]\nid = \"b\"\naddr = \"{}\"\n[[neighbours]]\nid = \"c\"\naddr = \"{}\"\n[precopy]\ninterval = 0.3\n",
         b.addr, c.addr
     );
-    let a = Edge::start("a", "127.0.0.1", &apps, &extra);
-    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let a = Edge::start_at("a", a_addr, &apps, &extra);
+    let ca = a.client().await;
     let s = ca.open_session("list", "walker").await.unwrap();
     assert_eq!(s.set_candidates(&["c", "nowhere"]).await.unwrap(), ["c"]);
     for i in 0..50 {
@@ -564,13 +597,14 @@ async fn pre_copy_goes_to_the_candidates_the_client_names() {
 async fn a_restart_of_the_old_edge_during_pre_copy_loses_nothing() {
     let bases = Bases::new();
     let apps = bases.process_apps();
-    let b = Edge::start("b", "127.0.0.2", &apps, "");
+    let a_addr = free_addr("127.0.0.1");
+    let b = Edge::start("b", "127.0.0.2", &apps, &neighbour("a", a_addr));
     let extra = format!(
         "[[neighbours]]\nid = \"b\"\naddr = \"{}\"\n[precopy]\ninterval = 0.3\n",
         b.addr
     );
-    let mut a = Edge::start("a", "127.0.0.1", &apps, &extra);
-    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let mut a = Edge::start_at("a", a_addr, &apps, &extra);
+    let ca = a.client().await;
     let s = ca.open_session("list", "walker").await.unwrap();
     for i in 0..50 {
         s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
@@ -587,12 +621,12 @@ async fn a_restart_of_the_old_edge_during_pre_copy_loses_nothing() {
     // A dies mid pre-copy and comes back: it recovers the session and
     // pre-copies again from scratch (it no longer knows what B holds).
     a.restart();
-    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let ca = a.client().await;
     let s = edge_client::Session::attach(&ca, s.id().into(), s.token().clone(), "a".into(), vec![]);
     let r = s.invoke(ADD, add("after the restart")).await.unwrap();
     assert_eq!(edgeshift_tests::list::count_of(r), 51);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let cb = edge_client::connect(&b.url()).await.unwrap();
+    let cb = b.client().await;
     s.handover_to(&cb, |_| {}).await.unwrap();
     let r = s.invoke(ADD, add("on b")).await.unwrap();
     assert_eq!(edgeshift_tests::list::count_of(r), 52);
@@ -605,7 +639,7 @@ async fn killing_the_new_edge_mid_handover_leaves_the_session_on_the_old_one() {
     let apps = bases.process_apps();
     let a = Edge::start("a", "127.0.0.1", &apps, "");
     let mut b = Edge::start("b", "127.0.0.2", &apps, "");
-    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let ca = a.client().await;
     let s = ca.open_session("list", "walker").await.unwrap();
     for i in 0..200 {
         s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
@@ -619,10 +653,12 @@ async fn killing_the_new_edge_mid_handover_leaves_the_session_on_the_old_one() {
         },
     )
     .await;
-    let via = edge_client::connect(&relay.addr.to_string()).await.unwrap();
+    let via = edgeshift_tests::connect(&relay.addr.to_string())
+        .await
+        .unwrap();
     let moving =
         edge_client::Session::attach(&via, s.id().into(), s.token().clone(), "a".into(), vec![]);
-    let cb = edge_client::connect(&b.url()).await.unwrap();
+    let cb = b.client().await;
     let mv = tokio::spawn(async move { moving.handover_to(&cb, |_| {}).await });
     tokio::time::sleep(Duration::from_millis(600)).await;
     b.kill();
@@ -636,7 +672,7 @@ async fn killing_the_new_edge_mid_handover_leaves_the_session_on_the_old_one() {
     assert_eq!(s.edge_id(), "a");
     // B comes back; the move goes through.
     b.restart();
-    let cb = edge_client::connect(&b.url()).await.unwrap();
+    let cb = b.client().await;
     s.handover_to(&cb, |_| {}).await.unwrap();
     let r = s.invoke(ADD, add("on b")).await.unwrap();
     assert_eq!(edgeshift_tests::list::count_of(r), 202);
@@ -647,13 +683,14 @@ async fn killing_the_new_edge_mid_handover_leaves_the_session_on_the_old_one() {
 async fn killing_the_candidate_during_pre_copy_loses_nothing() {
     let bases = Bases::new();
     let apps = bases.process_apps();
-    let mut b = Edge::start("b", "127.0.0.2", &apps, "");
+    let a_addr = free_addr("127.0.0.1");
+    let mut b = Edge::start("b", "127.0.0.2", &apps, &neighbour("a", a_addr));
     let extra = format!(
         "[[neighbours]]\nid = \"b\"\naddr = \"{}\"\n[precopy]\ninterval = 0.2\n",
         b.addr
     );
-    let a = Edge::start("a", "127.0.0.1", &apps, &extra);
-    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let a = Edge::start_at("a", a_addr, &apps, &extra);
+    let ca = a.client().await;
     let s = ca.open_session("list", "walker").await.unwrap();
     for i in 0..30 {
         s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
@@ -666,7 +703,7 @@ async fn killing_the_candidate_during_pre_copy_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     b.restart();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let cb = edge_client::connect(&b.url()).await.unwrap();
+    let cb = b.client().await;
     s.handover_to(&cb, |_| {}).await.unwrap();
     assert_eq!(
         edgeshift_tests::list::count_of(s.invoke(ADD, add("on b")).await.unwrap()),
@@ -689,7 +726,7 @@ async fn live_rounds_repeat_while_the_app_writes_until_the_last_one_fits_the_dow
         ),
         Edge::start("b", "127.0.0.2", &apps, ""),
     );
-    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let ca = a.client().await;
     let s = ca.open_session("list", "walker").await.unwrap();
     for i in 0..200 {
         s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
@@ -705,10 +742,12 @@ async fn live_rounds_repeat_while_the_app_writes_until_the_last_one_fits_the_dow
         },
     )
     .await;
-    let via = edge_client::connect(&relay.addr.to_string()).await.unwrap();
+    let via = edgeshift_tests::connect(&relay.addr.to_string())
+        .await
+        .unwrap();
     let moving =
         edge_client::Session::attach(&via, s.id().into(), s.token().clone(), "a".into(), vec![]);
-    let cb = edge_client::connect(&b.url()).await.unwrap();
+    let cb = b.client().await;
     let mut events = Vec::new();
     moving
         .handover_to(&cb, |p| events.push(p.clone()))
@@ -738,18 +777,22 @@ async fn live_rounds_repeat_while_the_app_writes_until_the_last_one_fits_the_dow
 async fn a_candidate_past_its_staging_budget_refuses_pre_copy_but_still_takes_a_handover() {
     let bases = Bases::new();
     let apps = bases.process_apps();
+    let a_addr = free_addr("127.0.0.1");
     let b = Edge::start(
         "b",
         "127.0.0.2",
         &apps,
-        "[precopy]\nstaging_budget = 100000\n",
+        &format!(
+            "{}[precopy]\nstaging_budget = 100000\n",
+            neighbour("a", a_addr)
+        ),
     );
     let extra = format!(
         "[[neighbours]]\nid = \"b\"\naddr = \"{}\"\n[precopy]\ninterval = 0.2\n",
         b.addr
     );
-    let a = Edge::start("a", "127.0.0.1", &apps, &extra);
-    let ca = edge_client::connect(&a.url()).await.unwrap();
+    let a = Edge::start_at("a", a_addr, &apps, &extra);
+    let ca = a.client().await;
     let s = ca.open_session("list", "walker").await.unwrap();
     for i in 0..100 {
         s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
@@ -763,7 +806,7 @@ async fn a_candidate_past_its_staging_budget_refuses_pre_copy_but_still_takes_a_
         dir_bytes(&staged.join("volume"))
     );
     // A client that moves is not held to the pre-copy budget.
-    let cb = edge_client::connect(&b.url()).await.unwrap();
+    let cb = b.client().await;
     s.handover_to(&cb, |_| {}).await.unwrap();
     let r = s.invoke(ADD, add("on b")).await.unwrap();
     assert_eq!(edgeshift_tests::list::count_of(r), 101);

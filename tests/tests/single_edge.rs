@@ -17,7 +17,7 @@ use edgeshift_tests::list::{ADD, ITEMS, add, items_of, items_req};
 async fn both_apps_end_to_end_and_close_cleans_up() {
     let bases = Bases::new();
     let edge = Edge::start("e2e", "127.0.0.1", &bases.process_apps(), "");
-    let client = edge_client::connect(&edge.url()).await.unwrap();
+    let client = edge.client().await;
 
     let list = client.open_session("list", "phone-1").await.unwrap();
     assert_eq!(list.edge_id(), "e2e");
@@ -105,7 +105,7 @@ async fn both_apps_end_to_end_and_close_cleans_up() {
 async fn ops_run_once_and_results_survive_a_reconnect() {
     let bases = Bases::new();
     let edge = Edge::start("ops", "127.0.0.1", &bases.process_apps(), "");
-    let client = edge_client::connect(&edge.url()).await.unwrap();
+    let client = edge.client().await;
     let s = client.open_session("list", "phone").await.unwrap();
 
     // A retried call with the same op id is not run twice.
@@ -125,7 +125,7 @@ async fn ops_run_once_and_results_survive_a_reconnect() {
     let call = tokio::spawn(async move { s2.invoke_op(slow, ITEMS, items_req(700)).await });
     tokio::time::sleep(Duration::from_millis(150)).await;
     call.abort();
-    let fresh = edge_client::connect(&edge.url()).await.unwrap();
+    let fresh = edge.client().await;
     let again = edge_client::Session::attach(
         &fresh,
         s.id().into(),
@@ -145,7 +145,7 @@ async fn ops_run_once_and_results_survive_a_reconnect() {
 async fn bad_input_gets_a_clear_status_and_the_edge_keeps_serving() {
     let bases = Bases::new();
     let edge = Edge::start("bad", "127.0.0.1", &bases.process_apps(), "");
-    let client = edge_client::connect(&edge.url()).await.unwrap();
+    let client = edge.client().await;
     let code = |r: Result<edge_client::Session, tonic::Status>| r.unwrap_err().code();
     assert_eq!(code(client.open_session("nope", "c").await), Code::NotFound);
     assert_eq!(
@@ -228,7 +228,7 @@ async fn bad_input_gets_a_clear_status_and_the_edge_keeps_serving() {
 async fn fifty_clients_each_with_an_isolated_volume() {
     let bases = Bases::new();
     let edge = Edge::start("many", "127.0.0.1", &bases.process_apps(), "");
-    let client = edge_client::connect(&edge.url()).await.unwrap();
+    let client = edge.client().await;
     let mut tasks = Vec::new();
     for i in 0..50 {
         let client = client.clone();
@@ -295,7 +295,7 @@ async fn fifty_clients_each_with_an_isolated_volume() {
 async fn a_restarted_edge_recovers_its_sessions() {
     let bases = Bases::new();
     let mut edge = Edge::start("restart", "127.0.0.1", &bases.process_apps(), "");
-    let client = edge_client::connect(&edge.url()).await.unwrap();
+    let client = edge.client().await;
     let a = client.open_session("list", "a").await.unwrap();
     let b = client.open_session("list", "b").await.unwrap();
     a.invoke(ADD, add("a1")).await.unwrap();
@@ -310,7 +310,7 @@ async fn a_restarted_edge_recovers_its_sessions() {
     assert!(pid_alive(pid_a), "instances outlive edged");
     edge.restart();
 
-    let client = edge_client::connect(&edge.url()).await.unwrap();
+    let client = edge.client().await;
     let a = edge_client::Session::attach(
         &client,
         a.id().into(),
@@ -354,7 +354,7 @@ async fn a_restarted_edge_recovers_its_sessions() {
 async fn an_app_crash_fails_its_call_clearly_and_the_session_carries_on() {
     let bases = Bases::new();
     let edge = Edge::start("crash", "127.0.0.1", &bases.process_apps(), "");
-    let client = edge_client::connect(&edge.url()).await.unwrap();
+    let client = edge.client().await;
     let s = client.open_session("list", "c").await.unwrap();
     let bystander = client.open_session("list", "d").await.unwrap();
     s.invoke(ADD, add("kept")).await.unwrap();
@@ -382,7 +382,7 @@ async fn an_app_crash_fails_its_call_clearly_and_the_session_carries_on() {
 async fn idle_sessions_are_reaped() {
     let bases = Bases::new();
     let edge = Edge::start("ttl", "127.0.0.1", &bases.process_apps(), "").with_ttl(2);
-    let client = edge_client::connect(&edge.url()).await.unwrap();
+    let client = edge.client().await;
     let s = client.open_session("list", "c").await.unwrap();
     s.invoke(ADD, add("x")).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -427,7 +427,7 @@ async fn sessions_past_the_edges_limits_are_refused_as_resource_exhausted() {
         &bases.process_apps(),
         "max_sessions = 3\nmax_sessions_per_client = 2\n",
     );
-    let c = edge_client::connect(&edge.url()).await.unwrap();
+    let c = edge.client().await;
     let s1 = c.open_session("list", "phone-1").await.unwrap();
     c.open_session("list", "phone-1").await.unwrap();
     let err = c.open_session("list", "phone-1").await.unwrap_err();
@@ -453,7 +453,7 @@ async fn a_sessions_directory_journal_and_logs_are_root_only() {
     use std::os::unix::fs::PermissionsExt;
     let bases = Bases::new();
     let edge = Edge::start("a", "127.0.0.1", &bases.process_apps(), "");
-    let c = edge_client::connect(&edge.url()).await.unwrap();
+    let c = edge.client().await;
     let s = c.open_session("list", "phone").await.unwrap();
     s.invoke(ADD, add("x")).await.unwrap();
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -469,7 +469,7 @@ async fn a_sessions_directory_journal_and_logs_are_root_only() {
 async fn a_session_that_cannot_be_recovered_yet_is_kept_listed_and_recovered_later() {
     let bases = Bases::new();
     let mut edge = Edge::start("a", "127.0.0.1", &bases.process_apps(), "");
-    let c = edge_client::connect(&edge.url()).await.unwrap();
+    let c = edge.client().await;
     let s = c.open_session("list", "phone").await.unwrap();
     s.invoke(ADD, add("kept")).await.unwrap();
     // edged dies; the operator renames the app in the config meanwhile.
@@ -503,7 +503,7 @@ async fn a_session_that_cannot_be_recovered_yet_is_kept_listed_and_recovered_lat
     // Fixed and restarted: the session is back with its data.
     std::fs::write(&edge.config, cfg).unwrap();
     edge.restart();
-    let c = edge_client::connect(&edge.url()).await.unwrap();
+    let c = edge.client().await;
     let s = edge_client::Session::attach(&c, s.id().into(), s.token().clone(), "a".into(), vec![]);
     assert_eq!(
         items_of(s.invoke(ITEMS, items_req(0)).await.unwrap()),

@@ -189,8 +189,21 @@ impl Edge {
                 map.remove(&s.id);
             }
         }
-        let gone = s.clone();
-        tokio::spawn(async move { gone.teardown().await });
+        let (gone, edge, id) = (s.clone(), self.clone(), s.id.clone());
+        let (done, rx) = tokio::sync::watch::channel(false);
+        self.leaving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), rx);
+        tokio::spawn(async move {
+            gone.teardown().await;
+            let _ = done.send(true);
+            // Only this teardown's entry (a later one of the same id is not done).
+            let mut leaving = edge.leaving.lock().unwrap_or_else(|p| p.into_inner());
+            if leaving.get(&id).is_some_and(|rx| *rx.borrow()) {
+                leaving.remove(&id);
+            }
+        });
         self.tell_candidates_to_drop(&s.id, to.as_deref().unwrap_or(""));
         tracing::info!(session = %s.id, to = ?to, "released to the new edge");
     }
@@ -560,14 +573,14 @@ mod tests {
     //! is done, in order, and persisted before it takes effect.
 
     use super::*;
-    use crate::config::{Config, DEFAULT_TOML};
+    use crate::config::Config;
     use crate::runtime::fake::{Call, FakeRuntime};
     use crate::runtime::{InstanceId, Runtime};
     use crate::session::SessionRecord;
 
     async fn edge_with_session() -> (Arc<Edge>, Arc<Session>, Arc<FakeRuntime>, tempfile::TempDir) {
         let d = tempfile::tempdir().unwrap();
-        let toml = DEFAULT_TOML.replace(
+        let toml = crate::config::plaintext_default().replace(
             "data_dir = \"/var/lib/edgeshift\"",
             &format!("data_dir = {:?}", d.path().display().to_string()),
         );

@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edge_proto::v1 as pb;
-use edge_proto::v1::peer_client::PeerClient;
 use prost::Message;
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -66,36 +65,6 @@ pub(super) fn progress_event(
         downtime_micros: down,
         edge_id: edge.to_string(),
     }
-}
-
-/// A peer client to `addr` with the limits of a delta stream.
-pub(super) async fn peer_client(
-    addr: &str,
-) -> Result<PeerClient<tonic::transport::Channel>, Status> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let ch = tonic::transport::Endpoint::from_shared(url)
-        .map_err(|e| Status::invalid_argument(format!("bad edge address {addr:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        // A peer that stops answering (stopped, partitioned) is noticed
-        // even while a stream waits on it.
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true)
-        .connect()
-        .await
-        .map_err(|e| {
-            Status::unavailable(format!(
-                "edge at {addr} does not answer ({e}); is it running?"
-            ))
-        })?;
-    Ok(PeerClient::new(ch)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20))
 }
 
 impl Edge {
@@ -174,7 +143,7 @@ impl Edge {
         let (edge, id, to, addr) = (self.clone(), id.to_string(), to.to_string(), n.addr.clone());
         tokio::spawn(async move {
             let r = async {
-                let mut p = peer_client(&addr).await?;
+                let mut p = edge.peers.dial(&to, &addr).await?;
                 let mut stream = p
                     .adopt(pb::AdoptRequest {
                         session_id: id.clone(),
@@ -204,13 +173,20 @@ impl Edge {
     /// the progress back to the owner.
     pub fn adopt(
         self: &Arc<Self>,
+        from: String,
         req: pb::AdoptRequest,
         progress: mpsc::Sender<Result<pb::HandoverProgress, Status>>,
     ) {
         let edge = self.clone();
         tokio::spawn(async move {
             if let Err(st) = edge
-                .take(&req.session_id, &req.ticket, &req.from_addr, &progress)
+                .take(
+                    &req.session_id,
+                    &req.ticket,
+                    &from,
+                    &req.from_addr,
+                    &progress,
+                )
                 .await
             {
                 let _ = progress.send(Err(st)).await;

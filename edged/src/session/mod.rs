@@ -450,6 +450,12 @@ pub struct Edge {
     /// One lock per staged session: a pre-copy apply and the read of what is
     /// staged never overlap. Pruned when nobody holds one.
     staging_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Dials other edges (verified by id under TLS).
+    pub(crate) peers: crate::peers::Peers,
+    /// Teardowns of released sessions still running, by id (true once
+    /// done): a pull of the same session back waits for the old directory
+    /// to go.
+    leaving: Mutex<HashMap<String, tokio::sync::watch::Receiver<bool>>>,
 }
 
 impl std::fmt::Debug for Edge {
@@ -488,6 +494,12 @@ impl Edge {
             std::fs::create_dir_all(&p)?;
             std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         }
+        let tls = match &cfg.tls {
+            Some(t) => {
+                Some(crate::tls::Material::load(t).map_err(|e| EdgeError::Invalid(e.to_string()))?)
+            }
+            None => None,
+        };
         let volfs_bin = locate_volfs(&cfg);
         let tombstones = Tombstones::open(&cfg.data_dir)?;
         let released = tombstones.load().into_iter().collect();
@@ -503,6 +515,8 @@ impl Edge {
             opening: Mutex::new(Vec::new()),
             failed: Mutex::new(Default::default()),
             staging_locks: Mutex::new(Default::default()),
+            peers: crate::peers::Peers::new(tls),
+            leaving: Mutex::new(HashMap::new()),
         }))
     }
 

@@ -191,10 +191,7 @@ impl Edge {
         let peer = match peers.get(&n.id) {
             Some(p) => p.clone(),
             None => {
-                let p = PeerClient::connect(format!("http://{}", n.addr))
-                    .await
-                    .map_err(|e| Status::unavailable(e.to_string()))?
-                    .max_encoding_message_size(64 << 20);
+                let p = self.peers.dial(&n.id, &n.addr).await?;
                 peers.insert(n.id.clone(), p.clone());
                 p
             }
@@ -383,9 +380,9 @@ impl Edge {
     /// Owner side, after a session moved to `to`: the other candidates drop their copies.
     pub fn tell_candidates_to_drop(&self, id: &str, to: &str) {
         for n in self.cfg.neighbours.iter().filter(|n| n.id != to) {
-            let (addr, id) = (n.addr.clone(), id.to_string());
+            let (n, id, peers) = (n.clone(), id.to_string(), self.peers.clone());
             tokio::spawn(async move {
-                if let Ok(mut p) = PeerClient::connect(format!("http://{addr}")).await {
+                if let Ok(mut p) = peers.dial(&n.id, &n.addr).await {
                     let _ = p.drop(pb::DropRequest { session_id: id }).await;
                 }
             });
@@ -427,9 +424,9 @@ impl Edge {
             .iter()
             .filter(|n| !now.iter().any(|c| c.id == n.id))
         {
-            let (addr, id) = (n.addr.clone(), id.to_string());
+            let (n, id, peers) = (n.clone(), id.to_string(), self.peers.clone());
             tokio::spawn(async move {
-                if let Ok(mut p) = PeerClient::connect(format!("http://{addr}")).await {
+                if let Ok(mut p) = peers.dial(&n.id, &n.addr).await {
                     let _ = p.drop(pb::DropRequest { session_id: id }).await;
                 }
             });

@@ -164,8 +164,9 @@ impl Edge {
             self.stage_back(&rec.id).await;
             let (from, attempt, id) = (from.clone(), *attempt, rec.id.clone());
             let me = self.cfg.edge_id.clone();
+            let peers = self.peers.clone();
             tokio::spawn(async move {
-                if let Ok(mut p) = super::migrate::peer_client(&from.addr).await {
+                if let Ok(mut p) = peers.dial(&from.edge_id, &from.addr).await {
                     let _ = p
                         .abort(edge_proto::v1::ReleaseRequest {
                             session_id: id,

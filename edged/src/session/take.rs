@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 use tracing::Instrument;
 
-use super::migrate::{PULL_ATTEMPTS, RELEASE_ANSWER_WAIT, io_status, peer_client, progress_event};
+use super::migrate::{PULL_ATTEMPTS, RELEASE_ANSWER_WAIT, io_status, progress_event};
 use super::{Edge, EdgeError, Gate, Layout, Role, Session, SessionRecord, State, peer_status};
 use crate::journal::Outcome;
 use crate::migration::puller::{PullerAction, PullerEvent, PullerState};
@@ -67,6 +67,7 @@ impl Edge {
         self: &Arc<Self>,
         id: &str,
         token: &[u8],
+        from_edge: &str,
         from: &str,
         progress: &mpsc::Sender<Result<pb::HandoverProgress, Status>>,
     ) -> Result<(), Status> {
@@ -88,19 +89,45 @@ impl Edge {
                 )));
             }
         }
+        // The session may come back while its last copy here is still
+        // being torn down: wait for the directory to go.
+        let leaving = self
+            .leaving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned();
+        if let Some(mut done) = leaving {
+            let gone = tokio::time::timeout(Duration::from_secs(60), done.wait_for(|d| *d)).await;
+            if gone.is_err() {
+                return Err(Status::unavailable(
+                    "this edge is still removing its earlier copy of the session; try again",
+                ));
+            }
+        }
+        if self.peers.authenticated() && !crate::pki::valid_label(from_edge) {
+            return Err(Status::invalid_argument(
+                "the handover names no valid id of the edge serving the session (from_edge)",
+            ));
+        }
         let owner = Peer {
-            edge_id: String::new(),
+            edge_id: from_edge.to_string(),
             addr: from.to_string(),
         };
         if let Some(PullerAction::Refuse(m)) = self
-            .puller_step(id, PullerEvent::Begin { from: owner })
+            .puller_step(
+                id,
+                PullerEvent::Begin {
+                    from: owner.clone(),
+                },
+            )
             .first()
         {
             return Err(Status::aborted(*m));
         }
         let span = tracing::info_span!("take", session = %id, from = %from);
         let r = self
-            .take_inner(id, token, from, progress)
+            .take_inner(id, token, &owner, progress)
             .instrument(span.clone())
             .await;
         if let Err(st) = &r {
@@ -118,10 +145,13 @@ impl Edge {
         self: &Arc<Self>,
         id: &str,
         token: &[u8],
-        from: &str,
+        claimed: &Peer,
         progress: &mpsc::Sender<Result<pb::HandoverProgress, Status>>,
     ) -> Result<(), Status> {
-        let mut peer = peer_client(from).await?;
+        let from = claimed.addr.as_str();
+        // Under TLS the handshake proves the peer is `claimed.edge_id`
+        // before this edge sends anything.
+        let mut peer = self.peers.dial(&claimed.edge_id, from).await?;
         let hello = peer
             .hello(pb::HelloRequest {
                 version: edge_proto::PEER_VERSION,
@@ -135,6 +165,12 @@ impl Edge {
                 "the old edge speaks peer protocol v{}, this edge v{}",
                 hello.version,
                 edge_proto::PEER_VERSION
+            )));
+        }
+        if !claimed.edge_id.is_empty() && hello.edge_id != claimed.edge_id {
+            return Err(Status::failed_precondition(format!(
+                "the edge at {from} is {:?}, not {:?} as the handover says",
+                hello.edge_id, claimed.edge_id
             )));
         }
         let owner = Peer {
@@ -267,7 +303,7 @@ impl Edge {
         let mut pause = Duration::from_millis(50);
         loop {
             if peer.is_none() {
-                peer = peer_client(&owner.addr).await.ok();
+                peer = self.peers.dial(&owner.edge_id, &owner.addr).await.ok();
             }
             let answer = match peer.as_mut() {
                 Some(p) => Some(

@@ -1,5 +1,5 @@
 //! The edgeshift demo on the embedded defaults: two edges on loopback with
-//! the process runtime; the List and Search apps opened as sessions and
+//! the process runtime and TLS from a throwaway fleet CA; the List and Search apps opened as sessions and
 //! called through their own generated stubs; the user moves and the List
 //! session follows to the second edge with a call running; the operator's
 //! view; close.
@@ -104,6 +104,23 @@ async fn main() -> anyhow::Result<()> {
     cfg_a.precopy.interval = std::time::Duration::from_millis(500);
     let a_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let a_addr = a_listener.local_addr()?;
+    // A throwaway fleet CA in the work dir, and a certificate for each edge:
+    // clients verify the edges, the edges verify each other (mutual TLS).
+    let pki = work.path().join("pki");
+    let ca = edged::pki::Ca::generate()?;
+    ca.save(&pki)?;
+    for (c, addr) in [(&mut cfg_a, a_addr), (&mut cfg_b, b_addr)] {
+        let (cert, key) = ca
+            .issue_edge(&c.edge_id, &[addr.ip().to_string()], 1)?
+            .save(&pki, &c.edge_id)?;
+        c.tls = Some(edged::config::TlsConfig {
+            ca: pki.join(edged::pki::CA_CERT),
+            cert,
+            key,
+        });
+    }
+    println!("fleet CA and edge certificates in {}", pki.display());
+    let trust = edge_client::Trust::Ca(ca.cert_pem.clone());
     let admin_a = edged::admin::socket_path(&cfg_a);
     let admin_b = edged::admin::socket_path(&cfg_b);
     let (a_admin, b_admin) = (edged::admin::bind(&admin_a)?, edged::admin::bind(&admin_b)?);
@@ -129,6 +146,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Sessions are closed even when a step fails.
     let result = calls(
+        &trust,
         &a_addr.to_string(),
         &b_addr.to_string(),
         [&admin_a, &admin_b],
@@ -143,11 +161,12 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn calls(
+    trust: &edge_client::Trust,
     addr: &str,
     b_addr: &str,
     admin_sockets: [&std::path::PathBuf; 2],
 ) -> anyhow::Result<()> {
-    let client = edge_client::connect(addr).await?;
+    let client = edge_client::connect_with(addr, trust).await?;
 
     println!("\n== List app");
     let list = client.open_session("list", "demo-phone").await?;
@@ -178,7 +197,7 @@ async fn calls(
     );
 
     println!("\n== The user moves: edge-a -> edge-b, with a call running");
-    let edge_b = edge_client::connect(b_addr).await?;
+    let edge_b = edge_client::connect_with(b_addr, trust).await?;
     tokio::time::sleep(std::time::Duration::from_millis(800)).await; // a pre-copy round to edge-b
     let op = list.next_op_id();
     let running = {

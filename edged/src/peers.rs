@@ -1,0 +1,91 @@
+//! Dialing other edges of the fleet: the one place a `PeerClient` is made.
+//!
+//! With TLS, a peer is dialed by id and address: the handshake verifies the
+//! certificate names `ID.edge.edgeshift` (see [`crate::pki`]), so a forged
+//! "old edge" at an address a client named cannot answer; and this edge
+//! presents its own certificate, which the peer reads its id from. Without
+//! TLS (`insecure_plaintext`, loopback only) the id is not checked.
+
+use std::time::Duration;
+
+use edge_proto::v1::peer_client::PeerClient;
+use tonic::Status;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::tls::Material;
+
+/// Largest message of the peer protocol (a delta frame).
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+/// Dials peers (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Peers {
+    tls: Option<Material>,
+}
+
+impl Peers {
+    /// Dials with `tls`, or in plaintext when None.
+    pub fn new(tls: Option<Material>) -> Peers {
+        Peers { tls }
+    }
+
+    /// The certificates this edge serves with, under TLS.
+    pub fn material(&self) -> Option<&Material> {
+        self.tls.as_ref()
+    }
+
+    /// Whether peers are authenticated by certificate.
+    pub fn authenticated(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// A client of the edge `id` at `addr` (`host:port`), with the limits
+    /// of a delta stream. `id` may be empty only without TLS.
+    pub async fn dial(&self, id: &str, addr: &str) -> Result<PeerClient<Channel>, Status> {
+        let bare = addr
+            .trim_start_matches("https://")
+            .trim_start_matches("http://");
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut ep = Endpoint::from_shared(format!("{scheme}://{bare}"))
+            .map_err(|e| Status::invalid_argument(format!("bad edge address {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            // A peer that stops answering (stopped, partitioned) is noticed
+            // even while a stream waits on it.
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        if let Some(tls) = &self.tls {
+            if !crate::pki::valid_label(id) {
+                return Err(Status::invalid_argument(format!(
+                    "the edge at {bare} is named by no valid edge id ({id:?}); with TLS a peer is dialed by its id"
+                )));
+            }
+            ep = ep
+                .tls_config(tls.dial_peer(id))
+                .map_err(|e| Status::internal(format!("TLS setup: {e}")))?;
+        }
+        let ch = ep.connect().await.map_err(|e| {
+            let detail = std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            let who = if id.is_empty() {
+                format!("the edge at {bare}")
+            } else {
+                format!("edge {id} at {bare}")
+            };
+            if detail.contains("certificate") || detail.contains("Certificate") {
+                Status::permission_denied(format!(
+                    "{who} did not prove it is edge {id:?} of this fleet: {detail}"
+                ))
+            } else {
+                Status::unavailable(format!(
+                    "{who} does not answer ({e}: {detail}); is it running?"
+                ))
+            }
+        })?;
+        Ok(PeerClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE))
+    }
+}
