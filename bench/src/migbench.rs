@@ -207,9 +207,26 @@ struct Outcome {
     extra_latency: Duration,
 }
 
-async fn edgeshift_case(work: &Path, c: &Case) -> anyhow::Result<Outcome> {
+/// A client of the edge at `url` (`https://` trusting the bench fleet's CA,
+/// or `http://`).
+async fn client(url: &str) -> anyhow::Result<edge_client::EdgeClient> {
+    Ok(if url.starts_with("http://") {
+        edge_client::connect(url).await?
+    } else {
+        edgeshift_tests::connect(url).await?
+    })
+}
+
+/// One move with edgeshift; `plain`: both edges in `insecure_plaintext`
+/// (what TLS costs, side by side).
+async fn edgeshift_case(work: &Path, c: &Case, plain: bool) -> anyhow::Result<Outcome> {
     let base = work.join("base");
     std::fs::create_dir_all(&base)?;
+    let mode = if plain {
+        "insecure_plaintext = true\n"
+    } else {
+        ""
+    };
     // Neighbours are mutual: B takes pre-copies from A because it lists A.
     let a_addr = edgeshift_tests::free_addr("127.0.0.1");
     let b = start_edge(
@@ -218,17 +235,17 @@ async fn edgeshift_case(work: &Path, c: &Case) -> anyhow::Result<Outcome> {
         "127.0.0.2",
         &base,
         None,
-        &edgeshift_tests::neighbour("a", a_addr),
+        &format!("{mode}{}", edgeshift_tests::neighbour("a", a_addr)),
     )?;
     let (ab, ab_task, precopy_link) = relay(b.addr, c.link).await?;
     // Pre-copy rounds every 2 s; the dirty bytes below land right before the move.
     let extra = format!(
-        "[[neighbours]]\nid = \"b\"\naddr = \"{ab}\"\n[precopy]\ninterval = 2\ndirty_threshold = 1099511627776\n"
+        "{mode}[[neighbours]]\nid = \"b\"\naddr = \"{ab}\"\n[precopy]\ninterval = 2\ndirty_threshold = 1099511627776\n"
     );
     let a = start_edge(work, "a", &a_addr.to_string(), &base, None, &extra)?;
     let (ba, ba_task, _) = relay(a.addr, c.link).await?;
-    let ca = edgeshift_tests::connect(&a.url()).await?;
-    let cb = edgeshift_tests::connect(&b.url()).await?;
+    let ca = client(&a.url()).await?;
+    let cb = client(&b.url()).await?;
     let s = ca.open_session("list", "bench").await?;
     let blob = a.data_dir.join("sessions").join(s.id()).join("mnt/blob");
     let f = blob.clone();
@@ -261,7 +278,8 @@ async fn edgeshift_case(work: &Path, c: &Case) -> anyhow::Result<Outcome> {
             .unwrap_or(0),
         _ => bail!("no status from A's volume"),
     };
-    let via = edgeshift_tests::connect(&ba.to_string()).await?;
+    let scheme = if plain { "http" } else { "https" };
+    let via = client(&format!("{scheme}://{ba}")).await?;
     let moving =
         edge_client::Session::attach(&via, s.id().into(), s.token().clone(), "a".into(), vec![]);
     let items = prost::Message::encode_to_vec(&edgeshift_examples::pb::list::ItemsRequest {
@@ -551,10 +569,10 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let mut table = String::from(
-        "| link | volume | dirty written | dirty since last round | edgeshift bytes | bytes / dirty since round | edgeshift downtime | call's extra latency | rsync bytes | rsync downtime | rsync / edgeshift downtime |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| link | volume | dirty written | dirty since last round | edgeshift bytes | bytes / dirty since round | edgeshift downtime | call's extra latency | plaintext bytes | plaintext downtime | rsync bytes | rsync downtime | rsync / edgeshift downtime |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut csv = String::from(
-        "link,volume_bytes,dirty_bytes,dirty_since_round,edgeshift_bytes,edgeshift_downtime_ms,edgeshift_total_ms,call_extra_ms,rsync_bytes,rsync_downtime_ms\n",
+        "link,volume_bytes,dirty_bytes,dirty_since_round,edgeshift_bytes,edgeshift_downtime_ms,edgeshift_total_ms,call_extra_ms,plaintext_bytes,plaintext_downtime_ms,rsync_bytes,rsync_downtime_ms\n",
     );
     let mut plot: Vec<(u64, f64, f64)> = Vec::new();
     for c in cases
@@ -567,9 +585,15 @@ async fn main() -> anyhow::Result<()> {
         if a.keep {
             eprintln!("case directory: {}", work.path().display());
         }
-        let e = edgeshift_case(work.path(), c)
+        let e = edgeshift_case(work.path(), c, false)
             .await
             .with_context(|| format!("edgeshift {} {}", human(c.size), c.link.name))?;
+        let plain_work = tempfile::Builder::new()
+            .prefix("migbench")
+            .tempdir_in("/var/tmp")?;
+        let p = edgeshift_case(plain_work.path(), c, true)
+            .await
+            .with_context(|| format!("edgeshift plaintext {} {}", human(c.size), c.link.name))?;
         let r = rsync_case(work.path(), c)
             .await
             .with_context(|| format!("rsync {} {}", human(c.size), c.link.name))?;
@@ -580,7 +604,7 @@ async fn main() -> anyhow::Result<()> {
             "-".into()
         };
         let line = format!(
-            "| {} | {} | {} | {} | {} | {} | {:.0} ms | {:.0} ms | {} | {:.0} ms | {:.1}x |",
+            "| {} | {} | {} | {} | {} | {} | {:.0} ms | {:.0} ms | {} | {:.0} ms | {} | {:.0} ms | {:.1}x |",
             c.link.name,
             human(c.size),
             human(c.dirty),
@@ -589,6 +613,8 @@ async fn main() -> anyhow::Result<()> {
             ratio,
             ms(e.downtime),
             ms(e.extra_latency),
+            p.bytes,
+            ms(p.downtime),
             r.bytes,
             ms(r.downtime),
             ms(r.downtime) / ms(e.downtime).max(0.001)
@@ -597,7 +623,7 @@ async fn main() -> anyhow::Result<()> {
         writeln!(table, "{line}")?;
         writeln!(
             csv,
-            "{},{},{},{},{},{:.1},{:.1},{:.1},{},{:.1}",
+            "{},{},{},{},{},{:.1},{:.1},{:.1},{},{:.1},{},{:.1}",
             c.link.name,
             c.size,
             c.dirty,
@@ -606,6 +632,8 @@ async fn main() -> anyhow::Result<()> {
             ms(e.downtime),
             ms(e.total),
             ms(e.extra_latency),
+            p.bytes,
+            ms(p.downtime),
             r.bytes,
             ms(r.downtime)
         )?;

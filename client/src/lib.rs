@@ -68,13 +68,14 @@ pub enum ConnectError {
 
 /// How a client checks the edges it talks to. The same trust is used for
 /// every edge a session is later redirected or handed over to.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Trust {
     /// TLS; an edge must present a certificate of this CA (the fleet's,
     /// PEM) naming the host it is dialed at.
     Ca(String),
     /// No TLS: the session token crosses the network in the clear. For
-    /// edges on loopback only (`insecure_plaintext`).
+    /// edges on loopback only (`insecure_plaintext`); other addresses are
+    /// refused.
     Plaintext,
 }
 
@@ -128,8 +129,39 @@ pub async fn connect(addr: &str) -> Result<EdgeClient, ConnectError> {
 }
 
 /// Connects to an edge (`host:port`, or a URL whose scheme matches
-/// `trust`), verifying it as `trust` says.
+/// `trust`), verifying it as `trust` says: its certificate must name the
+/// host dialed.
 pub async fn connect_with(addr: &str, trust: &Trust) -> Result<EdgeClient, ConnectError> {
+    connect_as(addr, trust, None).await
+}
+
+/// Whether `host:port` names a loopback address or `localhost`.
+fn loopback(addr: &str) -> bool {
+    let a = bare(addr);
+    let host = match a.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None => a.rsplit_once(':').map_or(a, |(h, _)| h),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// [`connect_with`]; with `edge_id`, under TLS the certificate must name
+/// that edge (`ID.edge.edgeshift`) instead of the host: how a redirect to
+/// an edge known by id is followed.
+async fn connect_as(
+    addr: &str,
+    trust: &Trust,
+    edge_id: Option<&str>,
+) -> Result<EdgeClient, ConnectError> {
+    if *trust == Trust::Plaintext && !loopback(addr) {
+        return Err(ConnectError::Address(
+            addr.into(),
+            "plaintext only to a loopback edge: the token would cross the network in the clear; use Trust::Ca".into(),
+        ));
+    }
     if addr.contains("://") && !addr.starts_with(&format!("{}://", trust.scheme())) {
         return Err(ConnectError::Address(
             addr.into(),
@@ -142,11 +174,13 @@ pub async fn connect_with(addr: &str, trust: &Trust) -> Result<EdgeClient, Conne
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
     if let Trust::Ca(pem) = trust {
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        if let Some(id) = edge_id {
+            tls = tls.domain_name(edge_proto::edge_tls_name(id));
+        }
         ep = ep
-            .tls_config(
-                tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
-            )
+            .tls_config(tls)
             .map_err(|e| ConnectError::Address(addr.into(), e.to_string()))?;
     }
     let ch = ep
@@ -364,11 +398,18 @@ impl Session {
                     };
                     let here = self.edge_addr();
                     let to = meta(MOVED_TO_ADDR).filter(|a| bare(a) != bare(&here));
-                    if let Some(addr) = to {
-                        // Verified like the first edge: a redirect to an
-                        // edge without the fleet's certificate goes nowhere.
-                        if let Ok(edge) = connect_with(bare(&addr), &self.inner.trust).await {
-                            let edge_id = meta(MOVED_TO_ID).unwrap_or_default();
+                    let to_id = meta(MOVED_TO_ID).unwrap_or_default();
+                    // Under TLS a redirect is followed only to the edge it
+                    // names by id, verified as that edge: a certificate of
+                    // the fleet for the address alone is not enough.
+                    let verified = match &self.inner.trust {
+                        Trust::Ca(_) if to_id.is_empty() => None,
+                        Trust::Ca(_) => Some(Some(to_id.as_str())),
+                        Trust::Plaintext => Some(None),
+                    };
+                    if let (Some(addr), Some(id)) = (to, verified) {
+                        if let Ok(edge) = connect_as(bare(&addr), &self.inner.trust, id).await {
+                            let edge_id = to_id.clone();
                             *self.inner.edge.write().unwrap_or_else(|e| e.into_inner()) = Current {
                                 stub: edge.stub,
                                 addr: edge.addr,
@@ -440,6 +481,13 @@ impl Session {
         to: &EdgeClient,
         mut progress: impl FnMut(&HandoverProgress),
     ) -> Result<(), Status> {
+        if to.trust != self.inner.trust {
+            // The token goes to `to`: only as the session's own trust says.
+            return Err(Status::invalid_argument(format!(
+                "the edge client for {} verifies edges as {:?}, this session as {:?}: connect to it with the session's trust",
+                to.addr, to.trust, self.inner.trust
+            )));
+        }
         let from = self.current();
         let result = async {
             let lost = |st: Status| lost_edge(st, &to.addr, &from.edge_id);

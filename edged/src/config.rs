@@ -191,18 +191,19 @@ pub struct AppConfig {
     pub base_volume: PathBuf,
     /// How instances run.
     pub runtime: RuntimeConfig,
-    /// Memory limit per instance, MiB (Docker).
+    /// Memory limit per instance, MiB.
     #[serde(default = "default_memory")]
     pub memory_mib: u64,
-    /// Process/thread limit per instance (Docker).
+    /// Process/thread limit per instance.
     #[serde(default = "default_pids")]
     pub pids_limit: i64,
-    /// CPUs an instance may use (Docker), e.g. 0.5.
+    /// CPUs an instance may use, e.g. 0.5.
     #[serde(default = "default_cpus")]
     pub cpus: f64,
-    /// The user a Docker instance runs as, `UID:GID` (numeric: a FROM
-    /// scratch image has no user database). The volume and socket directory
-    /// of each session are given to this user. Default: 65534:65534 (nobody).
+    /// The user an instance runs as, `UID:GID` (numeric: a FROM scratch
+    /// image has no user database; never 0). The volume and socket
+    /// directory of each session are given to this user. Default:
+    /// 65534:65534 (nobody).
     #[serde(default = "default_user")]
     pub user: String,
 }
@@ -315,8 +316,11 @@ cert = "/var/lib/edgeshift/pki/edge-a.pem"
 key = "/var/lib/edgeshift/pki/edge-a.key"
 
 # Each app: a base volume (copied into every new session's volume) and a
-# runtime. The process runtime runs a child process; the docker runtime a
-# container with network none, a read-only root, all capabilities dropped.
+# runtime. The process runtime runs a child process in its own mount
+# namespace and cgroups; the docker runtime a container with network none, a
+# read-only root, all capabilities dropped. Either runs as the app's
+# unprivileged `user` (default "65534:65534") with its memory_mib, pids_limit
+# and cpus (default 256, 128, 1.0).
 [apps.list]
 base_volume = "/var/lib/edgeshift/base/list"
 runtime = { kind = "process", command = "/usr/local/bin/list-app" }
@@ -354,8 +358,7 @@ max_downtime = 0.1
 # ... or this many live rounds went out.
 max_live_rounds = 8
 
-# A Docker app runs as an unprivileged numeric user (default 65534:65534),
-# with a CPU share, and no swap beyond its memory limit.
+# A Docker app: the same limits, no swap beyond its memory limit.
 # [apps.list-docker]
 # base_volume = "/var/lib/edgeshift/base/list"
 # runtime = { kind = "docker", image = "edgeshift/list-app:latest" }
@@ -398,9 +401,9 @@ impl Config {
             if !valid_name(name) {
                 return bad(format!("app name {name:?}: use 1-64 of [a-zA-Z0-9._-]"));
             }
-            if app.uid_gid().is_none() {
+            if app.uid_gid().is_none_or(|(u, g)| u == 0 || g == 0) {
                 return bad(format!(
-                    "apps.{name}.user {:?}: use numeric UID:GID, e.g. \"65534:65534\"",
+                    "apps.{name}.user {:?}: use a numeric, unprivileged UID:GID, e.g. \"65534:65534\"",
                     app.user
                 ));
             }
@@ -472,7 +475,7 @@ impl Config {
 }
 
 /// Whether `host:port` (or `host`) is a loopback address or `localhost`.
-fn loopback(addr: &str) -> bool {
+pub fn loopback(addr: &str) -> bool {
     let host = crate::tls::host_of(addr);
     host == "localhost"
         || host
@@ -521,7 +524,7 @@ mod tests {
         ));
         let t = DEFAULT_TOML.replace("pids_limit = 128", "pids_limit = 128\nuser = \"nobody\"");
         let e = Config::from_toml(&t, "t").unwrap_err().to_string();
-        assert!(e.contains("numeric UID:GID"), "{e}");
+        assert!(e.contains("unprivileged UID:GID"), "{e}");
         let t = DEFAULT_TOML.replace("pids_limit = 128", "pids_limit = 128\ncpus = 0");
         assert!(Config::from_toml(&t, "t").is_err());
         // Plaintext only on loopback, never with [tls], never by default.

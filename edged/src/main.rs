@@ -220,6 +220,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             close_sessions,
         } => {
             let cfg = Config::load(&config)?;
+            // The certificates are checked as `config check` does: an edge
+            // never serves under another's name.
+            for note in edged::tls::check(&cfg).map_err(anyhow::Error::msg)? {
+                tracing::info!("{note}");
+            }
             let shutdown = shutdown_signal()?;
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
@@ -227,10 +232,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let admin_path = edged::admin::socket_path(&cfg);
             let admin = edged::admin::bind(&admin_path)
                 .with_context(|| format!("admin socket {}", admin_path.display()))?;
+            let admin_tcp = match cfg.admin_listen {
+                Some(a) => Some(
+                    tokio::net::TcpListener::bind(a)
+                        .await
+                        .with_context(|| format!("admin_listen {a}"))?,
+                ),
+                None => None,
+            };
             let edge = edged::session::Edge::new(cfg)?;
             let (recovered, removed) = edge.recover().await;
             tracing::info!(edge = %edge.cfg.edge_id, addr = %listener.local_addr()?, recovered, removed, "serving");
-            edged::server::run(edge.clone(), listener, admin, shutdown).await?;
+            edged::server::run(edge.clone(), listener, admin, admin_tcp, shutdown).await?;
             if close_sessions {
                 edge.close_all().await;
             }
@@ -250,6 +263,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let notes = edged::tls::check(&c).map_err(anyhow::Error::msg)?;
             for n in notes {
                 println!("{n}");
+            }
+            let process_apps = c
+                .apps
+                .values()
+                .any(|a| matches!(a.runtime, edged::config::RuntimeConfig::Process { .. }));
+            if process_apps {
+                match edged::runtime::cgroup::Cgroups::detect() {
+                    edged::runtime::cgroup::Cgroups::Unavailable(why) => println!(
+                        "WARNING: the memory, pids and CPU limits of process-runtime apps cannot be applied: {why}"
+                    ),
+                    c => println!("process-runtime limits through {c:?}"),
+                }
             }
             println!("ok: edge {} with {} apps", c.edge_id, c.apps.len());
             Ok(())

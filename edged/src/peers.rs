@@ -55,6 +55,11 @@ impl Peers {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
+        if self.tls.is_none() && !crate::config::loopback(bare) {
+            return Err(Status::permission_denied(format!(
+                "this edge runs in insecure_plaintext and dials loopback addresses only, not {bare}"
+            )));
+        }
         if let Some(tls) = &self.tls {
             if !crate::pki::valid_label(id) {
                 return Err(Status::invalid_argument(format!(

@@ -26,7 +26,7 @@ use rcgen::{
 };
 
 /// The DNS suffix of edge identities.
-pub const EDGE_SUFFIX: &str = ".edge.edgeshift";
+pub const EDGE_SUFFIX: &str = edge_proto::EDGE_TLS_SUFFIX;
 /// The DNS suffix of operator identities.
 pub const OPERATOR_SUFFIX: &str = ".operator.edgeshift";
 /// File names in a CA directory.
@@ -60,7 +60,7 @@ pub fn valid_label(s: &str) -> bool {
 
 /// The DNS name an edge's certificate is issued for.
 pub fn edge_name(id: &str) -> String {
-    format!("{id}{EDGE_SUFFIX}")
+    edge_proto::edge_tls_name(id)
 }
 
 /// Who a verified certificate names (see the module docs).
@@ -167,8 +167,11 @@ impl Ca {
 
     /// Writes the CA into `dir` (created 0700), refusing to overwrite one.
     pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(dir))?;
+        }
         write_new(&dir.join(CA_KEY), &self.key.serialize_pem(), 0o600)?;
         write_new(&dir.join(CA_CERT), &self.cert_pem, 0o644)
     }
@@ -244,6 +247,13 @@ fn san_addr(a: &str) -> Result<SanType, PkiError> {
         return Ok(SanType::IpAddress(sa.ip()));
     }
     let host = a.rsplit_once(':').map_or(a, |(h, _)| h);
+    // An address never names an identity (nor all of them).
+    let lower = host.to_ascii_lowercase();
+    if lower.contains('*') || lower.trim_end_matches('.').ends_with(".edgeshift") {
+        return Err(PkiError::Invalid(format!(
+            "address {host:?}: wildcards and *.edgeshift names are not addresses"
+        )));
+    }
     san_dns(host)
 }
 
@@ -330,6 +340,14 @@ mod tests {
             assert!(ca.issue_edge(bad, &[], 1).is_err(), "{bad}");
         }
         assert!(ca.issue_operator("x y", 1).is_err());
+        for bad in [
+            "*.edge.edgeshift",
+            "b.edge.edgeshift",
+            "x.operator.edgeshift:1",
+            "*.example.net",
+        ] {
+            assert!(ca.issue_edge("a", &[bad.into()], 1).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -298,14 +298,15 @@ impl Peer for PeerService {
 }
 
 /// Serves `edge` until `shutdown` resolves: the Edge and Peer services (and
-/// health) on `listener`, the Admin service on `admin` only (a Unix socket,
-/// see [`crate::admin`]); reaps idle sessions meanwhile. Sessions stay up
+/// health) on `listener`, the Admin service on `admin` (a Unix socket, see
+/// [`crate::admin`]) and on `admin_tcp` (`admin_listen`, operators' TLS); reaps idle sessions meanwhile. Sessions stay up
 /// after shutdown (a restarted edged recovers them) unless the caller
 /// closes them.
 pub async fn run(
     edge: Arc<Edge>,
     listener: TcpListener,
     admin: tokio::net::UnixListener,
+    admin_tcp: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -351,15 +352,18 @@ pub async fn run(
     if let Some(tls) = edge.peers.material() {
         builder = builder.tls_config(tls.edge_port())?;
     }
-    let admin_tcp = match (edge.cfg.admin_listen, edge.peers.material()) {
-        (Some(addr), Some(tls)) => Some(tokio::spawn(
+    let admin_tcp = match (admin_tcp, edge.peers.material()) {
+        (Some(listener), Some(tls)) => Some(tokio::spawn(
             tonic::transport::Server::builder()
                 .tls_config(tls.admin_port())?
                 .add_service(AdminServer::with_interceptor(
                     AdminService(edge.clone()),
                     operators_only,
                 ))
-                .serve_with_shutdown(addr, stopped(stop_rx.clone())),
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(listener),
+                    stopped(stop_rx.clone()),
+                ),
         )),
         _ => None,
     };

@@ -17,6 +17,9 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity as TlsIdentity, Se
 use crate::config::{Config, TlsConfig};
 use crate::pki::{self, Identity, PkiError};
 
+/// A handshake that does not finish in this time is dropped.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The CA, certificate and key an edge serves and dials with.
 #[derive(Clone)]
 pub struct Material {
@@ -53,6 +56,7 @@ impl Material {
     /// be the fleet's.
     pub fn edge_port(&self) -> ServerTlsConfig {
         ServerTlsConfig::new()
+            .timeout(HANDSHAKE_TIMEOUT)
             .identity(self.identity())
             .client_ca_root(self.ca())
             .client_auth_optional(true)
@@ -61,6 +65,7 @@ impl Material {
     /// The Admin TCP port: a fleet certificate is required.
     pub fn admin_port(&self) -> ServerTlsConfig {
         ServerTlsConfig::new()
+            .timeout(HANDSHAKE_TIMEOUT)
             .identity(self.identity())
             .client_ca_root(self.ca())
             .client_auth_optional(false)

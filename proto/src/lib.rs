@@ -24,6 +24,16 @@ pub const DELTA_VERSION: u32 = 1;
 /// Version of the persisted manifest (`.volfs/manifest.pb`, `volfs manifest`).
 pub const MANIFEST_VERSION: u32 = 1;
 
+/// The DNS name a fleet certificate gives edge `id` (its identity under
+/// TLS): edges dial each other, and clients follow redirects, with it as
+/// the server name to verify.
+pub fn edge_tls_name(id: &str) -> String {
+    format!("{id}{EDGE_TLS_SUFFIX}")
+}
+
+/// The suffix of [`edge_tls_name`].
+pub const EDGE_TLS_SUFFIX: &str = ".edge.edgeshift";
+
 /// gRPC metadata keys of edgeshift, defined once for edges and clients.
 pub mod meta {
     /// On a call refused or held because its session is moving: "1".

@@ -466,7 +466,8 @@ impl Drop for Edge {
         if let Ok(rd) = std::fs::read_dir(self.data_dir.join("sessions")) {
             for e in rd.flatten() {
                 let run = e.path().join("run").display().to_string();
-                for pid in edged::runtime::process::find_by_env("EDGE_SOCKET_DIR", &run) {
+                for pid in edged::runtime::process::find_by_env(edged::runtime::ENV_INSTANCE, &run)
+                {
                     // SAFETY: kill has no memory-safety preconditions; the
                     // negative pid names the instance's process group.
                     unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };

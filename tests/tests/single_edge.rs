@@ -510,3 +510,73 @@ async fn a_session_that_cannot_be_recovered_yet_is_kept_listed_and_recovered_lat
         ["kept"]
     );
 }
+
+/// A line of /proc/PID/status, e.g. "Uid".
+fn status_of(pid: u32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{key}:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_instance_runs_unprivileged_in_its_own_namespace_and_cgroups() {
+    use edged::runtime::cgroup::Cgroups;
+    let bases = Bases::new();
+    let edge = Edge::start("jail", "127.0.0.1", &bases.process_apps(), "");
+    let client = edge.client().await;
+    let s = client.open_session("list", "tenant-1").await.unwrap();
+    let other = client.open_session("list", "tenant-2").await.unwrap();
+    s.invoke(ADD, add("mine")).await.unwrap();
+    let pid = edgeshift_tests::instances_of(s.id())[0];
+    // The configured unprivileged user, no groups, no way to regain privileges.
+    assert_eq!(status_of(pid, "Uid"), "65534\t65534\t65534\t65534");
+    assert_eq!(status_of(pid, "Gid"), "65534\t65534\t65534\t65534");
+    assert_eq!(status_of(pid, "Groups"), "");
+    assert_eq!(status_of(pid, "NoNewPrivs"), "1");
+    // Its own mount namespace, where the volume and socket directory are at
+    // fixed paths and no other session's volume is mounted.
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
+    assert_ne!(ns(&pid.to_string()), ns("self"));
+    let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let points: Vec<&str> = info.lines().filter_map(|l| l.split(' ').nth(4)).collect();
+    assert!(
+        points.contains(&edged::runtime::process::INSTANCE_DATA),
+        "{points:?}"
+    );
+    assert!(
+        !points
+            .iter()
+            .any(|p| p.contains(other.id()) || p.contains(s.id())),
+        "a session volume is mounted at its host path: {points:?}"
+    );
+    // Its limits, in its own cgroups (the app's memory_mib 256, pids_limit 128).
+    let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let name = format!("/edgeshift/jail-{}", s.id());
+    assert!(groups.contains(&name), "{groups}");
+    let (mem, pids) = match Cgroups::detect() {
+        Cgroups::V2(root) => (
+            root.join(&name[1..]).join("memory.max"),
+            root.join(&name[1..]).join("pids.max"),
+        ),
+        Cgroups::V1([m, p, _]) => (
+            m.join(&name[1..]).join("memory.limit_in_bytes"),
+            p.join(&name[1..]).join("pids.max"),
+        ),
+        Cgroups::Unavailable(why) => panic!("this test needs cgroups: {why}"),
+    };
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap().trim().to_string();
+    assert_eq!(read(&mem), (256u64 << 20).to_string());
+    assert_eq!(read(&pids), "128");
+    // Closing removes the groups with the instance.
+    s.close().await.unwrap();
+    assert!(
+        !mem.parent().unwrap().exists(),
+        "the cgroup outlived its instance"
+    );
+    other.close().await.unwrap();
+}

@@ -100,6 +100,36 @@ async fn the_peer_service_serves_fleet_edges_only_and_clients_verify_the_edge() 
     if let Ok(c) = plain {
         assert!(c.open_session("list", "p").await.is_err());
     }
+    // A trust of several CAs (a CA rotation under way) accepts the edge.
+    let both = edge_client::Trust::Ca(format!("{}{}", other.cert_pem, fleet_ca().cert_pem));
+    edge_client::connect_with(&a.url(), &both)
+        .await
+        .unwrap()
+        .open_session("list", "rotating")
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    // A session keeps its trust: its token is not handed to an edge client
+    // that verifies edges otherwise.
+    let mine = a
+        .client()
+        .await
+        .open_session("list", "keeps")
+        .await
+        .unwrap();
+    let other_trust = edge_client::connect_with(&a.url(), &both).await.unwrap();
+    let st = mine.handover_to(&other_trust, |_| {}).await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    mine.close().await.unwrap();
+    // Plaintext goes to loopback edges only (refused before any traffic).
+    let far = edge_client::connect("http://203.0.113.5:50051").await;
+    assert!(
+        far.as_ref()
+            .is_err_and(|e| e.to_string().contains("loopback")),
+        "{far:?}"
+    );
     // The fleet's client works, and A still serves.
     let s = a.client().await.open_session("list", "ok").await.unwrap();
     s.close().await.unwrap();
@@ -260,6 +290,17 @@ async fn pki_commands_make_certificates_that_config_check_and_a_client_accept() 
     let o = check(&cfg);
     assert!(!o.status.success());
     assert!(text(&o).contains("is issued for"), "{}", text(&o));
+    // A CA file holding an old and a new CA (a rotation) is accepted.
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(
+        &bundle,
+        fleet_ca().cert_pem.clone() + &std::fs::read_to_string(ca.join("ca.pem")).unwrap(),
+    )
+    .unwrap();
+    cfg.tls = Some(files("solo"));
+    cfg.tls.as_mut().unwrap().ca = bundle;
+    let o = check(&cfg);
+    assert!(o.status.success(), "{}", text(&o));
     // A certificate of another CA.
     cfg.tls = Some(edgeshift_tests::edge_certs(
         &dir.path().join("harness"),
@@ -292,6 +333,17 @@ async fn pki_commands_make_certificates_that_config_check_and_a_client_accept() 
     assert!(!o.status.success());
     assert!(text(&o).contains("non-loopback"), "{}", text(&o));
 
+    // edged does not serve under another edge's name.
+    let other_cfg = {
+        let mut c = cfg.clone();
+        c.tls = Some(files("other"));
+        let path = dir.path().join("other.toml");
+        std::fs::write(&path, toml::to_string(&c).unwrap()).unwrap();
+        path
+    };
+    let o = edged(&["serve", "--config", other_cfg.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("is issued for"), "{}", text(&o));
     // The edge serves with the certificates the commands made; a client
     // trusting the CA file reaches it.
     let e = Edge::launch_in(dir.path(), cfg);
@@ -361,4 +413,18 @@ async fn operators_reach_the_admin_port_with_their_certificate_only() {
         !listed,
         "the Admin port served a caller without a certificate"
     );
+    // An Admin port that cannot be bound (taken by A) stops a start loudly.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        "a2",
+        free_addr("127.0.0.1"),
+        &dir.path().join("data"),
+        &apps,
+        &format!("admin_listen = \"{admin_addr}\""),
+    );
+    let path = dir.path().join("a2.toml");
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let o = edged(&["serve", "--config", path.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("admin_listen"), "{}", text(&o));
 }

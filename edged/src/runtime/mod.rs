@@ -1,6 +1,7 @@
 //! Where app instances run: behind one trait, a child process (the embedded
 //! default) or a Docker container.
 
+pub mod cgroup;
 pub mod docker;
 #[cfg(test)]
 pub mod fake;
@@ -81,6 +82,9 @@ pub const ENV_DATA_DIR: &str = "EDGE_DATA_DIR";
 pub const ENV_SOCKET_DIR: &str = "EDGE_SOCKET_DIR";
 /// Environment variable with the session id.
 pub const ENV_SESSION_ID: &str = "EDGE_SESSION_ID";
+/// Environment of a process instance: its socket directory on the host
+/// (how edged finds an instance it started but did not live to record).
+pub const ENV_INSTANCE: &str = "EDGESHIFT_INSTANCE";
 
 /// A way to run app instances.
 pub trait Runtime: Send + Sync + fmt::Debug {

@@ -179,13 +179,12 @@ impl Session {
         }
     }
 
-    /// The socket directory belongs to the instance's user (Docker) and
-    /// nobody else.
+    /// The socket directory belongs to the instance's user and nobody else.
     fn prepare_socket_dir(&self, app: &AppConfig) -> Result<(), EdgeError> {
         use std::os::unix::fs::PermissionsExt;
         let run = self.layout().run();
         std::fs::create_dir_all(&run)?;
-        if let (RuntimeConfig::Docker { .. }, Some((uid, gid))) = (&app.runtime, app.uid_gid()) {
+        if let Some((uid, gid)) = app.uid_gid() {
             std::os::unix::fs::lchown(&run, Some(uid), Some(gid))?;
         }
         std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700))?;
@@ -697,9 +696,7 @@ impl Edge {
             session.save_record().await?;
             let t = Instant::now();
             volume::seed(&app_cfg.base_volume, &layout.backing()).await?;
-            if let (RuntimeConfig::Docker { .. }, Some((uid, gid))) =
-                (&app_cfg.runtime, app_cfg.uid_gid())
-            {
+            if let Some((uid, gid)) = app_cfg.uid_gid() {
                 let b = layout.backing();
                 tokio::task::spawn_blocking(move || volume::give_to(&b, uid, gid))
                     .await

@@ -152,7 +152,12 @@ impl Edge {
                     // Unknown state on the candidate: the next round sends everything.
                     st.held.remove(&n.id);
                     peers.remove(&n.id);
-                    tracing::debug!(session = %s.id, to = %n.id, error = %e.message(), "pre-copy round failed");
+                    if e.code() == tonic::Code::PermissionDenied {
+                        // A configuration to fix (neighbours are mutual), not a passing fault.
+                        tracing::warn!(to = %n.id, error = %e.message(), "the neighbour refuses this edge's pre-copy: does it list this edge as a neighbour too?");
+                    } else {
+                        tracing::debug!(session = %s.id, to = %n.id, error = %e.message(), "pre-copy round failed");
+                    }
                 }
             }
         }

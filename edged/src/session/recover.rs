@@ -280,7 +280,7 @@ async fn stop_recorded(cfg: &Config, rec: &SessionRecord, dir: &Path) {
     }
     let run = dir.join("run");
     for pid in crate::runtime::process::find_by_env(
-        crate::runtime::ENV_SOCKET_DIR,
+        crate::runtime::ENV_INSTANCE,
         &run.display().to_string(),
     ) {
         tracing::warn!(session = %rec.id, pid, "stopping an instance that was never recorded");

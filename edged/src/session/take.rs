@@ -105,6 +105,11 @@ impl Edge {
                 ));
             }
         }
+        if self.sessions_dir().join(id).exists() {
+            return Err(Status::unavailable(
+                "an earlier copy of the session is still on this edge (being removed); try again",
+            ));
+        }
         if self.peers.authenticated() && !crate::pki::valid_label(from_edge) {
             return Err(Status::invalid_argument(
                 "the handover names no valid id of the edge serving the session (from_edge)",

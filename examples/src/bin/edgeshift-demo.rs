@@ -104,6 +104,11 @@ async fn main() -> anyhow::Result<()> {
     cfg_a.precopy.interval = std::time::Duration::from_millis(500);
     let a_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let a_addr = a_listener.local_addr()?;
+    // Neighbours are mutual: B takes A's pre-copies because it lists A.
+    cfg_b.neighbours = vec![edged::config::Neighbour {
+        id: "edge-a".into(),
+        addr: a_addr.to_string(),
+    }];
     // A throwaway fleet CA in the work dir, and a certificate for each edge:
     // clients verify the edges, the edges verify each other (mutual TLS).
     let pki = work.path().join("pki");
@@ -134,12 +139,14 @@ async fn main() -> anyhow::Result<()> {
         edge_a.clone(),
         a_listener,
         a_admin,
+        None,
         stopped(stop_rx.clone()),
     ));
     let server_b = tokio::spawn(edged::server::run(
         edge_b.clone(),
         b_listener,
         b_admin,
+        None,
         stopped(stop_rx),
     ));
     println!("edge-a serving on {a_addr}, edge-b on {b_addr} (process runtime, volumes on volfs)");
