@@ -200,12 +200,20 @@ pub struct AppConfig {
     /// CPUs an instance may use, e.g. 0.5.
     #[serde(default = "default_cpus")]
     pub cpus: f64,
+    /// Most MiB the files of one session's volume may sum to: the app's
+    /// writes past it get ENOSPC (a handover is not held to it).
+    #[serde(default = "default_volume_mib")]
+    pub volume_mib: u64,
     /// The user an instance runs as, `UID:GID` (numeric: a FROM scratch
     /// image has no user database; never 0). The volume and socket
     /// directory of each session are given to this user. Default:
     /// 65534:65534 (nobody).
     #[serde(default = "default_user")]
     pub user: String,
+}
+
+fn default_volume_mib() -> u64 {
+    1024
 }
 
 fn default_cpus() -> f64 {
@@ -320,7 +328,8 @@ key = "/var/lib/edgeshift/pki/edge-a.key"
 # namespace and cgroups; the docker runtime a container with network none, a
 # read-only root, all capabilities dropped. Either runs as the app's
 # unprivileged `user` (default "65534:65534") with its memory_mib, pids_limit
-# and cpus (default 256, 128, 1.0).
+# and cpus (default 256, 128, 1.0); the files of each session's volume may sum
+# to volume_mib (default 1024; writes past it get ENOSPC).
 [apps.list]
 base_volume = "/var/lib/edgeshift/base/list"
 runtime = { kind = "process", command = "/usr/local/bin/list-app" }
@@ -405,6 +414,12 @@ impl Config {
                 return bad(format!(
                     "apps.{name}.user {:?}: use a numeric, unprivileged UID:GID, e.g. \"65534:65534\"",
                     app.user
+                ));
+            }
+            if !(1..=1 << 30).contains(&app.volume_mib) {
+                return bad(format!(
+                    "apps.{name}.volume_mib {} is outside 1 MiB ..= 1 PiB",
+                    app.volume_mib
                 ));
             }
             if !(app.cpus > 0.0 && app.cpus <= 1024.0) {

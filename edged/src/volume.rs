@@ -116,6 +116,7 @@ pub async fn mount(
     backing: &Path,
     mountpoint: &Path,
     block_size: u32,
+    quota: u64,
     log: &Path,
 ) -> Result<Shim, VolumeError> {
     detach(mountpoint);
@@ -130,6 +131,8 @@ pub async fn mount(
         .arg(mountpoint)
         .arg("--block-size")
         .arg(block_size.to_string())
+        .arg("--quota")
+        .arg(quota.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(logf)

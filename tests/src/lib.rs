@@ -762,6 +762,10 @@ pub fn start_list_edge_in(
     let addr = ip.parse().unwrap_or_else(|_| free_addr(ip));
     let mut cfg = config(id, addr, &dir.join(id), &apps, extra);
     cfg.start_timeout = Duration::from_secs(30);
+    // Benchmark volumes go up to 1 GiB and more.
+    for app in cfg.apps.values_mut() {
+        app.volume_mib = 16 << 10;
+    }
     Edge::launch_in(dir, cfg)
 }
 

@@ -8,7 +8,7 @@ use edgeshift_examples::pb::list::list_client::ListClient;
 use edgeshift_examples::pb::list::{AddRequest, ItemsRequest};
 use edgeshift_examples::pb::search::FindRequest;
 use edgeshift_examples::pb::search::search_client::SearchClient;
-use edgeshift_tests::{Bases, Edge, instance_pid, pid_alive, sessions};
+use edgeshift_tests::{Bases, Edge, instance_pid, noise, pid_alive, sessions};
 use tonic::Code;
 
 use edgeshift_tests::list::{ADD, ITEMS, add, items_of, items_req};
@@ -158,6 +158,13 @@ async fn bad_input_gets_a_clear_status_and_the_edge_keeps_serving() {
     );
 
     let s = client.open_session("list", "c").await.unwrap();
+    // Candidates are bounded in number and shape.
+    let many: Vec<String> = (0..65).map(|i| format!("e{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let st = s.set_candidates(&many).await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    let st = s.set_candidates(&["../x"]).await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
     let other = client.open_session("list", "d").await.unwrap();
     let wrong_token = edge_client::Session::attach(
         &client,
@@ -579,4 +586,70 @@ async fn a_process_instance_runs_unprivileged_in_its_own_namespace_and_cgroups()
         "the cgroup outlived its instance"
     );
     other.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_past_its_quota_refuses_writes_with_enospc() {
+    use std::io::Write;
+    let bases = Bases::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = edgeshift_tests::config(
+        "quota",
+        edgeshift_tests::free_addr("127.0.0.1"),
+        &dir.path().join("data"),
+        &bases.process_apps(),
+        "",
+    );
+    for app in cfg.apps.values_mut() {
+        app.volume_mib = 2;
+    }
+    let edge = Edge::launch(dir, cfg);
+    let s = edge
+        .client()
+        .await
+        .open_session("list", "hoarder")
+        .await
+        .unwrap();
+    s.invoke(ADD, add("small")).await.unwrap();
+    let mnt = edge.data_dir.join("sessions").join(s.id()).join("mnt");
+    // The volume looks as large as its quota.
+    let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statvfs is plain data; all zeroes is a valid value.
+    let mut vfs: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a zeroed struct to fill.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut vfs) }, 0);
+    assert_eq!(vfs.f_blocks * vfs.f_frsize, 2 << 20);
+    // Filling it: the write past the quota fails with ENOSPC, what came
+    // before stays.
+    let big = mnt.join("big");
+    let mut f = std::fs::File::create(&big).unwrap();
+    let chunk = vec![7u8; 256 << 10];
+    let mut written = 0;
+    let err = loop {
+        match f.write_all(&chunk).and_then(|_| f.sync_all()) {
+            Ok(()) => written += chunk.len(),
+            Err(e) => break e,
+        }
+        assert!(written <= 4 << 20, "the quota was not enforced");
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert!(written >= 1 << 20, "only {written} bytes fit");
+    drop(f);
+    // The app's own writes fail (SQLite: the disk is full); the edge and
+    // the session go on, with what was written before.
+    let mut added = 0;
+    let st = loop {
+        match s.invoke(ADD, add(&noise(added, 4000))).await {
+            Ok(_) => added += 1,
+            Err(st) => break st,
+        }
+        assert!(added < 1000, "the app never ran out of room");
+    };
+    assert_ne!(st.code(), Code::InvalidArgument, "{st:?}");
+    let items = items_of(s.invoke(ITEMS, items_req(0)).await.unwrap());
+    assert_eq!(items.len(), added + 1);
+    // Removing the file gives the room back.
+    std::fs::remove_file(&big).unwrap();
+    s.invoke(ADD, add(&noise(9999, 4000))).await.unwrap();
+    s.close().await.unwrap();
 }

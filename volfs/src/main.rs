@@ -42,6 +42,9 @@ enum Cmd {
         /// cache may hold (the kernel's default for FUSE is 1).
         #[arg(long, default_value_t = 20)]
         writeback_share: u32,
+        /// Most bytes the volume's files may sum to; writes past it get ENOSPC.
+        #[arg(long)]
+        quota: Option<u64>,
     },
     /// Dirty files, blocks and bytes of a mounted volume.
     Status {
@@ -153,6 +156,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threads,
             private,
             writeback_share,
+            quota,
         } => mount(
             &backing,
             &mountpoint,
@@ -161,6 +165,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 threads,
                 allow_other: !private,
                 writeback_share: Some(writeback_share),
+                quota,
             },
         ),
         Cmd::Status { backing } => {

@@ -51,6 +51,9 @@ pub struct MountOptions {
     /// Share (percent) of the machine's dirty-page budget this mount may
     /// hold in its writeback cache; `None` keeps the kernel's 1 % for FUSE.
     pub writeback_share: Option<u32>,
+    /// Most bytes the volume's files may sum to (ENOSPC past it); `None`
+    /// for no quota. See [`crate::fs::quota`].
+    pub quota: Option<u64>,
 }
 
 impl Default for MountOptions {
@@ -60,6 +63,7 @@ impl Default for MountOptions {
             threads: 4,
             allow_other: true,
             writeback_share: Some(20),
+            quota: None,
         }
     }
 }
@@ -215,7 +219,17 @@ pub fn mount(
     // Until a clean unmount, the persisted manifest is not to be trusted.
     backing.save(&tracked, false)?;
     let dirty = Arc::new(DirtyMap::new(tracked.manifest.block_size));
-    let fs = VolFs::new(backing.root(), dirty.clone())?;
+    let mut fs = VolFs::new(backing.root(), dirty.clone())?;
+    if let Some(limit) = opts.quota {
+        let used = tracked
+            .manifest
+            .entries
+            .values()
+            .filter(|e| e.kind == crate::manifest::Kind::File)
+            .map(|e| e.size)
+            .sum();
+        fs = fs.with_quota(crate::fs::Quota::new(limit, used));
+    }
     let config = {
         let mut c = Config::default();
         c.mount_options = vec![

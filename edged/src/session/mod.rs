@@ -762,11 +762,13 @@ impl Edge {
     async fn start_shim(&self, session: &Session) -> Result<Shim, EdgeError> {
         let layout = session.layout();
         let log = session.dir.join("volfs.log");
+        let quota = self.app(&session.app)?.volume_mib << 20;
         Ok(volume::mount(
             &self.volfs_bin,
             &layout.backing(),
             &layout.mnt(),
             self.cfg.block_size,
+            quota,
             &log,
         )
         .await?)

@@ -24,7 +24,7 @@ use tokio_stream::StreamExt;
 use tonic::Status;
 
 use super::{Edge, EdgeError, Session, State};
-use crate::config::Neighbour;
+use crate::config::{Neighbour, valid_name};
 use crate::volume;
 
 /// Per-session pre-copy bookkeeping.
@@ -395,6 +395,9 @@ impl Edge {
     }
 }
 
+/// Most edge ids a client may name as its candidates.
+const MAX_CANDIDATES: usize = 64;
+
 impl Edge {
     /// The neighbours a session is pre-copied to.
     fn candidates_of(&self, s: &Session) -> Vec<Neighbour> {
@@ -420,6 +423,11 @@ impl Edge {
         edge_ids: Vec<String>,
     ) -> Result<Vec<String>, EdgeError> {
         let s = self.session(id, token)?;
+        if edge_ids.len() > MAX_CANDIDATES || !edge_ids.iter().all(|e| valid_name(e)) {
+            return Err(EdgeError::Invalid(format!(
+                "candidates: at most {MAX_CANDIDATES} edge ids of 1-64 [a-zA-Z0-9._-]"
+            )));
+        }
         let named = (!edge_ids.is_empty()).then_some(edge_ids);
         *s.candidates.lock().unwrap_or_else(|p| p.into_inner()) = named;
         let now = self.candidates_of(&s);

@@ -74,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
             pids_limit: 128,
             cpus: 1.0,
             user: "65534:65534".into(),
+            volume_mib: 1024,
         },
     );
     cfg.apps.insert(
@@ -85,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
             pids_limit: 128,
             cpus: 1.0,
             user: "65534:65534".into(),
+            volume_mib: 1024,
         },
     );
 

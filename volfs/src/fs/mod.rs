@@ -33,6 +33,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{Errno, FileAttr, FileHandle, FileType, INodeNo, ReplyXattr, Request, TimeOrNow};
 
 use self::caller::{Caller, setid_bits_to_drop};
+pub use self::quota::Quota;
 use crate::dirty::DirtyMap;
 use crate::scan::META_DIR;
 use crate::sys;
@@ -64,6 +65,7 @@ pub struct VolFs {
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEnt>>>>,
     next_dir: AtomicU64,
     dirty: Arc<DirtyMap>,
+    quota: Option<Quota>,
 }
 
 impl std::fmt::Debug for VolFs {
@@ -157,7 +159,48 @@ impl VolFs {
             dirs: Mutex::new(HashMap::new()),
             next_dir: AtomicU64::new(1),
             dirty,
+            quota: None,
         })
+    }
+
+    /// Limits the sum of the files' sizes (see [`quota`]).
+    pub fn with_quota(mut self, q: Quota) -> Self {
+        self.quota = Some(q);
+        self
+    }
+
+    /// A file `st` grows to at least `end` bytes: within the quota, or ENOSPC.
+    fn grow(&self, st: &libc::stat, end: u64) -> R<()> {
+        match &self.quota {
+            Some(q) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
+                q.grow_to(st.st_ino, st.st_size as u64, end)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A file `st` is set to `size` bytes: within the quota, or ENOSPC.
+    fn resize(&self, st: &libc::stat, size: u64) -> R<()> {
+        match &self.quota {
+            Some(q) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
+                q.set_size(st.st_ino, st.st_size as u64, size)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The entry `name` in `dir` if it is a regular file whose last name
+    /// an unlink or a rename over it takes: its room comes back after.
+    fn last_name(&self, dir: RawFd, name: &std::ffi::CStr) -> Option<libc::stat> {
+        self.quota.as_ref()?;
+        let st = sys::statat(dir, name).ok()?;
+        (st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink == 1).then_some(st)
+    }
+
+    fn freed(&self, st: Option<libc::stat>) {
+        if let (Some(q), Some(st)) = (&self.quota, st) {
+            q.removed(st.st_ino, st.st_size as u64);
+        }
     }
 
     /// Backing inode ↔ FUSE inode (the same swap both ways).
@@ -285,7 +328,9 @@ impl VolFs {
         }
         let p = self.inode(parent)?;
         let c = sys::cstr(name).map_err(errno)?;
+        let last = self.last_name(p.fd.as_raw_fd(), &c);
         sys::unlinkat(p.fd.as_raw_fd(), &c, flags).map_err(errno)?;
+        self.freed(last);
         self.dirty.mark_metadata();
         Ok(())
     }
@@ -384,6 +429,7 @@ impl VolFs {
     /// Truncates an open file to zero, marking what was cut.
     fn truncate_marked(&self, ino: INodeNo, fd: RawFd) -> R<()> {
         let st = sys::fstat(fd).map_err(errno)?;
+        self.resize(&st, 0)?;
         sys::ftruncate(fd, 0).map_err(errno)?;
         self.dirty
             .mark_range(self.swap(ino.0), 0, st.st_size as u64);
@@ -411,7 +457,9 @@ impl VolFs {
         }
         if let Some(s) = size {
             self.kill_privs_for_truncate(req, fd)?;
-            let old = sys::fstat(fd).map_err(errno)?.st_size as u64;
+            let st = sys::fstat(fd).map_err(errno)?;
+            self.resize(&st, s)?;
+            let old = st.st_size as u64;
             match fh {
                 Some(h) => sys::ftruncate(h.0 as RawFd, s),
                 None => sys::truncate_fd(fd, s),
@@ -522,3 +570,4 @@ use std::os::fd::AsFd;
 
 mod caller;
 mod ops;
+pub mod quota;

@@ -202,8 +202,15 @@ impl Filesystem for VolFs {
             let np = self.inode(newparent)?;
             let a = sys::cstr(name).map_err(errno)?;
             let b = sys::cstr(newname).map_err(errno)?;
+            // A file renamed over loses its name (unless the two swap).
+            let replaced = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                None
+            } else {
+                self.last_name(np.fd.as_raw_fd(), &b)
+            };
             sys::renameat2(p.fd.as_raw_fd(), &a, np.fd.as_raw_fd(), &b, flags.bits())
                 .map_err(errno)?;
+            self.freed(replaced);
             self.dirty.mark_metadata();
             Ok(())
         })();
@@ -287,6 +294,14 @@ impl Filesystem for VolFs {
             // The kernel sets this for a caller without CAP_FSETID.
             let in_group = |g| Caller::of(req).in_group(g);
             if let Err(e) = self.kill_privs(fh.0 as RawFd, in_group) {
+                return reply.error(e);
+            }
+        }
+        if self.quota.is_some() {
+            let grown = sys::fstat(fh.0 as RawFd)
+                .map_err(errno)
+                .and_then(|st| self.grow(&st, offset.saturating_add(data.len() as u64)));
+            if let Err(e) = grown {
                 return reply.error(e);
             }
         }
@@ -458,6 +473,22 @@ impl Filesystem for VolFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match sys::statvfs(&self.root) {
+            // Under a quota the volume looks as large as its quota.
+            Ok(s) if self.quota.is_some() && s.f_frsize > 0 => {
+                let q = self.quota.as_ref().expect("checked");
+                let unit = s.f_frsize;
+                let free = (q.limit().saturating_sub(q.used()) / unit).min(s.f_bavail);
+                reply.statfs(
+                    q.limit() / unit,
+                    free,
+                    free,
+                    s.f_files,
+                    s.f_ffree,
+                    s.f_bsize as u32,
+                    s.f_namemax as u32,
+                    s.f_frsize as u32,
+                )
+            }
             Ok(s) => reply.statfs(
                 s.f_blocks,
                 s.f_bfree,
@@ -571,8 +602,26 @@ impl Filesystem for VolFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let st = match sys::fstat(fh.0 as RawFd) {
+            Ok(st) => st,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let size = st.st_size as u64;
+        let counted = if mode & libc::FALLOC_FL_INSERT_RANGE != 0 {
+            self.grow(&st, size.saturating_add(length))
+        } else if mode & (libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_COLLAPSE_RANGE) == 0 {
+            self.grow(&st, offset.saturating_add(length))
+        } else {
+            Ok(())
+        };
+        if let Err(e) = counted {
+            return reply.error(e);
+        }
         match sys::fallocate(fh.0 as RawFd, mode, offset, length) {
             Ok(()) => {
+                if mode & libc::FALLOC_FL_COLLAPSE_RANGE != 0 {
+                    let _ = self.resize(&st, size.saturating_sub(length));
+                }
                 let b = self.swap(ino.0);
                 if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 {
                     self.dirty.mark_all(b); // everything after `offset` moved
@@ -613,6 +662,14 @@ impl Filesystem for VolFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        if self.quota.is_some() {
+            let grown = sys::fstat(fh_out.0 as RawFd)
+                .map_err(errno)
+                .and_then(|st| self.grow(&st, offset_out.saturating_add(len)));
+            if let Err(e) = grown {
+                return reply.error(e);
+            }
+        }
         match sys::copy_file_range(
             fh_in.0 as RawFd,
             offset_in,
