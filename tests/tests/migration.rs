@@ -134,6 +134,42 @@ async fn calls_made_during_the_move_are_served_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_too_large_for_memory_is_spooled_and_moves_whole() {
+    let bases = Bases::new();
+    let apps = bases.process_apps();
+    let (a, b) = (
+        Edge::start("a", "127.0.0.1", &apps, ""),
+        Edge::start("b", "127.0.0.2", &apps, ""),
+    );
+    let s = a.client().await.open_session("list", "big").await.unwrap();
+    s.invoke(ADD, add("kept")).await.unwrap();
+    // 24 MiB of data no pre-copy sent: the first round is larger than a
+    // pull holds in memory.
+    let blob = a.data_dir.join("sessions").join(s.id()).join("mnt/blob");
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let data: Vec<u8> = (0..24 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    std::fs::write(&blob, &data).unwrap();
+    s.handover_to(&b.client().await, |_| {}).await.unwrap();
+    assert!(b.log().contains("spooled to disk"), "{}", b.log());
+    let moved = b.data_dir.join("sessions").join(s.id());
+    assert_eq!(std::fs::read(moved.join("mnt/blob")).unwrap(), data);
+    assert!(!moved.join("incoming-handover.delta").exists());
+    assert!(!b.data_dir.join("staging").join(s.id()).exists());
+    assert_eq!(
+        items_of(s.invoke(ITEMS, items_req(0)).await.unwrap()),
+        ["kept"]
+    );
+    s.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_move_leaves_the_session_whole_on_the_old_edge() {
     let bases = Bases::new();
     let apps = bases.process_apps();

@@ -447,7 +447,11 @@ impl Edge {
         };
         let mut meta: Option<pb::SessionMeta> = None;
         let mut round = 1u32;
-        let mut buf: Vec<u8> = Vec::new();
+        let spool = self.staging_dir(id).join("incoming-handover.delta");
+        // Gone when the pull ends, however it ends (a stale one too).
+        let _spool = RemoveOnDrop(spool.clone());
+        let _ = tokio::fs::remove_file(&spool).await;
+        let mut buf = Round::Memory(Vec::new());
         let bytes = AtomicU64::new(0);
         let mut t_quiesce: Option<Instant> = None;
         // Op results are kept within this edge's journal budget (the oldest
@@ -494,13 +498,12 @@ impl Edge {
                     let trailer = matches!(f.frame, Some(pb::delta_frame::Frame::Trailer(_)));
                     let enc = f.encode_length_delimited_to_vec();
                     bytes.fetch_add(enc.len() as u64, Ordering::Relaxed);
-                    buf.extend_from_slice(&enc);
+                    buf.push(&enc, &spool)
+                        .await
+                        .map_err(|e| (io_status(e), attempt_of(&meta)))?;
                     if trailer {
-                        let data = std::mem::take(&mut buf);
-                        let v = vol.clone();
-                        tokio::task::spawn_blocking(move || {
-                            volfs::offline::apply(&v, data.as_slice())
-                        })
+                        let data = std::mem::replace(&mut buf, Round::Memory(Vec::new()));
+                        data.apply(&vol)
                         .await
                         .map_err(|e| (io_status(e), attempt_of(&meta)))?
                         .map_err(|e| {
@@ -709,5 +712,76 @@ impl Edge {
             tracing::warn!(session = %id, "could not keep the pulled volume staged");
         }
         let _ = tokio::fs::remove_dir_all(&dir).await;
+    }
+}
+
+/// A handover round as it arrives: in memory while small (the final round,
+/// on the downtime path), spooled to a file in the staging directory past
+/// [`SPOOL_AT`], so a pull never holds a whole volume in memory.
+enum Round {
+    Memory(Vec<u8>),
+    Spooled(tokio::io::BufWriter<tokio::fs::File>, std::path::PathBuf),
+}
+
+/// Bytes of a round kept in memory before it goes to disk.
+const SPOOL_AT: usize = 8 << 20;
+
+impl Round {
+    async fn push(&mut self, enc: &[u8], spool: &std::path::Path) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        if let Round::Memory(b) = self {
+            if b.len() + enc.len() <= SPOOL_AT {
+                b.extend_from_slice(enc);
+                return Ok(());
+            }
+            tracing::info!(spool = %spool.display(), "a large handover round: spooled to disk");
+            let mut w = tokio::io::BufWriter::new(tokio::fs::File::create(spool).await?);
+            w.write_all(b).await?;
+            *self = Round::Spooled(w, spool.to_path_buf());
+        }
+        match self {
+            Round::Spooled(w, _) => w.write_all(enc).await,
+            Round::Memory(_) => Ok(()),
+        }
+    }
+
+    /// Applies the round to the staged volume `vol` (blocking work off the
+    /// runtime); a spool file is removed after.
+    async fn apply(
+        self,
+        vol: &std::path::Path,
+    ) -> std::io::Result<Result<volfs::apply::ApplyReport, volfs::apply::ApplyError>> {
+        use tokio::io::AsyncWriteExt;
+        let v = vol.to_path_buf();
+        match self {
+            Round::Memory(data) => {
+                tokio::task::spawn_blocking(move || volfs::offline::apply(&v, data.as_slice()))
+                    .await
+                    .map_err(std::io::Error::other)
+            }
+            Round::Spooled(mut w, path) => {
+                w.flush().await?;
+                drop(w);
+                let p = path.clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    std::fs::File::open(&p)
+                        .map(|f| volfs::offline::apply(&v, std::io::BufReader::new(f)))
+                })
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+                let _ = tokio::fs::remove_file(&path).await;
+                r
+            }
+        }
+    }
+}
+
+/// Removes a file when dropped.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
