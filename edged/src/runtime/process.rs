@@ -230,6 +230,7 @@ impl Runtime for ProcessRuntime {
             let log2 = log
                 .try_clone()
                 .map_err(|e| RuntimeError::Process(e.to_string()))?;
+            let t0 = std::time::Instant::now();
             let (uid, gid) = parse_user(&spec.user)?;
             for d in [INSTANCE_DATA, INSTANCE_RUN] {
                 std::fs::create_dir_all(d)
@@ -259,6 +260,7 @@ impl Runtime for ProcessRuntime {
                 None => Vec::new(),
             };
             let fds = super::cgroup::raw(&procs);
+            let t_cgroup = t0.elapsed();
             let (vol, run) = (cstr(&spec.volume)?, cstr(&spec.socket_dir)?);
             let (data, sock) = (
                 cstr(std::path::Path::new(INSTANCE_DATA))?,
@@ -333,6 +335,12 @@ impl Runtime for ProcessRuntime {
             let pid = child
                 .id()
                 .ok_or_else(|| RuntimeError::Process("child exited at once".into()))?;
+            tracing::debug!(
+                session = %spec.session_id,
+                cgroup_us = t_cgroup.as_micros() as u64,
+                total_us = t0.elapsed().as_micros() as u64,
+                "instance started"
+            );
             self.children
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
