@@ -416,6 +416,18 @@ impl Config {
                     app.user
                 ));
             }
+            if !(16..=1 << 20).contains(&app.memory_mib) {
+                return bad(format!(
+                    "apps.{name}.memory_mib {} is outside 16 ..= 1048576",
+                    app.memory_mib
+                ));
+            }
+            if !(1..=1 << 22).contains(&app.pids_limit) {
+                return bad(format!(
+                    "apps.{name}.pids_limit {} is outside 1 ..= 4194304",
+                    app.pids_limit
+                ));
+            }
             if !(1..=1 << 30).contains(&app.volume_mib) {
                 return bad(format!(
                     "apps.{name}.volume_mib {} is outside 1 MiB ..= 1 PiB",

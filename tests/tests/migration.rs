@@ -160,7 +160,17 @@ async fn a_round_too_large_for_memory_is_spooled_and_moves_whole() {
     assert!(b.log().contains("spooled to disk"), "{}", b.log());
     let moved = b.data_dir.join("sessions").join(s.id());
     assert_eq!(std::fs::read(moved.join("mnt/blob")).unwrap(), data);
-    assert!(!moved.join("incoming-handover.delta").exists());
+    let spools = std::fs::read_dir(&moved)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("incoming-handover")
+        })
+        .count();
+    assert_eq!(spools, 0, "a spool file was left in the session");
     assert!(!b.data_dir.join("staging").join(s.id()).exists());
     assert_eq!(
         items_of(s.invoke(ITEMS, items_req(0)).await.unwrap()),

@@ -49,8 +49,32 @@ fn v2_controllers(dir: &Path) -> Option<String> {
 }
 
 impl Cgroups {
-    /// Looks at `/sys/fs/cgroup`.
+    /// Looks at `/sys/fs/cgroup`, and makes (and removes) a group to be
+    /// sure: a read-only hierarchy, or one whose controllers cannot be
+    /// given to children, is unavailable.
     pub fn detect() -> Cgroups {
+        let found = Cgroups::look();
+        if matches!(found, Cgroups::Unavailable(_)) {
+            return found;
+        }
+        let probe = format!("probe-{}", std::process::id());
+        let limits = Limits {
+            memory: 64 << 20,
+            pids: 16,
+            cpus: 1.0,
+        };
+        match found.create(&probe, limits) {
+            Ok(g) => {
+                for d in &g.dirs {
+                    let _ = std::fs::remove_dir(d);
+                }
+                found
+            }
+            Err(e) => Cgroups::Unavailable(format!("{found:?} cannot be used: {e}")),
+        }
+    }
+
+    fn look() -> Cgroups {
         let root = Path::new(ROOT);
         for dir in [root.to_path_buf(), root.join("unified")] {
             if let Some(c) = v2_controllers(&dir) {
@@ -76,8 +100,22 @@ impl Cgroups {
         ))
     }
 
-    /// Creates the groups of instance `name` with `limits`.
+    /// Creates the groups of instance `name` with `limits`; nothing is left
+    /// behind when that fails part way.
     pub fn create(&self, name: &str, limits: Limits) -> std::io::Result<Group> {
+        let mut made = Group { dirs: Vec::new() };
+        match self.create_in(name, limits, &mut made) {
+            Ok(()) => Ok(made),
+            Err(e) => {
+                for d in &made.dirs {
+                    let _ = std::fs::remove_dir(d);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn create_in(&self, name: &str, limits: Limits, made: &mut Group) -> std::io::Result<()> {
         let quota = (limits.cpus * 100_000.0).round().max(1000.0) as u64;
         match self {
             Cgroups::Unavailable(why) => Err(std::io::Error::other(why.clone())),
@@ -90,9 +128,7 @@ impl Cgroups {
                 write(&parent.join("cgroup.subtree_control"), enable)?;
                 let dir = parent.join(name);
                 make(&dir)?;
-                let g = Group {
-                    dirs: vec![dir.clone()],
-                };
+                made.dirs.push(dir.clone());
                 write(&dir.join("memory.max"), &limits.memory.to_string())?;
                 // Absent where swap is not accounted.
                 let _ = write(&dir.join("memory.swap.max"), "0");
@@ -100,7 +136,7 @@ impl Cgroups {
                 if limits.cpus > 0.0 {
                     write(&dir.join("cpu.max"), &format!("{quota} 100000"))?;
                 }
-                Ok(g)
+                Ok(())
             }
             Cgroups::V1([mem, pids, cpu]) => {
                 let dirs: Vec<PathBuf> = [mem, pids, cpu]
@@ -109,8 +145,8 @@ impl Cgroups {
                     .collect();
                 for d in &dirs {
                     make(d)?;
+                    made.dirs.push(d.clone());
                 }
-                let g = Group { dirs: dirs.clone() };
                 write(
                     &dirs[0].join("memory.limit_in_bytes"),
                     &limits.memory.to_string(),
@@ -124,7 +160,7 @@ impl Cgroups {
                     write(&dirs[2].join("cpu.cfs_period_us"), "100000")?;
                     write(&dirs[2].join("cpu.cfs_quota_us"), &quota.to_string())?;
                 }
-                Ok(g)
+                Ok(())
             }
         }
     }
@@ -195,17 +231,54 @@ impl Group {
             .collect()
     }
 
-    /// Removes the groups (once their processes are gone); retried a little
-    /// while the kernel finishes reaping them.
+    /// The processes in the groups (whatever process group or session they
+    /// moved to).
+    pub fn pids(&self) -> Vec<u32> {
+        let Some(d) = self.dirs.first() else {
+            return Vec::new();
+        };
+        std::fs::read_to_string(d.join("cgroup.procs"))
+            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Sends `sig` to every process in the groups.
+    pub fn signal(&self, sig: i32) {
+        for pid in self.pids() {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid as i32, sig) };
+        }
+    }
+
+    /// Kills what is left in the groups, then removes them; retried a
+    /// little while the kernel finishes reaping. A group that will not go
+    /// is reported.
     pub async fn remove(&self) {
+        for _ in 0..50 {
+            if self.pids().is_empty() {
+                break;
+            }
+            self.signal(libc::SIGKILL);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         for d in &self.dirs {
+            let mut gone = false;
             for _ in 0..50 {
                 if std::fs::remove_dir(d).is_ok() || !d.exists() {
+                    gone = true;
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
+            if !gone {
+                tracing::warn!(group = %d.display(), "an instance's cgroup could not be removed (processes left in it?)");
+            }
         }
+    }
+
+    /// A group of these directories.
+    pub fn from_dirs(dirs: Vec<PathBuf>) -> Group {
+        Group { dirs }
     }
 
     /// The group directories.

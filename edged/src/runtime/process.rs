@@ -56,13 +56,30 @@ impl ProcessRuntime {
     }
 }
 
+impl ProcessRuntime {
+    /// The cgroups of instance `pid` (known since its start, or read off
+    /// the running process after a restart of edged).
+    fn group_of(&self, pid: u32) -> Group {
+        let known = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&pid)
+            .map(|g| g.dirs().to_vec());
+        match known {
+            Some(dirs) => Group::from_dirs(dirs),
+            None => self.cgroups.groups_of(pid),
+        }
+    }
+}
+
 fn cstr(p: &std::path::Path) -> Result<CString, RuntimeError> {
     CString::new(p.as_os_str().as_bytes())
         .map_err(|_| RuntimeError::Process(format!("{} holds a NUL byte", p.display())))
 }
 
 /// Between fork and exec, in the instance's new mount namespace: detaches
-/// every FUSE mount but the one at `keep`. The namespace began as a copy of
+/// every volfs mount but the one at `keep`. The namespace began as a copy of
 /// edged's, holding every session volume of the host; a copy left there
 /// would keep that volume's filesystem alive after its own shim unmounted
 /// it. Reads `/proc/self/mountinfo` into `buf`, allocated before the fork
@@ -118,14 +135,18 @@ fn detach_other_fuse(buf: &mut [u8], keep: &std::ffi::CStr) -> std::io::Result<(
     Ok(())
 }
 
-/// For a `/proc/self/mountinfo` line of a FUSE mount, decodes its mount
+/// For a `/proc/self/mountinfo` line of a volfs mount, decodes its mount
 /// point's `\\ooo` escapes in place and returns its byte range; None for
 /// other mounts. Allocates nothing.
 fn fuse_mount_point(line: &mut [u8]) -> Option<(usize, usize)> {
     // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER"
     let (mp_at, mp_end) = field(line, 4)?;
+    // "... - FSTYPE SOURCE ...": a fuse mount whose source is a volfs volume.
     let dash = line.windows(3).position(|w| w == b" - ")?;
-    if !line[dash + 3..].starts_with(b"fuse") {
+    let rest = &line[dash + 3..];
+    let sp = rest.iter().position(|&b| b == b' ')?;
+    let (fstype, source) = (&rest[..sp], &rest[sp + 1..]);
+    if !(fstype == b"fuse" || fstype == b"fuse.volfs") || !source.starts_with(b"volfs:") {
         return None;
     }
     let (mut r, mut w) = (mp_at, mp_at);
@@ -236,6 +257,7 @@ impl Runtime for ProcessRuntime {
                 std::fs::create_dir_all(d)
                     .map_err(|e| RuntimeError::Process(format!("{d}: {e}")))?;
             }
+            let (vol, run) = (cstr(&spec.volume)?, cstr(&spec.socket_dir)?);
             let group = match &self.cgroups {
                 Cgroups::Unavailable(why) => {
                     tracing::warn!(session = %spec.session_id, "the memory, pids and CPU limits of this instance are NOT applied: {why}");
@@ -254,14 +276,17 @@ impl Runtime for ProcessRuntime {
                 ),
             };
             let procs = match &group {
-                Some(g) => g
-                    .procs()
-                    .map_err(|e| RuntimeError::Process(format!("cgroup: {e}")))?,
+                Some(g) => match g.procs() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        g.remove().await;
+                        return Err(RuntimeError::Process(format!("cgroup: {e}")));
+                    }
+                },
                 None => Vec::new(),
             };
             let fds = super::cgroup::raw(&procs);
             let t_cgroup = t0.elapsed();
-            let (vol, run) = (cstr(&spec.volume)?, cstr(&spec.socket_dir)?);
             let (data, sock) = (
                 cstr(std::path::Path::new(INSTANCE_DATA))?,
                 cstr(std::path::Path::new(INSTANCE_RUN))?,
@@ -311,6 +336,10 @@ impl Runtime for ProcessRuntime {
             }
             let spawned = cmd
                 .args(&self.args)
+                // Nothing of edged's environment (an operator's secrets, a
+                // proxy, systemd's sockets) reaches the app.
+                .env_clear()
+                .env("PATH", "/usr/local/bin:/usr/bin:/bin")
                 .env(ENV_DATA_DIR, INSTANCE_DATA)
                 .env(ENV_SOCKET_DIR, INSTANCE_RUN)
                 .env(ENV_SESSION_ID, &spec.session_id)
@@ -332,9 +361,12 @@ impl Runtime for ProcessRuntime {
                     )));
                 }
             };
-            let pid = child
-                .id()
-                .ok_or_else(|| RuntimeError::Process("child exited at once".into()))?;
+            let Some(pid) = child.id() else {
+                if let Some(g) = group {
+                    g.remove().await;
+                }
+                return Err(RuntimeError::Process("child exited at once".into()));
+            };
             tracing::debug!(
                 session = %spec.session_id,
                 cgroup_us = t_cgroup.as_micros() as u64,
@@ -412,8 +444,10 @@ impl Runtime for ProcessRuntime {
             let InstanceId::Pid(pid) = *id else {
                 return Err(RuntimeError::Process(format!("{id} is not a process")));
             };
-            // The whole process group: the app and any children it started.
+            // The whole process group: the app and any children it started,
+            // and whatever left the group but not the instance's cgroup.
             signal_group(pid, libc::SIGSTOP);
+            self.group_of(pid).signal(libc::SIGSTOP);
             Ok(())
         })
     }
@@ -424,6 +458,7 @@ impl Runtime for ProcessRuntime {
                 return Err(RuntimeError::Process(format!("{id} is not a process")));
             };
             signal_group(pid, libc::SIGCONT);
+            self.group_of(pid).signal(libc::SIGCONT);
             Ok(())
         })
     }
@@ -460,16 +495,19 @@ mod tests {
     #[test]
     fn fuse_mount_points_are_found_and_decoded_in_place() {
         let mut l =
-            b"88 27 0:50 / /var/lib/e\\040s/sessions/ab/mnt rw,nosuid,nodev - fuse.volfs volfs rw"
+            b"88 27 0:50 / /var/lib/e\\040s/sessions/ab/mnt rw,nosuid,nodev - fuse volfs:/v/x rw"
                 .to_vec();
         let (a, b) = fuse_mount_point(&mut l).unwrap();
         assert_eq!(&l[a..b], b"/var/lib/e s/sessions/ab/mnt");
         let mut l = b"27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw".to_vec();
         assert_eq!(fuse_mount_point(&mut l), None);
+        // Other FUSE filesystems (lxcfs, a FUSE root) stay.
+        let mut l = b"5 1 0:9 / /var/lib/lxcfs rw - fuse.lxcfs lxcfs rw".to_vec();
+        assert_eq!(fuse_mount_point(&mut l), None);
         let mut l = b"garbage".to_vec();
         assert_eq!(fuse_mount_point(&mut l), None);
         // An escape cut short at the field's end is kept as it is.
-        let mut l = b"1 2 0:1 / /a\\04 rw - fuse x rw".to_vec();
+        let mut l = b"1 2 0:1 / /a\\04 rw - fuse.volfs volfs:/x rw".to_vec();
         let (a, b) = fuse_mount_point(&mut l).unwrap();
         assert_eq!(&l[a..b], b"/a\\04");
     }

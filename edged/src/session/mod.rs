@@ -292,6 +292,21 @@ impl Session {
             return Ok(client.clone());
         }
         let _ = std::fs::remove_file(self.spec.socket_dir.join(SOCKET_NAME));
+        // The instance's user owns its socket directory and its volume, also
+        // for a session made before (or on an edge with) another `user`.
+        if let Some(app) = cfg.apps.get(&self.app) {
+            self.prepare_socket_dir(app)?;
+            if let Some((uid, gid)) = app.uid_gid() {
+                let backing = self.layout().backing();
+                let owned = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&backing)?);
+                if owned != uid {
+                    tracing::info!(session = %self.id, uid, "giving the volume to the app's user");
+                    tokio::task::spawn_blocking(move || volume::give_to(&backing, uid, gid))
+                        .await
+                        .map_err(|e| EdgeError::Io(std::io::Error::other(e)))??;
+                }
+            }
+        }
         let id = self.runtime.start(&self.spec).await?;
         if let Err(e) = self.save_record_with(Some(id.clone())).await {
             let _ = self.runtime.stop(&id).await;

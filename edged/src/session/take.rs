@@ -447,10 +447,13 @@ impl Edge {
         };
         let mut meta: Option<pb::SessionMeta> = None;
         let mut round = 1u32;
-        let spool = self.staging_dir(id).join("incoming-handover.delta");
-        // Gone when the pull ends, however it ends (a stale one too).
+        let nonce: [u8; 8] = super::random_bytes();
+        let spool = self.staging_dir(id).join(format!(
+            "incoming-handover-{:016x}.delta",
+            u64::from_le_bytes(nonce)
+        ));
+        // Gone when the pull ends, however it ends.
         let _spool = RemoveOnDrop(spool.clone());
-        let _ = tokio::fs::remove_file(&spool).await;
         let mut buf = Round::Memory(Vec::new());
         let bytes = AtomicU64::new(0);
         let mut t_quiesce: Option<Instant> = None;

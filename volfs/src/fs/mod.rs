@@ -197,6 +197,29 @@ impl VolFs {
         (st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink == 1).then_some(st)
     }
 
+    /// A handle `fd` of a file was opened (the quota keeps its size while
+    /// it is open).
+    fn handle_opened(&self, fd: RawFd) {
+        if let Some(q) = &self.quota {
+            if let Ok(st) = sys::fstat(fd) {
+                if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+                    q.opened(st.st_ino);
+                }
+            }
+        }
+    }
+
+    /// Handle `fd` is about to close.
+    fn handle_closing(&self, fd: RawFd) {
+        if let Some(q) = &self.quota {
+            if let Ok(st) = sys::fstat(fd) {
+                if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+                    q.closed(st.st_ino, st.st_size as u64);
+                }
+            }
+        }
+    }
+
     fn freed(&self, st: Option<libc::stat>) {
         if let (Some(q), Some(st)) = (&self.quota, st) {
             q.removed(st.st_ino, st.st_size as u64);

@@ -248,7 +248,9 @@ impl Filesystem for VolFs {
                 self.kill_privs_for_truncate(req, fd.as_raw_fd())?;
                 self.truncate_marked(ino, fd.as_raw_fd())?;
             }
-            Ok(fd.into_raw_fd())
+            let fd = fd.into_raw_fd();
+            self.handle_opened(fd);
+            Ok(fd)
         })();
         match r {
             Ok(fd) => reply.opened(FileHandle(fd as u64), FopenFlags::FOPEN_KEEP_CACHE),
@@ -337,6 +339,7 @@ impl Filesystem for VolFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.handle_closing(fh.0 as RawFd);
         sys::close(fh.0 as RawFd);
         reply.ok();
     }
@@ -581,13 +584,17 @@ impl Filesystem for VolFs {
             }
         })();
         match r {
-            Ok((a, fd)) => reply.created(
-                &TTL,
-                &a,
-                Generation(0),
-                FileHandle(fd.into_raw_fd() as u64),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
+            Ok((a, fd)) => {
+                let fd = fd.into_raw_fd();
+                self.handle_opened(fd);
+                reply.created(
+                    &TTL,
+                    &a,
+                    Generation(0),
+                    FileHandle(fd as u64),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                )
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -607,9 +614,11 @@ impl Filesystem for VolFs {
             Err(e) => return reply.error(errno(e)),
         };
         let size = st.st_size as u64;
+        // Space allocated past the end counts even with KEEP_SIZE: the
+        // blocks are real. A punched hole or a collapse frees.
         let counted = if mode & libc::FALLOC_FL_INSERT_RANGE != 0 {
             self.grow(&st, size.saturating_add(length))
-        } else if mode & (libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_COLLAPSE_RANGE) == 0 {
+        } else if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_COLLAPSE_RANGE) == 0 {
             self.grow(&st, offset.saturating_add(length))
         } else {
             Ok(())
