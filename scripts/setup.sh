@@ -12,6 +12,7 @@ command -v setpriv >/dev/null || need+=(util-linux)
 command -v python3 >/dev/null || need+=(python3)
 command -v dockerd >/dev/null || need+=(docker.io)
 [[ -e /usr/share/dict/words ]] || need+=(wamerican)
+/usr/bin/python3 -c 'import grpc' 2>/dev/null || need+=(python3-grpcio)
 if ((${#need[@]})); then
     echo "setup: installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
