@@ -287,6 +287,26 @@ impl Group {
     }
 }
 
+/// The name of the groups of session `session` on edge `edge`.
+pub fn instance_name(edge: &str, session: &str) -> String {
+    format!("{edge}-{session}")
+}
+
+/// Removes the groups of session `session` on edge `edge`, if any are left
+/// (an instance that died while edged was not there to remove them).
+pub async fn remove_instance(edge: &str, session: &str) {
+    let name = instance_name(edge, session);
+    let dirs: Vec<PathBuf> = match Cgroups::look() {
+        Cgroups::V2(root) => vec![root.join(GROUP).join(&name)],
+        Cgroups::V1(h) => h.iter().map(|d| d.join(GROUP).join(&name)).collect(),
+        Cgroups::Unavailable(_) => Vec::new(),
+    };
+    let dirs: Vec<PathBuf> = dirs.into_iter().filter(|d| d.exists()).collect();
+    if !dirs.is_empty() {
+        Group::from_dirs(dirs).remove().await;
+    }
+}
+
 /// Between fork and exec: moves the calling process into the groups whose
 /// `cgroup.procs` files `fds` are. Async-signal-safe (write(2) only).
 pub fn join_self(fds: &[i32]) -> std::io::Result<()> {

@@ -265,7 +265,7 @@ impl Runtime for ProcessRuntime {
                 }
                 c => Some(
                     c.create(
-                        &format!("{}-{}", spec.edge_id, spec.session_id),
+                        &super::cgroup::instance_name(&spec.edge_id, &spec.session_id),
                         Limits {
                             memory: spec.memory_mib << 20,
                             pids: spec.pids_limit,

@@ -367,6 +367,7 @@ impl Session {
                 tracing::error!(session = %self.id, error = %e, "stopping the instance failed");
             }
         }
+        crate::runtime::cgroup::remove_instance(&self.spec.edge_id, &self.id).await;
         if let Some(shim) = self.shim.lock().await.take() {
             shim.unmount().await;
         }

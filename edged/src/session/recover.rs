@@ -286,6 +286,7 @@ async fn stop_recorded(cfg: &Config, rec: &SessionRecord, dir: &Path) {
         tracing::warn!(session = %rec.id, pid, "stopping an instance that was never recorded");
         stop_instance(cfg, &rec.app, &InstanceId::Pid(pid)).await;
     }
+    crate::runtime::cgroup::remove_instance(&cfg.edge_id, &rec.id).await;
     // A container is named by edge and session, recorded or not.
     if let Some(RuntimeConfig::Docker { .. }) = cfg.apps.get(&rec.app).map(|a| &a.runtime) {
         let name = crate::runtime::docker::container_name(&cfg.edge_id, &rec.id);
