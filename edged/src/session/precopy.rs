@@ -375,7 +375,21 @@ impl Edge {
                 .and_then(|m| m.modified().ok())
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|age| age > self.cfg.precopy.staged_ttl);
-            if old {
+            if !old {
+                continue;
+            }
+            // Never from under a pull of it, nor a pre-copy round into it.
+            let id = e.file_name().to_string_lossy().to_string();
+            let pulling = self
+                .pulls
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&id);
+            let lock = self.staging_lock(&id);
+            let Ok(_staging) = lock.try_lock() else {
+                continue;
+            };
+            if !pulling {
                 tracing::info!(staged = %e.path().display(), "dropping an expired staged copy");
                 let _ = tokio::fs::remove_dir_all(e.path()).await;
             }
