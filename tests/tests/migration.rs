@@ -778,12 +778,15 @@ async fn live_rounds_repeat_while_the_app_writes_until_the_last_one_fits_the_dow
         s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
     }
     // A writer that keeps dirtying the volume during the move, over a link
-    // of about 1.6 MB/s.
+    // of about 8 MB/s: fast enough that what the writer dirties during a
+    // round is less than the round sent (on a slower link, a busy machine's
+    // writer could out-dirty the first round, and one live round would be
+    // right).
     let writer = edgeshift_tests::Writer::start(s.clone(), "w");
     let relay = Relay::start(
         a.addr,
         Faults {
-            throttle: Some(Duration::from_millis(10)),
+            throttle: Some(Duration::from_millis(2)),
             ..Faults::default()
         },
     )
