@@ -119,7 +119,8 @@ async fn main() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let base = tmp.path().join("base");
     std::fs::create_dir_all(&base)?;
-    let edge = start_edge(tmp.path(), "bench", "127.0.0.1", &base, None, "")?;
+    let edge =
+        edgeshift_tests::start_list_edge_in(tmp.path(), "bench", "127.0.0.1", &base, None, "");
     let url = edge.url();
     let client = edgeshift_tests::connect(&url).await?;
     let session = client.open_session("list", "bench").await?;
@@ -146,14 +147,14 @@ async fn main() -> anyhow::Result<()> {
         .join("run/app.sock");
     let app = edged::forward::AppClient::connect(&sock, 1 << 20).await?;
     // The same hop without TLS (an edge in insecure_plaintext): what TLS costs.
-    let plain = start_edge(
+    let plain = edgeshift_tests::start_list_edge_in(
         tmp.path(),
         "plain",
         "127.0.0.2",
         &base,
         None,
         "insecure_plaintext = true",
-    )?;
+    );
     let plain_session = edge_client::connect(&plain.url())
         .await?
         .open_session("list", "bench")
@@ -246,16 +247,23 @@ async fn main() -> anyhow::Result<()> {
 
     if a.docker {
         let tag = "edgeshift-bench/list-app:latest";
-        let st = Command::new(bin("edged")?)
+        let st = Command::new(edgeshift_tests::bin("edged"))
             .args(["image", "build", "--binary"])
-            .arg(bin("list-app")?)
+            .arg(edgeshift_tests::bin("list-app"))
             .args(["--tag", tag])
             .status()?;
         anyhow::ensure!(st.success(), "image build failed");
         let tmp2 = tempfile::tempdir()?;
         let base = tmp2.path().join("base");
         std::fs::create_dir_all(&base)?;
-        let edge = start_edge(tmp2.path(), "bench", "127.0.0.1", &base, Some(tag), "")?;
+        let edge = edgeshift_tests::start_list_edge_in(
+            tmp2.path(),
+            "bench",
+            "127.0.0.1",
+            &base,
+            Some(tag),
+            "",
+        );
         let url = edge.url();
         writeln!(
             out,
@@ -272,27 +280,4 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.out)?;
     std::fs::write(a.out.join("invokebench.csv"), csv)?;
     Ok(())
-}
-
-/// A binary of the workspace next to this one.
-fn bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
-    Ok(edgeshift_tests::bin(name))
-}
-
-fn start_edge(
-    dir: &std::path::Path,
-    id: &str,
-    ip: &str,
-    base: &std::path::Path,
-    docker_image: Option<&str>,
-    extra: &str,
-) -> anyhow::Result<edgeshift_tests::Edge> {
-    Ok(edgeshift_tests::start_list_edge_in(
-        dir,
-        id,
-        ip,
-        base,
-        docker_image,
-        extra,
-    ))
 }

@@ -232,20 +232,21 @@ async fn edgeshift_case(work: &Path, c: &Case, plain: bool) -> anyhow::Result<Ou
     };
     // Neighbours are mutual: B takes pre-copies from A because it lists A.
     let a_addr = edgeshift_tests::free_addr("127.0.0.1");
-    let b = start_edge(
+    let b = edgeshift_tests::start_list_edge_in(
         work,
         "b",
         "127.0.0.2",
         &base,
         None,
         &format!("{mode}{}", edgeshift_tests::neighbour("a", a_addr)),
-    )?;
+    );
     let (ab, ab_task, precopy_link) = relay(b.addr, c.link).await?;
     // Pre-copy rounds every 2 s; the dirty bytes below land right before the move.
     let extra = format!(
         "{mode}[[neighbours]]\nid = \"b\"\naddr = \"{ab}\"\n[precopy]\ninterval = 2\ndirty_threshold = 1099511627776\n"
     );
-    let a = start_edge(work, "a", &a_addr.to_string(), &base, None, &extra)?;
+    let a =
+        edgeshift_tests::start_list_edge_in(work, "a", &a_addr.to_string(), &base, None, &extra);
     let (ba, ba_task, _) = relay(a.addr, c.link).await?;
     let ca = client(&a.url()).await?;
     let cb = client(&b.url()).await?;
@@ -397,7 +398,7 @@ async fn rsync_case(work: &Path, c: &Case) -> anyhow::Result<Outcome> {
     let t = Instant::now();
     let s2 = src.clone();
     let bytes = pass1 + tokio::task::spawn_blocking(move || rsync_pass(&s2, r)).await??;
-    let mut app = Command::new(bin("list-app")?)
+    let mut app = Command::new(edgeshift_tests::bin("list-app"))
         .env("EDGE_DATA_DIR", &dst)
         .env("EDGE_SOCKET_DIR", &sock)
         .stdout(Stdio::null())
@@ -661,27 +662,4 @@ async fn main() -> anyhow::Result<()> {
     )?;
     eprintln!("CSV and SVG in {}", a.out.display());
     Ok(())
-}
-
-/// A binary of the workspace next to this one.
-fn bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
-    Ok(edgeshift_tests::bin(name))
-}
-
-fn start_edge(
-    dir: &std::path::Path,
-    id: &str,
-    ip: &str,
-    base: &std::path::Path,
-    docker_image: Option<&str>,
-    extra: &str,
-) -> anyhow::Result<edgeshift_tests::Edge> {
-    Ok(edgeshift_tests::start_list_edge_in(
-        dir,
-        id,
-        ip,
-        base,
-        docker_image,
-        extra,
-    ))
 }
