@@ -8,36 +8,21 @@
 //! Refused: the instance stops and the copy is staged again.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use edge_proto::v1 as pb;
-use edge_proto::v1::handover_chunk::Chunk;
 use edge_proto::v1::peer_client::PeerClient;
-use prost::Message;
 use tokio::sync::mpsc;
 use tonic::Status;
 use tracing::Instrument;
 
 use super::migrate::{PULL_ATTEMPTS, RELEASE_ANSWER_WAIT, io_status, progress_event};
+use super::pull::Pulled;
 use super::{Edge, EdgeError, Gate, Layout, Role, Session, SessionRecord, State, peer_status};
 use crate::journal::Outcome;
 use crate::migration::puller::{PullerAction, PullerEvent, PullerState};
 use crate::migration::{Attempt, Peer};
 use crate::volume;
-
-/// What a pull brought: everything needed to start serving.
-struct Pulled {
-    /// The handover stream, kept open until the release is answered: the
-    /// owner takes its end as the puller giving up.
-    stream: tonic::Streaming<pb::HandoverChunk>,
-    meta: pb::SessionMeta,
-    ops: std::collections::VecDeque<pb::OpResult>,
-    attempt: Attempt,
-    quiesced: Instant,
-    bytes: u64,
-    round: u32,
-}
 
 impl Edge {
     // ---- The puller's side ----
@@ -397,218 +382,6 @@ impl Edge {
         }
     }
 
-    async fn pull(
-        self: &Arc<Self>,
-        peer: &mut PeerClient<tonic::transport::Channel>,
-        id: &str,
-        token: &[u8],
-        owner: &Peer,
-        progress_tx: &mpsc::Sender<Result<pb::HandoverProgress, Status>>,
-    ) -> Result<Pulled, (Status, Option<Attempt>)> {
-        let fail = |st: Status| (st, None);
-        let staging = self.staging_dir(id);
-        let vol = staging.join("volume");
-        tokio::fs::create_dir_all(&vol)
-            .await
-            .map_err(|e| fail(io_status(e)))?;
-        // What is staged, read under the staging lock (pre-copy rounds of a
-        // session being pulled are refused from here on).
-        let held = {
-            let lock = self.staging_lock(id);
-            let _g = lock.lock().await;
-            if vol.join(".volfs/manifest.pb").exists() {
-                let v = vol.clone();
-                tokio::task::spawn_blocking(move || volfs::offline::manifest(&v))
-                    .await
-                    .map_err(|e| fail(io_status(e)))?
-                    .map_err(|e| fail(io_status(e)))?
-                    .to_bytes()
-            } else {
-                Vec::new()
-            }
-        };
-        let mut stream = peer
-            .handover(pb::PeerHandoverRequest {
-                session_id: id.into(),
-                token: token.to_vec(),
-                held_manifest: held,
-                to_edge: self.cfg.edge_id.clone(),
-                to_addr: self.cfg.advertised(),
-            })
-            .await
-            .map_err(|st| fail(peer_status("handover", &owner.edge_id, st)))?
-            .into_inner();
-        let report = |phase, round: u32, bytes: u64, down: u64| {
-            let p = progress_event(phase, round, bytes, down, &self.cfg.edge_id);
-            let tx = progress_tx.clone();
-            async move {
-                let _ = tx.send(Ok(p)).await;
-            }
-        };
-        let mut meta: Option<pb::SessionMeta> = None;
-        let mut round = 1u32;
-        let nonce: [u8; 8] = super::random_bytes();
-        let spool = self.staging_dir(id).join(format!(
-            "incoming-handover-{:016x}.delta",
-            u64::from_le_bytes(nonce)
-        ));
-        // Gone when the pull ends, however it ends.
-        let _spool = RemoveOnDrop(spool.clone());
-        let mut buf = Round::Memory(Vec::new());
-        let bytes = AtomicU64::new(0);
-        let mut t_quiesce: Option<Instant> = None;
-        // Op results are kept within this edge's journal budget (the oldest
-        // go first), whatever the old edge sends.
-        let mut ops = std::collections::VecDeque::new();
-        let mut ops_bytes = 0u64;
-        let mut root = None;
-        let attempt_of = |m: &Option<pb::SessionMeta>| m.as_ref().map(|m| m.attempt);
-        while root.is_none() {
-            let chunk = match stream.message().await {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(st) => {
-                    return Err((
-                        peer_status("handover", &owner.edge_id, st),
-                        attempt_of(&meta),
-                    ));
-                }
-            };
-            match chunk.chunk {
-                Some(Chunk::Meta(m)) => {
-                    // Persisted and listed: bounded like an open's.
-                    let client_ok = !m.client_id.is_empty()
-                        && m.client_id.len() <= 128
-                        && !m.client_id.chars().any(char::is_control);
-                    if !client_ok || !crate::config::valid_name(&m.app) {
-                        return Err((
-                            Status::invalid_argument(
-                                "the old edge sent a malformed session identity",
-                            ),
-                            Some(m.attempt),
-                        ));
-                    }
-                    if m.session_id != id || m.attempt == 0 {
-                        return Err((
-                            Status::failed_precondition("the old edge sent another session"),
-                            None,
-                        ));
-                    }
-                    self.puller_step(id, PullerEvent::Accepted { attempt: m.attempt });
-                    meta = Some(m);
-                }
-                Some(Chunk::Frame(f)) => {
-                    let trailer = matches!(f.frame, Some(pb::delta_frame::Frame::Trailer(_)));
-                    let enc = f.encode_length_delimited_to_vec();
-                    bytes.fetch_add(enc.len() as u64, Ordering::Relaxed);
-                    buf.push(&enc, &spool)
-                        .await
-                        .map_err(|e| (io_status(e), attempt_of(&meta)))?;
-                    if trailer {
-                        let data = std::mem::replace(&mut buf, Round::Memory(Vec::new()));
-                        data.apply(&vol)
-                        .await
-                        .map_err(|e| (io_status(e), attempt_of(&meta)))?
-                        .map_err(|e| {
-                            if matches!(
-                                e,
-                                volfs::apply::ApplyError::Delta(
-                                    volfs::delta::DeltaError::WrongBase { .. }
-                                )
-                            ) {
-                                // The staged copy is not what it said it held
-                                // (left half-applied by a crash): start it
-                                // afresh, so the next pull sends everything.
-                                tracing::warn!(error = %e, "staged copy does not match its manifest; dropping it");
-                                let _ = std::fs::remove_dir_all(&vol);
-                            }
-                            (
-                                Status::data_loss(format!("round {round}: {e}")),
-                                attempt_of(&meta),
-                            )
-                        })?;
-                        let down = t_quiesce
-                            .map(|t| t.elapsed().as_micros() as u64)
-                            .unwrap_or(0);
-                        let phase = if t_quiesce.is_some() {
-                            pb::HandoverPhase::Final
-                        } else {
-                            pb::HandoverPhase::Pull
-                        };
-                        report(phase, round, bytes.load(Ordering::Relaxed), down).await;
-                        round += 1;
-                    }
-                }
-                Some(Chunk::Quiesced(_)) => {
-                    t_quiesce = Some(Instant::now());
-                    report(
-                        pb::HandoverPhase::Quiesced,
-                        round,
-                        bytes.load(Ordering::Relaxed),
-                        0,
-                    )
-                    .await;
-                }
-                Some(Chunk::Op(o)) => {
-                    ops_bytes += 16 + (o.payload.len() + o.message.len()) as u64;
-                    ops.push_back(o);
-                    while ops.len() > crate::journal::KEEP_DONE
-                        || ops_bytes > self.cfg.journal_bytes
-                    {
-                        let Some(old) = ops.pop_front() else { break };
-                        ops_bytes -= 16 + (old.payload.len() + old.message.len()) as u64;
-                    }
-                }
-                Some(Chunk::Final(f)) => root = Some(f.root),
-                None => {}
-            }
-        }
-        let attempt = attempt_of(&meta);
-        let (Some(meta), Some(root), Some(t_q)) = (meta, root, t_quiesce) else {
-            return Err((
-                Status::unavailable(format!(
-                    "the old edge {} ended the handover early; it still serves the session",
-                    owner.edge_id
-                )),
-                attempt,
-            ));
-        };
-        self.puller_step(id, PullerEvent::FinalReceived);
-        // The staged volume must be what the old edge sent.
-        let v = vol.clone();
-        let have = tokio::task::spawn_blocking(move || volfs::offline::hash(&v, None))
-            .await
-            .map_err(|e| (io_status(e), attempt))?
-            .map_err(|e| (io_status(e), attempt))?
-            .0;
-        if have.as_slice() != root.as_slice() {
-            return Err((
-                Status::data_loss(format!(
-                    "staged volume hashes to {}, the old edge sent {}",
-                    volfs::hex(&have),
-                    volfs::hex(&root)
-                )),
-                attempt,
-            ));
-        }
-        report(
-            pb::HandoverPhase::Apply,
-            round,
-            bytes.load(Ordering::Relaxed),
-            t_q.elapsed().as_micros() as u64,
-        )
-        .await;
-        Ok(Pulled {
-            stream,
-            attempt: meta.attempt,
-            meta,
-            ops,
-            quiesced: t_q,
-            bytes: bytes.load(Ordering::Relaxed),
-            round,
-        })
-    }
-
     /// Makes the staged copy the session directory (persisted `Starting`
     /// before it moves), mounts it, starts the instance with its calls held.
     async fn promote_and_start(
@@ -715,76 +488,5 @@ impl Edge {
             tracing::warn!(session = %id, "could not keep the pulled volume staged");
         }
         let _ = tokio::fs::remove_dir_all(&dir).await;
-    }
-}
-
-/// A handover round as it arrives: in memory while small (the final round,
-/// on the downtime path), spooled to a file in the staging directory past
-/// [`SPOOL_AT`], so a pull never holds a whole volume in memory.
-enum Round {
-    Memory(Vec<u8>),
-    Spooled(tokio::io::BufWriter<tokio::fs::File>, std::path::PathBuf),
-}
-
-/// Bytes of a round kept in memory before it goes to disk.
-const SPOOL_AT: usize = 8 << 20;
-
-impl Round {
-    async fn push(&mut self, enc: &[u8], spool: &std::path::Path) -> std::io::Result<()> {
-        use tokio::io::AsyncWriteExt;
-        if let Round::Memory(b) = self {
-            if b.len() + enc.len() <= SPOOL_AT {
-                b.extend_from_slice(enc);
-                return Ok(());
-            }
-            tracing::info!(spool = %spool.display(), "a large handover round: spooled to disk");
-            let mut w = tokio::io::BufWriter::new(tokio::fs::File::create(spool).await?);
-            w.write_all(b).await?;
-            *self = Round::Spooled(w, spool.to_path_buf());
-        }
-        match self {
-            Round::Spooled(w, _) => w.write_all(enc).await,
-            Round::Memory(_) => Ok(()),
-        }
-    }
-
-    /// Applies the round to the staged volume `vol` (blocking work off the
-    /// runtime); a spool file is removed after.
-    async fn apply(
-        self,
-        vol: &std::path::Path,
-    ) -> std::io::Result<Result<volfs::apply::ApplyReport, volfs::apply::ApplyError>> {
-        use tokio::io::AsyncWriteExt;
-        let v = vol.to_path_buf();
-        match self {
-            Round::Memory(data) => {
-                tokio::task::spawn_blocking(move || volfs::offline::apply(&v, data.as_slice()))
-                    .await
-                    .map_err(std::io::Error::other)
-            }
-            Round::Spooled(mut w, path) => {
-                w.flush().await?;
-                drop(w);
-                let p = path.clone();
-                let r = tokio::task::spawn_blocking(move || {
-                    std::fs::File::open(&p)
-                        .map(|f| volfs::offline::apply(&v, std::io::BufReader::new(f)))
-                })
-                .await
-                .map_err(std::io::Error::other)
-                .and_then(|r| r);
-                let _ = tokio::fs::remove_file(&path).await;
-                r
-            }
-        }
-    }
-}
-
-/// Removes a file when dropped.
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }

@@ -1,0 +1,157 @@
+//! The instance of a session: started on its volume, answering on its
+//! socket, restarted after it died, stopped with the session (the one
+//! teardown).
+
+use std::time::{Duration, Instant};
+
+use tonic::Status;
+
+use super::{EdgeError, Gate, Session, State};
+use crate::config::{AppConfig, Config};
+use crate::forward::{AppClient, SOCKET_NAME};
+use crate::runtime::InstanceId;
+use crate::volume;
+
+impl Session {
+    /// The socket directory belongs to the instance's user and nobody else.
+    pub(super) fn prepare_socket_dir(&self, app: &AppConfig) -> Result<(), EdgeError> {
+        use std::os::unix::fs::PermissionsExt;
+        let run = self.layout().run();
+        std::fs::create_dir_all(&run)?;
+        if let Some((uid, gid)) = app.uid_gid() {
+            std::os::unix::fs::lchown(&run, Some(uid), Some(gid))?;
+        }
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700))?;
+        Ok(())
+    }
+
+    /// Waits until the instance answers on its socket, or fails with its output.
+    pub(super) async fn wait_ready(
+        &self,
+        id: &InstanceId,
+        timeout: Duration,
+        max_message: usize,
+    ) -> Result<AppClient, EdgeError> {
+        let socket = self.spec.socket_dir.join(SOCKET_NAME);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if socket.exists() {
+                if let Ok(c) = AppClient::connect(&socket, max_message).await {
+                    return Ok(c);
+                }
+            }
+            let reason = if !self.runtime.alive(id).await {
+                "it exited".to_string()
+            } else if Instant::now() > deadline {
+                format!("no answer on its socket within {timeout:?}")
+            } else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let logs = self.runtime.logs(id, &self.spec, 10).await.join(" | ");
+            return Err(EdgeError::NotReady { reason, logs });
+        }
+    }
+
+    /// Starts the instance (or restarts a dead one) and returns a client of it.
+    pub(super) async fn ensure_running(&self, cfg: &Config) -> Result<AppClient, EdgeError> {
+        let mut inst = self.instance.lock().await;
+        // Liveness is checked when a call fails (see `mark_failed`), not on
+        // every call: for Docker it is a round trip to the engine.
+        if let Some((_, client)) = inst.as_ref() {
+            return Ok(client.clone());
+        }
+        let _ = std::fs::remove_file(self.spec.socket_dir.join(SOCKET_NAME));
+        // The instance's user owns its socket directory and its volume, also
+        // for a session made before (or on an edge with) another `user`.
+        if let Some(app) = cfg.apps.get(&self.app) {
+            self.prepare_socket_dir(app)?;
+            if let Some((uid, gid)) = app.uid_gid() {
+                let backing = self.layout().backing();
+                let owned = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&backing)?);
+                if owned != uid {
+                    tracing::info!(session = %self.id, uid, "giving the volume to the app's user");
+                    tokio::task::spawn_blocking(move || volume::give_to(&backing, uid, gid))
+                        .await
+                        .map_err(|e| EdgeError::Io(std::io::Error::other(e)))??;
+                }
+            }
+        }
+        let id = self.runtime.start(&self.spec).await?;
+        if let Err(e) = self.save_record_with(Some(id.clone())).await {
+            let _ = self.runtime.stop(&id).await;
+            return Err(e);
+        }
+        match self
+            .wait_ready(&id, cfg.start_timeout, cfg.max_payload + 1024)
+            .await
+        {
+            Ok(client) => {
+                *inst = Some((id, client.clone()));
+                drop(inst);
+                self.save_record().await?;
+                Ok(client)
+            }
+            Err(e) => {
+                let _ = self.runtime.stop(&id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// After a failed call: if the instance is gone, forget it (the next
+    /// call starts a new one) and say so with its last output.
+    pub(super) async fn check_after_failure(&self, st: &Status) -> Option<String> {
+        let mut inst = self.instance.lock().await;
+        let id = inst.as_ref().map(|(i, _)| i.clone())?;
+        // A dying process closes its socket a moment before it is seen to
+        // exit: after a transport failure, look a little longer.
+        let transport = matches!(
+            st.code(),
+            tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
+        );
+        let deadline = Instant::now()
+            + if transport {
+                Duration::from_millis(500)
+            } else {
+                Duration::ZERO
+            };
+        while self.runtime.alive(&id).await {
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let logs = self.runtime.logs(&id, &self.spec, 5).await.join(" | ");
+        tracing::warn!(session = %self.id, instance = %id, "instance exited; the next call restarts it");
+        let _ = self.runtime.stop(&id).await;
+        *inst = None;
+        Some(logs)
+    }
+
+    /// Stops the instance, unmounts and removes the session directory.
+    pub(super) async fn teardown(&self) {
+        self.set_state(State::Closing);
+        if let Some((id, _)) = self.instance.lock().await.take() {
+            if let Err(e) = self.runtime.stop(&id).await {
+                tracing::error!(session = %self.id, error = %e, "stopping the instance failed");
+            }
+        }
+        crate::runtime::cgroup::remove_instance(&self.spec.edge_id, &self.id).await;
+        if let Some(shim) = self.shim.lock().await.take() {
+            shim.unmount().await;
+        }
+        volume::detach(&self.layout().mnt());
+        self.gate.send_if_modified(|g| {
+            let open = matches!(g, Gate::Open | Gate::Held);
+            if open {
+                *g = Gate::Gone;
+            }
+            open
+        });
+        self.journal.close();
+        if let Err(e) = tokio::fs::remove_dir_all(&self.dir).await {
+            tracing::error!(session = %self.id, error = %e, "removing the session directory failed");
+        }
+    }
+}
