@@ -138,6 +138,10 @@ pub struct HandoverConfig {
     pub max_downtime: Duration,
     /// At most this many live rounds before the quiesce.
     pub max_live_rounds: u32,
+    /// Bytes of a pulled volume's most recently modified files the new edge
+    /// reads through the volume's mount while the instance starts, so the
+    /// app's first calls there do not each cross the FUSE daemon; 0: none.
+    pub warm_bytes: u64,
 }
 
 impl Default for HandoverConfig {
@@ -145,6 +149,7 @@ impl Default for HandoverConfig {
         HandoverConfig {
             max_downtime: Duration::from_millis(100),
             max_live_rounds: 8,
+            warm_bytes: 64 << 20,
         }
     }
 }
@@ -366,6 +371,10 @@ staging_budget = 8589934592
 max_downtime = 0.1
 # ... or this many live rounds went out.
 max_live_rounds = 8
+# The new edge reads this many bytes of the volume's newest files through
+# its mount while the instance starts (a warm page cache for the first
+# calls); 0 for none.
+warm_bytes = 67108864
 
 # A Docker app: the same limits, no swap beyond its memory limit.
 # [apps.list-docker]

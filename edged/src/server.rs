@@ -267,7 +267,7 @@ impl Peer for PeerService {
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         self.neighbour(&req)?;
         self.0.drop_staged(&req.into_inner().session_id).await;
-        Ok(Response::new(pb::ReleaseResponse {}))
+        Ok(Response::new(pb::ReleaseResponse::default()))
     }
 
     async fn release(
@@ -276,11 +276,14 @@ impl Peer for PeerService {
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let from = self.caller(&req, &req.get_ref().from_edge)?;
         let r = req.into_inner();
-        self.0
+        let held = self
+            .0
             .release(&r.session_id, r.attempt, &from)
             .await
             .map_err(|e| e.status())?;
-        Ok(Response::new(pb::ReleaseResponse {}))
+        Ok(Response::new(pb::ReleaseResponse {
+            held_micros: held.map_or(0, |d| d.as_micros() as u64),
+        }))
     }
 
     async fn abort(
@@ -293,7 +296,7 @@ impl Peer for PeerService {
             .abort_handover(&r.session_id, r.attempt, &from)
             .await
             .map_err(|e| e.status())?;
-        Ok(Response::new(pb::ReleaseResponse {}))
+        Ok(Response::new(pb::ReleaseResponse::default()))
     }
 }
 

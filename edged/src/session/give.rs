@@ -62,11 +62,14 @@ impl Edge {
                         None
                     }
                     OwnerAction::HoldCalls => {
+                        *s.held_since.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(Instant::now());
                         s.set_gate(Gate::Held);
                         s.journal.hold_new();
                         None
                     }
                     OwnerAction::ResumeCalls => {
+                        *s.held_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
                         s.journal.admit_new();
                         s.set_gate(Gate::Open);
                         None
@@ -409,6 +412,7 @@ impl Edge {
         }
         send(Chunk::Quiesced(pb::Quiesced {
             waited_ops_micros: waited.as_micros() as u64,
+            held_micros: t.elapsed().as_micros() as u64,
         }))
         .await?;
         // The final round: the instance is frozen, the control request flushes volfs.
@@ -472,12 +476,12 @@ impl Edge {
         id: &str,
         attempt: Attempt,
         from: &str,
-    ) -> Result<(), EdgeError> {
+    ) -> Result<Option<Duration>, EdgeError> {
         let live = self.get(id);
         let Some(s) = live else {
             // Released already (the answer was lost, or this edge restarted).
             return match self.tombstone(id) {
-                Some(t) if t.attempt == attempt && t.to.edge_id == from => Ok(()),
+                Some(t) if t.attempt == attempt && t.to.edge_id == from => Ok(None),
                 _ => Err(EdgeError::Refused(
                     format!("session {id} is not being handed over to {from} in attempt {attempt}"),
                     Refusal::NotGiving,
@@ -493,7 +497,9 @@ impl Edge {
                 },
             )
             .await;
-        reply_of(id, acts)
+        reply_of(id, acts)?;
+        let held = *s.held_since.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(held.map(|t| t.elapsed()))
     }
 
     /// A side: the new edge gave up; serve again.

@@ -108,20 +108,33 @@ async fn the_freeze_is_persisted_first_and_an_abort_thaws_and_reopens_calls() {
     );
     assert_eq!(persisted(&s), Role::Serving);
     assert_eq!(*s.gate.borrow(), Gate::Open);
+    assert_eq!(
+        *s.held_since.lock().unwrap(),
+        None,
+        "calls are no longer held"
+    );
 }
 
 #[tokio::test]
 async fn a_release_persists_the_tombstone_redirects_calls_and_frees_the_session() {
     let (edge, s, _fake, _d) = edge_with_session().await;
     to_final_sent(&edge, &s, 5).await;
-    edge.release("s1", 5, "b").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    // The answer says how long calls have been held: the downtime began
+    // at the hold, not when the new edge heard of the quiesce.
+    let held = edge.release("s1", 5, "b").await.unwrap();
+    assert!(
+        held.is_some_and(|d| d >= std::time::Duration::from_millis(30)),
+        "{held:?}"
+    );
     assert_eq!(*s.gate.borrow(), Gate::Moved(peer("b")));
     let t = edge.tombstones.load();
     assert_eq!(t.len(), 1);
     assert_eq!((t[0].1.attempt, t[0].1.to.edge_id.as_str()), (5, "b"));
     assert_eq!(edge.session_count(), 0);
-    // Asked again (the answer was lost): answered from the tombstone.
-    edge.release("s1", 5, "b").await.unwrap();
+    // Asked again (the answer was lost): answered from the tombstone,
+    // without a hold it no longer knows.
+    assert_eq!(edge.release("s1", 5, "b").await.unwrap(), None);
     assert!(edge.release("s1", 4, "b").await.is_err());
     assert!(matches!(
         edge.session("s1", b"t"),

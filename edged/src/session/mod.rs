@@ -145,6 +145,9 @@ pub struct Session {
     owner: tokio::sync::Mutex<OwnerState>,
     /// Whether calls run, wait, or go elsewhere (a watch: waiters wake on change).
     gate: watch::Sender<Gate>,
+    /// Since when a handover holds the calls here (std mutex): the
+    /// downtime the client sees begins then.
+    held_since: Mutex<Option<std::time::Instant>>,
     /// Pre-copy bookkeeping (async mutex, held for a whole round; a
     /// handover holds it too, so no round runs during one).
     precopy: tokio::sync::Mutex<precopy::PrecopyState>,

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use edge_proto::v1 as pb;
 use edge_proto::v1::handover_chunk::Chunk;
@@ -18,6 +18,10 @@ use super::migrate::{io_status, progress_event};
 use super::{Edge, peer_status};
 use crate::migration::puller::PullerEvent;
 use crate::migration::{Attempt, Peer};
+/// The most of the old edge's hold before its quiesce a new edge counts
+/// into the downtime it reports (the old edge says how long it held).
+pub(super) const MAX_HELD_BEFORE_QUIESCED: Duration = Duration::from_secs(60);
+
 /// What a pull brought: everything needed to start serving.
 pub(super) struct Pulled {
     /// The handover stream, kept open until the release is answered: the
@@ -174,8 +178,12 @@ impl Edge {
                         round += 1;
                     }
                 }
-                Some(Chunk::Quiesced(_)) => {
-                    t_quiesce = Some(Instant::now());
+                Some(Chunk::Quiesced(q)) => {
+                    // Downtime counts from when the old edge began holding
+                    // calls (as it says, within reason).
+                    let held = Duration::from_micros(q.held_micros).min(MAX_HELD_BEFORE_QUIESCED);
+                    let now = Instant::now();
+                    t_quiesce = Some(now.checked_sub(held).unwrap_or(now));
                     report(
                         pb::HandoverPhase::Quiesced,
                         round,

@@ -264,6 +264,7 @@ impl Edge {
             role: Mutex::new(rec.role.clone()),
             owner: tokio::sync::Mutex::new(OwnerState::Serving),
             gate: watch::channel(gate).0,
+            held_since: Mutex::new(None),
             precopy: tokio::sync::Mutex::new(Default::default()),
             candidates: Mutex::new(None),
         })

@@ -8,7 +8,7 @@
 //! Refused: the instance stops and the copy is staged again.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use edge_proto::v1 as pb;
 use edge_proto::v1::peer_client::PeerClient;
@@ -23,6 +23,9 @@ use crate::journal::Outcome;
 use crate::migration::puller::{PullerAction, PullerEvent, PullerState};
 use crate::migration::{Attempt, Peer};
 use crate::volume;
+
+/// The longest a new edge reads a pulled volume to warm its mount.
+const WARM_TIME: Duration = Duration::from_secs(2);
 
 impl Edge {
     // ---- The puller's side ----
@@ -258,8 +261,8 @@ impl Edge {
                 r
             }
         });
-        match tokio::time::timeout(RELEASE_ANSWER_WAIT, asking).await {
-            Ok(Ok(Ok(()))) => {}
+        let seen = match tokio::time::timeout(RELEASE_ANSWER_WAIT, asking).await {
+            Ok(Ok(Ok(seen))) => seen,
             Ok(Ok(Err(st))) => return Err(st),
             Ok(Err(e)) => return Err(io_status(e)),
             Err(_) => {
@@ -269,19 +272,31 @@ impl Edge {
                     RELEASE_ANSWER_WAIT.as_secs()
                 )));
             }
-        }
-        let down = quiesced.elapsed();
+        };
+        // The larger of the two views: from the Quiesced chunk (which may wait
+        // behind the live round it follows) and from the owner's hold.
+        let down = quiesced.elapsed().max(seen.unwrap_or_default());
         tracing::info!(
             downtime_ms = down.as_secs_f64() * 1e3,
             bytes,
             "session taken over"
         );
-        report(pb::HandoverPhase::Ready).await;
+        let ready = progress_event(
+            pb::HandoverPhase::Ready,
+            round,
+            bytes,
+            down.as_micros() as u64,
+            &self.cfg.edge_id,
+        );
+        let _ = progress.send(Ok(ready)).await;
         Ok(())
     }
 
     /// Asks the old owner to release attempt `attempt` until it answers:
-    /// released → serve; refused → the copy is staged again.
+    /// released → serve; refused → the copy is staged again. Serving, it
+    /// returns the downtime the client saw, when the owner said how long
+    /// it held the calls: that hold, half the round trip of the Release,
+    /// and the time from its answer until the calls open here.
     pub(super) async fn ask_release(
         self: &Arc<Self>,
         id: &str,
@@ -289,12 +304,13 @@ impl Edge {
         owner: &Peer,
         attempt: Attempt,
         mut peer: Option<PeerClient<tonic::transport::Channel>>,
-    ) -> Result<(), Status> {
+    ) -> Result<Option<Duration>, Status> {
         let mut pause = Duration::from_millis(50);
         loop {
             if peer.is_none() {
                 peer = self.peers.dial(&owner.edge_id, &owner.addr).await.ok();
             }
+            let asked = Instant::now();
             let answer = match peer.as_mut() {
                 Some(p) => Some(
                     p.release(pb::ReleaseRequest {
@@ -308,9 +324,14 @@ impl Edge {
                 None => None,
             };
             match answer {
-                Some(Ok(_)) => {
+                Some(Ok(r)) => {
+                    let answered = Instant::now();
+                    let held = Duration::from_micros(r.into_inner().held_micros)
+                        .min(super::pull::MAX_HELD_BEFORE_QUIESCED);
                     self.puller_step(id, PullerEvent::ReleaseAnswered { released: true });
-                    return self.serve_pulled(id).await;
+                    self.serve_pulled(id).await?;
+                    return Ok((!held.is_zero())
+                        .then(|| held + (answered - asked) / 2 + answered.elapsed()));
                 }
                 Some(Err(st))
                     if matches!(
@@ -452,6 +473,23 @@ impl Edge {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.to_string(), session.clone());
         self.mount_volume(&session).await?;
+        // While the instance starts: the mount's page cache filled with the
+        // newest files (not waited for; bounded in bytes and time).
+        let (backing, mnt) = (layout.backing(), layout.mnt());
+        let (budget, sid) = (self.cfg.handover.warm_bytes, id.to_string());
+        tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            match volume::warm(&backing, &mnt, budget, t + WARM_TIME) {
+                Ok(w) => tracing::debug!(
+                    session = %sid,
+                    bytes = w.bytes,
+                    files = w.files,
+                    ms = t.elapsed().as_millis() as u64,
+                    "volume warmed"
+                ),
+                Err(e) => tracing::debug!(session = %sid, error = %e, "volume not warmed"),
+            }
+        });
         session.ensure_running(&self.cfg).await?;
         Ok(session)
     }
