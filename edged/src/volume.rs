@@ -145,6 +145,9 @@ pub async fn mount(
     // The shim must outlive edged: let tokio's orphan reaper own the child.
     drop(child);
     let deadline = Instant::now() + Duration::from_secs(20);
+    // A mount on a handover's downtime path comes up in a few ms: look
+    // often at first, then back off.
+    let mut pause = Duration::from_millis(1);
     loop {
         if control(backing, "status").await.is_ok() {
             return Ok(Shim {
@@ -157,7 +160,8 @@ pub async fn mount(
             let tail = crate::runtime::tail(log, 5).join(" | ");
             return Err(VolumeError::Mount(format!("volfs did not come up: {tail}")));
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(10));
     }
 }
 

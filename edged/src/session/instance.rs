@@ -34,6 +34,9 @@ impl Session {
     ) -> Result<AppClient, EdgeError> {
         let socket = self.spec.socket_dir.join(SOCKET_NAME);
         let deadline = Instant::now() + timeout;
+        // Looked at often at first (a start on a handover's downtime path
+        // answers in tens of ms), then every 10 ms.
+        let mut pause = Duration::from_millis(1);
         loop {
             if socket.exists() {
                 if let Ok(c) = AppClient::connect(&socket, max_message).await {
@@ -45,7 +48,8 @@ impl Session {
             } else if Instant::now() > deadline {
                 format!("no answer on its socket within {timeout:?}")
             } else {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(10));
                 continue;
             };
             let logs = self.runtime.logs(id, &self.spec, 10).await.join(" | ");
