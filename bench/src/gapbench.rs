@@ -1,25 +1,40 @@
 //! The gap a client sees while its session moves: a writer adds 4 KB items
 //! to the List app at a steady rate while the session moves back and forth
-//! between two edges on loopback; for each move the longest time no call
-//! completed is set beside the downtime the edges report, and the moments
-//! of the handover's phases show where the rest of the gap goes.
+//! between two places on loopback. For each move: the longest time no write
+//! completed from the move asked until shortly after it ended (the
+//! client-seen gap), beside the downtime the mover reports; and, apart, the
+//! longest stall after that until the next move.
+//!
+//! Side by side in one run:
+//! - edgeshift (two edges, TLS, the List app in the process runtime);
+//! - edgeshift without warming the pulled volume's mount
+//!   (`[handover] warm_bytes = 0`);
+//! - the original framework's method done its way: the app as a plain
+//!   process on a native directory, the client calling its socket
+//!   directly; at the move `rsync` pass 1 with the app writing, the app
+//!   stopped, pass 2, the app started on the target, the client
+//!   reconnecting as soon as it answers.
 //!
 //! ```text
 //! cargo build --release --workspace
 //! target/release/gapbench [--moves 20] [--rate 120] [--seed-mb 16]
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use edged::forward::AppClient;
 use edgeshift_tests::list;
 
-#[derive(Parser)]
+mod rsync;
+
+#[derive(Parser, Clone)]
 struct Args {
-    /// Moves (alternately A → B and B → A).
+    /// Moves per variant (alternately there and back).
     #[arg(long, default_value_t = 20)]
     moves: usize,
     /// Writes per second the writer aims at.
@@ -31,9 +46,12 @@ struct Args {
     /// Megabytes of items in the database before the first move.
     #[arg(long, default_value_t = 16)]
     seed_mb: usize,
-    /// Both edges in `insecure_plaintext` (what TLS costs, side by side).
+    /// Both edges in `insecure_plaintext`.
     #[arg(long)]
     plaintext: bool,
+    /// Only the edgeshift variant with its defaults.
+    #[arg(long)]
+    only_edgeshift: bool,
     /// Keep the working directory (edged logs).
     #[arg(long)]
     keep: bool,
@@ -49,14 +67,23 @@ struct Done {
     answered: Instant,
 }
 
-/// One move, as the client saw it.
+/// One move, as the mover saw it.
 struct Move {
     asked: Instant,
     ready: Instant,
     downtime: Duration,
-    /// When each phase was reported, after `asked`.
+    /// When each phase was reported, after `asked` (edgeshift only).
     phases: Vec<(&'static str, Duration)>,
 }
+
+/// What a variant measured.
+struct Run {
+    moves: Vec<Move>,
+    done: Vec<Done>,
+}
+
+/// How long after a move ends its gap may still be counted.
+const SETTLE: Duration = Duration::from_millis(250);
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -98,22 +125,45 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let a = Args::parse();
-    // SAFETY: geteuid has no preconditions.
-    anyhow::ensure!(
-        unsafe { libc::geteuid() } == 0,
-        "gapbench mounts FUSE volumes: run it as root"
-    );
-    anyhow::ensure!(a.rate > 0 && a.item_bytes <= edgeshift_examples::list::MAX_ITEM);
-    let work = tempfile::Builder::new()
-        .prefix("gapbench")
-        .tempdir_in("/var/tmp")?;
-    if a.keep {
-        eprintln!("working directory: {}", work.path().display());
-    }
-    let base = work.path().join("base");
+/// A writer adding items through `call` at `rate` per second until `stop`.
+fn writer<F, Fut>(
+    a: &Args,
+    call: F,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (
+    Arc<Mutex<Vec<Done>>>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)
+where
+    F: Fn(bytes::Bytes) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let done: Arc<Mutex<Vec<Done>>> = Arc::default();
+    let (d2, period, n) = (done.clone(), Duration::from_secs(1) / a.rate, a.item_bytes);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut i = 1_000_000;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            tick.tick().await;
+            i += 1;
+            let sent = Instant::now();
+            call(list::add(&edgeshift_tests::noise(i, n)))
+                .await
+                .context("a write")?;
+            d2.lock().unwrap().push(Done {
+                sent,
+                answered: Instant::now(),
+            });
+        }
+        anyhow::Ok(())
+    });
+    (done, task)
+}
+
+/// Two edges; the session moves between them with `handover_to`.
+async fn edgeshift(a: &Args, work: &Path, extra: &str) -> anyhow::Result<Run> {
+    let base = work.join("base");
     std::fs::create_dir_all(&base)?;
     let mode = if a.plaintext {
         "insecure_plaintext = true\n"
@@ -123,20 +173,20 @@ async fn main() -> anyhow::Result<()> {
     let a_addr = edgeshift_tests::free_addr("127.0.0.1");
     let b_addr = edgeshift_tests::free_addr("127.0.0.2");
     let ea = edgeshift_tests::start_list_edge_in(
-        work.path(),
+        work,
         "a",
         &a_addr.to_string(),
         &base,
         None,
-        &format!("{mode}{}", edgeshift_tests::neighbour("b", b_addr)),
+        &format!("{mode}{}{extra}", edgeshift_tests::neighbour("b", b_addr)),
     );
     let eb = edgeshift_tests::start_list_edge_in(
-        work.path(),
+        work,
         "b",
         &b_addr.to_string(),
         &base,
         None,
-        &format!("{mode}{}", edgeshift_tests::neighbour("a", a_addr)),
+        &format!("{mode}{}{extra}", edgeshift_tests::neighbour("a", a_addr)),
     );
     let connect = |url: String| async move {
         if url.starts_with("http://") {
@@ -148,7 +198,6 @@ async fn main() -> anyhow::Result<()> {
     let clients = [connect(ea.url()).await?, connect(eb.url()).await?];
     let s = clients[0].open_session("list", "gapbench").await?;
     let seed_items = (a.seed_mb << 20) / a.item_bytes.max(1);
-    eprintln!("seeding {seed_items} items of {} bytes", a.item_bytes);
     for i in 0..seed_items {
         s.invoke(
             list::ADD,
@@ -157,32 +206,19 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("seeding")?;
     }
-
-    let done: Arc<Mutex<Vec<Done>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let (s, done, stop) = (s.clone(), done.clone(), stop.clone());
-        let (period, n) = (Duration::from_secs(1) / a.rate, a.item_bytes);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut i = 1_000_000;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                tick.tick().await;
-                i += 1;
-                let sent = Instant::now();
-                s.invoke(list::ADD, list::add(&edgeshift_tests::noise(i, n)))
-                    .await
-                    .context("a write")?;
-                done.lock().unwrap().push(Done {
-                    sent,
-                    answered: Instant::now(),
-                });
+    let s2 = s.clone();
+    let (done, task) = writer(
+        a,
+        move |item| {
+            let s = s2.clone();
+            async move {
+                s.invoke(list::ADD, item).await?;
+                Ok(())
             }
-            anyhow::Ok(())
-        })
-    };
-
+        },
+        stop.clone(),
+    );
     let mut moves = Vec::new();
     for m in 0..a.moves {
         // Pre-copy rounds run between moves (one per MiB dirtied).
@@ -203,24 +239,165 @@ async fn main() -> anyhow::Result<()> {
             downtime,
             phases,
         });
-        eprintln!("move {m}: downtime {:.1} ms", ms(downtime));
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    writer.await??;
+    task.await??;
     s.close().await?;
-
+    drop((ea, eb));
     let done = done.lock().unwrap().clone();
-    std::fs::create_dir_all(&a.out)?;
-    let mut csv = String::from(
-        "move,downtime_ms,gap_ms,gap_minus_downtime_ms,total_ms,gap_start_ms,gap_end_ms,quiesced_ms,final_ms,apply_ms,start_ms,ready_ms\n",
+    Ok(Run { moves, done })
+}
+
+/// The List app as a plain process on `data`, answering on `run/app.sock`.
+fn start_app(data: &Path, run: &Path) -> anyhow::Result<Child> {
+    Command::new(edgeshift_tests::bin("list-app"))
+        .env("EDGE_DATA_DIR", data)
+        .env("EDGE_SOCKET_DIR", run)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("list-app")
+}
+
+/// Waits (looking every ms) until the app answers on `socket`.
+async fn answering(socket: &Path) -> anyhow::Result<AppClient> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if socket.exists() {
+            if let Ok(c) = AppClient::connect(socket, 1 << 20).await {
+                return Ok(c);
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the app did not answer");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// The original framework's method: rsync, stop, rsync, start, reconnect.
+async fn thesis(a: &Args, work: &Path) -> anyhow::Result<Run> {
+    let sites: Vec<(PathBuf, PathBuf)> = ["site-a", "site-b"]
+        .iter()
+        .map(|n| (work.join(n).join("data"), work.join(n).join("run")))
+        .collect();
+    let mut daemons = Vec::new();
+    let mut addrs = Vec::new();
+    for (data, run) in &sites {
+        std::fs::create_dir_all(data)?;
+        std::fs::create_dir_all(run)?;
+        let (d, addr) = rsync::daemon(work, data)?;
+        daemons.push(d);
+        addrs.push(addr);
+    }
+    let mut app = start_app(&sites[0].0, &sites[0].1)?;
+    let first = answering(&sites[0].1.join("app.sock")).await?;
+    let seed_items = (a.seed_mb << 20) / a.item_bytes.max(1);
+    for i in 0..seed_items {
+        first
+            .call(
+                list::ADD,
+                list::add(&edgeshift_tests::noise(i, a.item_bytes)),
+            )
+            .await
+            .context("seeding")?;
+    }
+    // The client calls whichever socket the app answers on now; a call
+    // that fails goes again once the app answers there.
+    let current: Arc<Mutex<(PathBuf, AppClient)>> =
+        Arc::new(Mutex::new((sites[0].1.join("app.sock"), first)));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let c2 = current.clone();
+    let (done, task) = writer(
+        a,
+        move |item| {
+            let current = c2.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let client = current.lock().unwrap().1.clone();
+                    if client.call(list::ADD, item.clone()).await.is_ok() {
+                        return Ok(());
+                    }
+                    anyhow::ensure!(Instant::now() < deadline, "no answer for 30 s");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    let path = current.lock().unwrap().0.clone();
+                    if let Ok(c) = AppClient::connect(&path, 1 << 20).await {
+                        *current.lock().unwrap() = (path, c);
+                    }
+                }
+            }
+        },
+        stop.clone(),
     );
+    let mut moves = Vec::new();
+    for m in 0..a.moves {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let (from, to) = (m % 2, (m + 1) % 2);
+        let asked = Instant::now();
+        // Pass 1 while the app writes.
+        let (src, addr) = (sites[from].0.clone(), addrs[to]);
+        tokio::task::spawn_blocking(move || rsync::pass(&src, addr)).await??;
+        // Stop (SIGTERM, as `docker stop`): the downtime starts.
+        let t = Instant::now();
+        // SAFETY: kill with a pid this process spawned and has not reaped.
+        unsafe { libc::kill(app.id() as i32, libc::SIGTERM) };
+        let _ = app.wait();
+        let src = sites[from].0.clone();
+        tokio::task::spawn_blocking(move || rsync::pass(&src, addr)).await??;
+        let _ = std::fs::remove_file(sites[to].1.join("app.sock"));
+        app = start_app(&sites[to].0, &sites[to].1)?;
+        let socket = sites[to].1.join("app.sock");
+        let c = answering(&socket).await?;
+        let downtime = t.elapsed();
+        *current.lock().unwrap() = (socket, c);
+        moves.push(Move {
+            asked,
+            ready: Instant::now(),
+            downtime,
+            phases: Vec::new(),
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    task.await??;
+    let _ = app.kill();
+    let _ = app.wait();
+    for mut d in daemons {
+        let _ = d.kill();
+        let _ = d.wait();
+    }
+    let done = done.lock().unwrap().clone();
+    Ok(Run { moves, done })
+}
+
+/// Summary numbers of a run, ms: gaps, downtimes, gap − downtime, stalls after.
+struct Summary {
+    gaps: Vec<f64>,
+    downs: Vec<f64>,
+    extra: Vec<f64>,
+    after: Vec<f64>,
+    /// Every write's latency.
+    writes: Vec<f64>,
+}
+
+fn report(name: &str, run: &Run, csv: &mut String) -> Summary {
     println!(
-        "| move | downtime | client-seen gap | gap − downtime | gap from → to (after the ask) | phases reported (after the ask) |\n|---:|---:|---:|---:|---|---|"
+        "\n### {name}\n\n| move | downtime | client-seen gap | gap − downtime | gap from → to (after the ask) | stall after | phases reported (after the ask) |\n|---:|---:|---:|---:|---|---:|---|"
     );
-    let (mut gaps, mut downs, mut extra) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, m) in moves.iter().enumerate() {
-        let (gap, ended) = longest_gap(&done, m.asked, m.ready + Duration::from_secs(1));
+    let mut sum = Summary {
+        gaps: Vec::new(),
+        downs: Vec::new(),
+        extra: Vec::new(),
+        after: Vec::new(),
+        writes: run.done.iter().map(|d| ms(d.answered - d.sent)).collect(),
+    };
+    for (i, m) in run.moves.iter().enumerate() {
+        let (gap, ended) = longest_gap(&run.done, m.asked, m.ready + SETTLE);
+        let next = run
+            .moves
+            .get(i + 1)
+            .map_or(m.ready + Duration::from_secs(1), |n| n.asked);
+        let (after, _) = longest_gap(&run.done, m.ready + SETTLE, next);
         let rel = |t: Instant| {
             if t >= m.asked {
                 ms(t - m.asked)
@@ -228,16 +405,9 @@ async fn main() -> anyhow::Result<()> {
                 -ms(m.asked - t)
             }
         };
-        let (g0, g1, sent) = match ended {
-            Some(d) => (rel(d.answered) - ms(gap), rel(d.answered), rel(d.sent)),
-            None => (f64::NAN, f64::NAN, f64::NAN),
-        };
-        let at = |name: &str| {
-            m.phases
-                .iter()
-                .rev()
-                .find(|(n, _)| *n == name)
-                .map_or(f64::NAN, |(_, d)| ms(*d))
+        let (g0, g1) = match ended {
+            Some(d) => (rel(d.answered) - ms(gap), rel(d.answered)),
+            None => (f64::NAN, f64::NAN),
         };
         let phases: Vec<String> = m
             .phases
@@ -246,52 +416,103 @@ async fn main() -> anyhow::Result<()> {
             .map(|(n, d)| format!("{n} {:.0}", ms(*d)))
             .collect();
         println!(
-            "| {i} | {:.1} ms | {:.1} ms | {:.1} ms | {g0:.0} → {g1:.0} ms (its call sent at {sent:.0}) | {} |",
+            "| {i} | {:.1} ms | {:.1} ms | {:.1} ms | {g0:.0} → {g1:.0} ms | {:.1} ms | {} |",
             ms(m.downtime),
             ms(gap),
             ms(gap) - ms(m.downtime),
+            ms(after),
             phases.join(", ")
         );
-        csv += &format!(
-            "{i},{:.2},{:.2},{:.2},{:.2},{g0:.2},{g1:.2},{:.2},{:.2},{:.2},{:.2},{:.2}\n",
+        *csv += &format!(
+            "{name},{i},{:.2},{:.2},{:.2},{:.2}\n",
             ms(m.downtime),
             ms(gap),
-            ms(gap) - ms(m.downtime),
             ms(m.ready - m.asked),
-            at("quiesced"),
-            at("final"),
-            at("apply"),
-            at("start"),
-            at("ready"),
+            ms(after),
         );
-        gaps.push(ms(gap));
-        downs.push(ms(m.downtime));
-        extra.push(ms(gap) - ms(m.downtime));
+        sum.gaps.push(ms(gap));
+        sum.downs.push(ms(m.downtime));
+        sum.extra.push(ms(gap) - ms(m.downtime));
+        sum.after.push(ms(after));
     }
-    let steady: Vec<f64> = done
-        .windows(2)
-        .map(|w| ms(w[1].answered - w[1].sent))
-        .collect();
-    println!(
-        "\n{} moves, {} writes at {}/s of {} B ({}): gap p50 {:.1} / p99 {:.1} / max {:.1} ms; downtime p50 {:.1} / max {:.1} ms; gap − downtime p50 {:.1} / max {:.1} ms; a write's latency p50 {:.2} ms",
-        moves.len(),
-        done.len(),
-        a.rate,
-        a.item_bytes,
-        if a.plaintext { "plaintext" } else { "TLS" },
-        percentile(&gaps, 0.5),
-        percentile(&gaps, 0.99),
-        percentile(&gaps, 1.0),
-        percentile(&downs, 0.5),
-        percentile(&downs, 1.0),
-        percentile(&extra, 0.5),
-        percentile(&extra, 1.0),
-        percentile(&steady, 0.5),
+    sum
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    anyhow::ensure!(uid == 0, "gapbench mounts FUSE volumes: run it as root");
+    anyhow::ensure!(
+        a.rate > 0 && a.item_bytes <= edgeshift_examples::list::MAX_ITEM,
+        "--rate must be positive and --item-bytes at most {}",
+        edgeshift_examples::list::MAX_ITEM
     );
+    let work = tempfile::Builder::new()
+        .prefix("gapbench")
+        .tempdir_in("/var/tmp")?;
+    if a.keep {
+        eprintln!("working directory: {}", work.path().display());
+    }
+    let mut runs: Vec<(String, Run)> = Vec::new();
+    let variants: &[(&str, &str)] = if a.only_edgeshift {
+        &[("edgeshift", "")]
+    } else {
+        &[
+            ("edgeshift", ""),
+            (
+                "edgeshift, mount not warmed",
+                "[handover]\nwarm_bytes = 0\n",
+            ),
+        ]
+    };
+    for (i, (name, extra)) in variants.iter().enumerate() {
+        eprintln!("{name}: {} moves", a.moves);
+        let dir = work.path().join(format!("edgeshift-{i}"));
+        std::fs::create_dir_all(&dir)?;
+        runs.push((name.to_string(), edgeshift(&a, &dir, extra).await?));
+    }
+    if !a.only_edgeshift {
+        eprintln!("rsync, stop, rsync, start: {} moves", a.moves);
+        runs.push((
+            "the original method (rsync, stop, rsync, start)".into(),
+            thesis(&a, work.path()).await?,
+        ));
+    }
+    println!(
+        "{} moves per variant on loopback; a writer adds {} B items at {}/s to the List app, {} MB seeded; {}.",
+        a.moves,
+        a.item_bytes,
+        a.rate,
+        a.seed_mb,
+        if a.plaintext { "plaintext" } else { "TLS" }
+    );
+    let mut csv = String::from("variant,move,downtime_ms,gap_ms,total_ms,stall_after_ms\n");
+    let mut table = String::from(
+        "\n| variant | gap p50 | gap p99 | gap max | downtime p50 | downtime max | gap − downtime p50 / max | stall after p50 / max | a write, p50 |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for (name, run) in &runs {
+        let s = report(name, run, &mut csv);
+        table += &format!(
+            "| {name} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.2} ms |\n",
+            percentile(&s.gaps, 0.5),
+            percentile(&s.gaps, 0.99),
+            percentile(&s.gaps, 1.0),
+            percentile(&s.downs, 0.5),
+            percentile(&s.downs, 1.0),
+            percentile(&s.extra, 0.5),
+            percentile(&s.extra, 1.0),
+            percentile(&s.after, 0.5),
+            percentile(&s.after, 1.0),
+            percentile(&s.writes, 0.5),
+        );
+    }
+    println!("{table}");
+    std::fs::create_dir_all(&a.out)?;
     let file = a.out.join("gapbench.csv");
     std::fs::write(&file, csv)?;
     eprintln!("wrote {}", file.display());
-    drop((ea, eb));
     if a.keep {
         let _ = work.keep();
     }

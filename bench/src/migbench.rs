@@ -20,12 +20,14 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+
+mod rsync;
 use clap::Parser;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -317,61 +319,6 @@ async fn edgeshift_case(work: &Path, c: &Case, plain: bool) -> anyhow::Result<Ou
     Ok(out)
 }
 
-/// rsync daemon serving `dir` as module `vol` on 127.0.0.2.
-fn rsyncd(work: &Path, dir: &Path) -> anyhow::Result<(Child, SocketAddr)> {
-    let addr = std::net::TcpListener::bind(("127.0.0.2", 0))?.local_addr()?;
-    let conf = work.join("rsyncd.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "use chroot = no\n[vol]\npath = {}\nread only = false\nuid = root\ngid = root\n",
-            dir.display()
-        ),
-    )?;
-    let child = Command::new("rsync")
-        .args([
-            "--daemon",
-            "--no-detach",
-            "--address",
-            "127.0.0.2",
-            "--port",
-            &addr.port().to_string(),
-            "--config",
-        ])
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("rsync (apt-get install rsync)")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "rsync daemon did not come up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok((child, addr))
-}
-
-fn rsync_pass(src: &Path, relay: SocketAddr) -> anyhow::Result<u64> {
-    let out = Command::new("rsync")
-        .args(["-a", "--inplace", "--stats"])
-        .arg(format!("{}/", src.display()))
-        .arg(format!("rsync://{}:{}/vol/", relay.ip(), relay.port()))
-        .output()?;
-    if !out.status.success() {
-        bail!("rsync: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("Total bytes sent:"))
-        .context("rsync --stats")?;
-    Ok(line
-        .trim_start_matches("Total bytes sent:")
-        .trim()
-        .replace(',', "")
-        .parse()?)
-}
-
 async fn rsync_case(work: &Path, c: &Case) -> anyhow::Result<Outcome> {
     let src = work.join("rsync-src");
     let dst = work.join("rsync-dst");
@@ -379,7 +326,7 @@ async fn rsync_case(work: &Path, c: &Case) -> anyhow::Result<Outcome> {
     for d in [&src, &dst, &sock] {
         std::fs::create_dir_all(d)?;
     }
-    let (mut daemon, addr) = rsyncd(work, &dst)?;
+    let (mut daemon, addr) = rsync::daemon(work, &dst)?;
     let (r, task, _) = relay(addr, c.link).await?;
     let size = c.size;
     let f = src.join("blob");
@@ -393,11 +340,11 @@ async fn rsync_case(work: &Path, c: &Case) -> anyhow::Result<Outcome> {
     // starts on the target.
     let t_move = Instant::now();
     let s2 = src.clone();
-    let pass1 = tokio::task::spawn_blocking(move || rsync_pass(&s2, r)).await??;
+    let pass1 = tokio::task::spawn_blocking(move || rsync::pass(&s2, r)).await??;
     // The app stops: downtime runs from here to the app serving on the target.
     let t = Instant::now();
     let s2 = src.clone();
-    let bytes = pass1 + tokio::task::spawn_blocking(move || rsync_pass(&s2, r)).await??;
+    let bytes = pass1 + tokio::task::spawn_blocking(move || rsync::pass(&s2, r)).await??;
     let mut app = Command::new(edgeshift_tests::bin("list-app"))
         .env("EDGE_DATA_DIR", &dst)
         .env("EDGE_SOCKET_DIR", &sock)

@@ -212,7 +212,7 @@ pub fn warm(backing: &Path, mnt: &Path, budget: u64, deadline: Instant) -> std::
         .filter(|(_, m)| m.is_file() && m.len() > 0)
         .map(|(rel, m)| (m.mtime(), m.len(), rel))
         .collect();
-    files.sort_by(|a, b| b.0.cmp(&a.0));
+    files.sort_by_key(|f| std::cmp::Reverse(f.0));
     let root = volfs::beneath::VolumeRoot::new(mnt)?;
     let mut buf = vec![0u8; 1 << 20];
     for (_, size, rel) in files {

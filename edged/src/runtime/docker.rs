@@ -160,6 +160,30 @@ impl Runtime for DockerRuntime {
         })
     }
 
+    fn discard<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            let InstanceId::Container(c) = id else {
+                return Err(RuntimeError::Docker(format!("{id} is not a container")));
+            };
+            // Removed by force while paused: the engine kills it (SIGKILL)
+            // without a stop signal the app could act on.
+            let rm = RemoveContainerOptionsBuilder::default()
+                .force(true)
+                .v(false)
+                .build();
+            match self.docker.remove_container(c, Some(rm)).await {
+                Ok(())
+                | Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => Ok(()),
+                Err(e) => {
+                    tracing::warn!(container = %c, error = %e, "forced removal failed; stopping it");
+                    self.stop(id).await
+                }
+            }
+        })
+    }
+
     fn pause<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>> {
         Box::pin(async move {
             let InstanceId::Container(c) = id else {

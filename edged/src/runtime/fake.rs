@@ -12,6 +12,8 @@ pub enum Call {
     Start(String),
     /// `stop`.
     Stop(InstanceId),
+    /// `discard` (ended frozen).
+    Discard(InstanceId),
     /// `pause` (freeze).
     Pause(InstanceId),
     /// `resume` (thaw).
@@ -49,6 +51,13 @@ impl Runtime for FakeRuntime {
     fn stop<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>> {
         Box::pin(async move {
             self.record(Call::Stop(id.clone()));
+            Ok(())
+        })
+    }
+
+    fn discard<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            self.record(Call::Discard(id.clone()));
             Ok(())
         })
     }

@@ -92,6 +92,13 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     fn start<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFut<'a, Result<InstanceId, RuntimeError>>;
     /// Stops and removes an instance; stopping a gone instance succeeds.
     fn stop<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>>;
+    /// Ends a frozen instance without letting it run again and removes it
+    /// (SIGKILL to what it runs, `docker rm -f`): how the old instance of a
+    /// released session goes. Its session lives on another edge now, so
+    /// none of its code runs here again — not even a SIGTERM handler,
+    /// which could write to the volume after the final delta or act
+    /// outside twice.
+    fn discard<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>>;
     /// Whether the instance still runs.
     fn alive<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, bool>;
     /// Freezes the instance (SIGSTOP, `docker pause`): the quiesce of a

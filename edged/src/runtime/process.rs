@@ -439,6 +439,49 @@ impl Runtime for ProcessRuntime {
         })
     }
 
+    fn discard<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            let InstanceId::Pid(pid) = *id else {
+                return Err(RuntimeError::Process(format!("{id} is not a process")));
+            };
+            let child = self
+                .children
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&pid);
+            let known = self
+                .groups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&pid);
+            let group = known.unwrap_or_else(|| self.cgroups.groups_of(pid));
+            // SIGKILL ends a stopped process without it running again; its
+            // group and whatever left the group but not the cgroup, too.
+            signal_group(pid, libc::SIGKILL);
+            group.signal(libc::SIGKILL);
+            let gone = async {
+                match child {
+                    Some(mut c) => {
+                        let _ = c.wait().await;
+                    }
+                    None => {
+                        while pid_alive(pid) {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    }
+                }
+            };
+            if tokio::time::timeout(Duration::from_secs(5), gone)
+                .await
+                .is_err()
+            {
+                tracing::warn!(pid, "a discarded instance did not exit within 5 s");
+            }
+            group.remove().await;
+            Ok(())
+        })
+    }
+
     fn pause<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>> {
         Box::pin(async move {
             let InstanceId::Pid(pid) = *id else {

@@ -199,7 +199,14 @@ impl Edge {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), rx);
         tokio::spawn(async move {
-            gone.teardown().await;
+            // The volume stays as a staged copy (as of the final delta,
+            // which the new owner knows): its pre-copy rounds back here,
+            // and a move back, send only what changed since.
+            let keep = edge.room_to_keep(&gone).await;
+            let lock = edge.staging_lock(&id);
+            let staging = lock.lock().await;
+            gone.retire(keep).await;
+            drop(staging);
             let _ = done.send(true);
             // Only this teardown's entry (a later one of the same id is not done).
             let mut leaving = edge.leaving.lock().unwrap_or_else(|p| p.into_inner());

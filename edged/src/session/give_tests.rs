@@ -117,7 +117,7 @@ async fn the_freeze_is_persisted_first_and_an_abort_thaws_and_reopens_calls() {
 
 #[tokio::test]
 async fn a_release_persists_the_tombstone_redirects_calls_and_frees_the_session() {
-    let (edge, s, _fake, _d) = edge_with_session().await;
+    let (edge, s, fake, _d) = edge_with_session().await;
     to_final_sent(&edge, &s, 5).await;
     tokio::time::sleep(std::time::Duration::from_millis(30)).await;
     // The answer says how long calls have been held: the downtime began
@@ -132,6 +132,20 @@ async fn a_release_persists_the_tombstone_redirects_calls_and_frees_the_session(
     assert_eq!(t.len(), 1);
     assert_eq!((t[0].1.attempt, t[0].1.to.edge_id.as_str()), (5, "b"));
     assert_eq!(edge.session_count(), 0);
+    // The old instance is discarded frozen, never thawed to stop it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !fake.calls().contains(&Call::Discard(InstanceId::Pid(7))) {
+        assert!(std::time::Instant::now() < deadline, "{:?}", fake.calls());
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(
+        !fake
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::Resume(_) | Call::Stop(_))),
+        "{:?}",
+        fake.calls()
+    );
     // Asked again (the answer was lost): answered from the tombstone,
     // without a hold it no longer knows.
     assert_eq!(edge.release("s1", 5, "b").await.unwrap(), None);

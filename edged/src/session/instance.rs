@@ -2,6 +2,7 @@
 //! socket, restarted after it died, stopped with the session (the one
 //! teardown).
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tonic::Status;
@@ -135,9 +136,26 @@ impl Session {
 
     /// Stops the instance, unmounts and removes the session directory.
     pub(super) async fn teardown(&self) {
+        self.end(false, None).await;
+    }
+
+    /// The teardown of a session released to another edge: its frozen
+    /// instance is discarded (never runs again); with `keep`, the volume
+    /// (its backing directory, manifest and all) is moved there once the
+    /// instance and the shim are gone, instead of being removed.
+    pub(super) async fn retire(&self, keep: Option<PathBuf>) {
+        self.end(true, keep).await;
+    }
+
+    async fn end(&self, released: bool, keep: Option<PathBuf>) {
         self.set_state(State::Closing);
         if let Some((id, _)) = self.instance.lock().await.take() {
-            if let Err(e) = self.runtime.stop(&id).await {
+            let ended = if released {
+                self.runtime.discard(&id).await
+            } else {
+                self.runtime.stop(&id).await
+            };
+            if let Err(e) = ended {
                 tracing::error!(session = %self.id, error = %e, "stopping the instance failed");
             }
         }
@@ -146,6 +164,24 @@ impl Session {
             shim.unmount().await;
         }
         volume::detach(&self.layout().mnt());
+        if let Some(to) = keep {
+            let from = self.layout().backing();
+            let moved = tokio::task::spawn_blocking(move || {
+                if to.exists() {
+                    std::fs::remove_dir_all(&to)?;
+                }
+                if let Some(parent) = to.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::rename(&from, &to)
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+            if let Err(e) = moved {
+                tracing::warn!(session = %self.id, error = %e, "the released volume could not be kept as a staged copy");
+            }
+        }
         self.gate.send_if_modified(|g| {
             let open = matches!(g, Gate::Open | Gate::Held);
             if open {

@@ -463,6 +463,35 @@ impl Edge {
 }
 
 /// Bytes of regular files under `dir` (not following symlinks).
+impl Edge {
+    /// Where a released session's volume is kept as a staged copy, when
+    /// pre-copy is on and the copy fits the staging budget.
+    pub(super) async fn room_to_keep(&self, s: &Session) -> Option<PathBuf> {
+        if !self.cfg.precopy.enabled {
+            return None;
+        }
+        let (root, backing) = (self.cfg.data_dir.join("staging"), s.layout().backing());
+        let (used, size) = tokio::task::spawn_blocking(move || {
+            (dir_bytes(&root), crate::volume::volume_bytes(&backing))
+        })
+        .await
+        .ok()?;
+        let fits = used.saturating_add(size) <= self.cfg.precopy.staging_budget;
+        if !fits {
+            tracing::info!(session = %s.id, size, "the released volume does not fit the staging budget; not kept");
+        }
+        fits.then(|| self.staging_dir(&s.id).join("volume"))
+    }
+}
+
+impl PrecopyState {
+    /// Records that candidate `edge` holds the manifest in `file` (the
+    /// next round to it is a delta from there).
+    pub(super) fn assume_held(&mut self, edge: &str, file: PathBuf) {
+        self.held.insert(edge.to_string(), file);
+    }
+}
+
 fn dir_bytes(dir: &std::path::Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];

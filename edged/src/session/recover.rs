@@ -141,7 +141,8 @@ impl Edge {
         if let Some(t) = self.tombstone(&rec.id) {
             if t.epoch >= rec.epoch {
                 tracing::info!(session = %rec.id, to = %t.to.edge_id, "released before the restart; removing what is left of it");
-                cleanup_dir(&self.cfg, dir).await;
+                // Its instance (frozen at the release) is discarded, never thawed.
+                end_dir(&self.cfg, dir, End::Discard).await;
                 return Ok(false);
             }
             // It came back here after it was released: the tombstone is stale.
@@ -160,7 +161,7 @@ impl Edge {
                     attempt: *attempt,
                 }),
             );
-            stop_recorded(&self.cfg, &rec, dir).await;
+            stop_recorded(&self.cfg, &rec, dir, End::Stop).await;
             self.stage_back(&rec.id).await;
             let (from, attempt, id) = (from.clone(), *attempt, rec.id.clone());
             let me = self.cfg.edge_id.clone();
@@ -272,11 +273,20 @@ impl Edge {
     }
 }
 
+/// How an instance found on disk ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Asked to stop (thawed if frozen, SIGTERM, then SIGKILL).
+    Stop,
+    /// Ended frozen (its session was released to another edge).
+    Discard,
+}
+
 /// Stops the instance and the shim a record names, and an instance of the
 /// session that started but was never recorded (edged died in between).
-async fn stop_recorded(cfg: &Config, rec: &SessionRecord, dir: &Path) {
+async fn stop_recorded(cfg: &Config, rec: &SessionRecord, dir: &Path, end: End) {
     if let Some(id) = &rec.instance {
-        stop_instance(cfg, &rec.app, id).await;
+        stop_instance(cfg, &rec.app, id, end).await;
     }
     let run = dir.join("run");
     for pid in crate::runtime::process::find_by_env(
@@ -284,13 +294,13 @@ async fn stop_recorded(cfg: &Config, rec: &SessionRecord, dir: &Path) {
         &run.display().to_string(),
     ) {
         tracing::warn!(session = %rec.id, pid, "stopping an instance that was never recorded");
-        stop_instance(cfg, &rec.app, &InstanceId::Pid(pid)).await;
+        stop_instance(cfg, &rec.app, &InstanceId::Pid(pid), end).await;
     }
     crate::runtime::cgroup::remove_instance(&cfg.edge_id, &rec.id).await;
     // A container is named by edge and session, recorded or not.
     if let Some(RuntimeConfig::Docker { .. }) = cfg.apps.get(&rec.app).map(|a| &a.runtime) {
         let name = crate::runtime::docker::container_name(&cfg.edge_id, &rec.id);
-        stop_instance(cfg, &rec.app, &InstanceId::Container(name)).await;
+        stop_instance(cfg, &rec.app, &InstanceId::Container(name), end).await;
     }
     if let Some(pid) = rec.volfs_pid {
         let shim = Shim {
@@ -302,23 +312,22 @@ async fn stop_recorded(cfg: &Config, rec: &SessionRecord, dir: &Path) {
     }
 }
 
-async fn stop_instance(cfg: &Config, app: &str, id: &InstanceId) {
-    let stopped = match (id, cfg.apps.get(app).map(|a| &a.runtime)) {
-        (InstanceId::Pid(_), _) => {
-            ProcessRuntime::new(PathBuf::new(), Vec::new())
-                .stop(id)
-                .await
-        }
+async fn stop_instance(cfg: &Config, app: &str, id: &InstanceId, end: End) {
+    let runtime: Result<Box<dyn Runtime>, _> = match (id, cfg.apps.get(app).map(|a| &a.runtime)) {
+        (InstanceId::Pid(_), _) => Ok(Box::new(ProcessRuntime::new(PathBuf::new(), Vec::new()))),
         (InstanceId::Container(_), Some(RuntimeConfig::Docker { image })) => {
-            match crate::runtime::docker::connect().await {
-                Ok(d) => DockerRuntime::new(d, image.clone()).stop(id).await,
-                Err(e) => Err(e),
-            }
+            crate::runtime::docker::connect()
+                .await
+                .map(|d| Box::new(DockerRuntime::new(d, image.clone())) as Box<dyn Runtime>)
         }
-        (InstanceId::Container(_), _) => match crate::runtime::docker::connect().await {
-            Ok(d) => DockerRuntime::new(d, String::new()).stop(id).await,
-            Err(e) => Err(e),
-        },
+        (InstanceId::Container(_), _) => crate::runtime::docker::connect()
+            .await
+            .map(|d| Box::new(DockerRuntime::new(d, String::new())) as Box<dyn Runtime>),
+    };
+    let stopped = match (runtime, end) {
+        (Ok(r), End::Stop) => r.stop(id).await,
+        (Ok(r), End::Discard) => r.discard(id).await,
+        (Err(e), _) => Err(e),
     };
     if let Err(e) = stopped {
         tracing::error!(instance = %id, error = %e, "could not stop instance");
@@ -328,9 +337,13 @@ async fn stop_instance(cfg: &Config, app: &str, id: &InstanceId) {
 /// Stops whatever a session directory's record names and removes the
 /// directory: for sessions that cannot be recovered, and `edged cleanup`.
 pub async fn cleanup_dir(cfg: &Config, dir: &Path) {
+    end_dir(cfg, dir, End::Stop).await;
+}
+
+async fn end_dir(cfg: &Config, dir: &Path, end: End) {
     if let Ok(text) = tokio::fs::read(dir.join("session.json")).await {
         if let Ok(rec) = serde_json::from_slice::<SessionRecord>(&text) {
-            stop_recorded(cfg, &rec, dir).await;
+            stop_recorded(cfg, &rec, dir, end).await;
         }
     }
     volume::detach(&dir.join("mnt"));

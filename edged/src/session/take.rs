@@ -7,6 +7,7 @@
 //! keeping the handover stream open until the answer. Released: it serves.
 //! Refused: the instance stops and the copy is staged again.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -472,6 +473,33 @@ impl Edge {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.to_string(), session.clone());
+        // The old owner keeps its volume as a staged copy once it released
+        // (as of the final delta, which is what was just applied here): the
+        // first pre-copy round back to it is a delta from that manifest.
+        // Read before the shim mounts, written beside the other held
+        // manifests while the instance starts.
+        let held_back = {
+            // The path alone: opening the backing would take the lock the
+            // shim is about to take.
+            let manifest = layout
+                .backing()
+                .join(volfs::scan::META_DIR)
+                .join("manifest.pb");
+            let to = session
+                .dir
+                .join("precopy")
+                .join(format!("{}.manifest", owner.edge_id));
+            tokio::task::spawn_blocking(move || -> Result<PathBuf, String> {
+                let (t, _) = volfs::manifest::Tracked::load(&manifest)
+                    .map_err(|e| e.to_string())?
+                    .ok_or("no manifest")?;
+                if let Some(dir) = to.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+                }
+                std::fs::write(&to, t.manifest.to_bytes()).map_err(|e| e.to_string())?;
+                Ok(to)
+            })
+        };
         self.mount_volume(&session).await?;
         // While the instance starts: the mount's page cache filled with the
         // newest files (not waited for; bounded in bytes and time).
@@ -491,6 +519,15 @@ impl Edge {
             }
         });
         session.ensure_running(&self.cfg).await?;
+        match held_back.await.map_err(|e| e.to_string()).and_then(|r| r) {
+            Ok(file) => session
+                .precopy
+                .lock()
+                .await
+                .assume_held(&owner.edge_id, file),
+            // The first round back then sends the whole volume.
+            Err(e) => tracing::debug!(session = %id, error = %e, "the final manifest was not kept"),
+        }
         Ok(session)
     }
 
