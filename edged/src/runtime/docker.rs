@@ -166,21 +166,31 @@ impl Runtime for DockerRuntime {
                 return Err(RuntimeError::Docker(format!("{id} is not a container")));
             };
             // Removed by force while paused: the engine kills it (SIGKILL)
-            // without a stop signal the app could act on.
-            let rm = RemoveContainerOptionsBuilder::default()
-                .force(true)
-                .v(false)
-                .build();
-            match self.docker.remove_container(c, Some(rm)).await {
-                Ok(())
-                | Err(bollard::errors::Error::DockerResponseServerError {
-                    status_code: 404, ..
-                }) => Ok(()),
-                Err(e) => {
-                    tracing::warn!(container = %c, error = %e, "forced removal failed; stopping it");
-                    self.stop(id).await
+            // without a stop signal the app could act on. Never unpaused:
+            // a failure is an error (the record stays, and a restart
+            // discards it again).
+            let mut last = None;
+            for attempt in 0..3 {
+                if attempt > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+                }
+                let rm = RemoveContainerOptionsBuilder::default()
+                    .force(true)
+                    .v(false)
+                    .build();
+                match self.docker.remove_container(c, Some(rm)).await {
+                    Ok(())
+                    | Err(bollard::errors::Error::DockerResponseServerError {
+                        status_code: 404,
+                        ..
+                    }) => return Ok(()),
+                    Err(e) => last = Some(e),
                 }
             }
+            Err(RuntimeError::Docker(format!(
+                "discarding {c}: {}",
+                last.map(|e| e.to_string()).unwrap_or_default()
+            )))
         })
     }
 

@@ -186,26 +186,40 @@ impl Edge {
     /// The session is the new owner's: forget it here and clean up behind
     /// (the teardown is not part of anyone's downtime).
     fn teardown_released(self: &Arc<Self>, s: &Arc<Session>, to: Option<String>) {
+        let (gone, edge, id) = (s.clone(), self.clone(), s.id.clone());
+        let (done, rx) = tokio::sync::watch::channel(false);
+        // Leaving before it is gone from the map: a pre-copy round into
+        // this id is refused from here until the teardown is done.
+        self.leaving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), rx);
         {
             let mut map = self.sessions.write().unwrap_or_else(|p| p.into_inner());
             if map.get(&s.id).is_some_and(|x| Arc::ptr_eq(x, s)) {
                 map.remove(&s.id);
             }
         }
-        let (gone, edge, id) = (s.clone(), self.clone(), s.id.clone());
-        let (done, rx) = tokio::sync::watch::channel(false);
-        self.leaving
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), rx);
+        let to_id = to.clone();
         tokio::spawn(async move {
+            // The frozen instance goes first, whatever else waits.
+            let discarded = gone.discard_instance().await;
             // The volume stays as a staged copy (as of the final delta,
-            // which the new owner knows): its pre-copy rounds back here,
-            // and a move back, send only what changed since.
-            let keep = edge.room_to_keep(&gone).await;
+            // which the new owner knows) when the new owner is a
+            // neighbour: its pre-copy rounds back here, and a move back,
+            // send only what changed since.
+            let keep = match (&to_id, discarded) {
+                (Some(to), true) => edge.room_to_keep(&gone, to).await,
+                _ => None,
+            };
             let lock = edge.staging_lock(&id);
             let staging = lock.lock().await;
-            gone.retire(keep).await;
+            if discarded {
+                gone.retire(keep).await;
+            } else {
+                // Left on disk with its record: a restart discards it again.
+                tracing::error!(session = %id, "the released instance could not be discarded; its directory stays until edged restarts");
+            }
             drop(staging);
             let _ = done.send(true);
             // Only this teardown's entry (a later one of the same id is not done).

@@ -147,6 +147,25 @@ impl Session {
         self.end(true, keep).await;
     }
 
+    /// Discards the instance (frozen, of a released session) at once;
+    /// false when it could not be (it stays recorded).
+    pub(super) async fn discard_instance(&self) -> bool {
+        let mut inst = self.instance.lock().await;
+        let Some((id, _)) = inst.as_ref() else {
+            return true;
+        };
+        match self.runtime.discard(id).await {
+            Ok(()) => {
+                *inst = None;
+                true
+            }
+            Err(e) => {
+                tracing::error!(session = %self.id, error = %e, "discarding the released instance failed");
+                false
+            }
+        }
+    }
+
     async fn end(&self, released: bool, keep: Option<PathBuf>) {
         self.set_state(State::Closing);
         if let Some((id, _)) = self.instance.lock().await.take() {

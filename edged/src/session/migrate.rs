@@ -68,6 +68,32 @@ pub(super) fn progress_event(
 }
 
 impl Edge {
+    /// Whether a released copy of session `id` is still being torn down.
+    pub(super) fn is_leaving(&self, id: &str) -> bool {
+        self.leaving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .is_some_and(|rx| !*rx.borrow())
+    }
+
+    /// Waits up to `limit` for the teardown of a released copy of `id`;
+    /// true when none is under way (any more).
+    pub(super) async fn wait_left(&self, id: &str, limit: Duration) -> bool {
+        let rx = self
+            .leaving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned();
+        match rx {
+            Some(mut done) => tokio::time::timeout(limit, done.wait_for(|d| *d))
+                .await
+                .is_ok(),
+            None => true,
+        }
+    }
+
     pub(super) fn staging_dir(&self, id: &str) -> PathBuf {
         self.cfg.data_dir.join("staging").join(id)
     }

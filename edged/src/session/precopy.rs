@@ -148,6 +148,22 @@ impl Edge {
                 Ok(bytes) => {
                     tracing::debug!(session = %s.id, to = %n.id, bytes, ms = t.elapsed().as_millis() as u64, "pre-copy round")
                 }
+                // Refused before anything was applied: what it holds is
+                // as it was (and a wrong guess is refused by its base
+                // check, never applied).
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::FailedPrecondition
+                            | tonic::Code::ResourceExhausted
+                    ) =>
+                {
+                    tracing::debug!(session = %s.id, to = %n.id, error = %e.message(), "pre-copy round refused for now");
+                    if e.code() == tonic::Code::Unavailable {
+                        peers.remove(&n.id);
+                    }
+                }
                 Err(e) => {
                     // Unknown state on the candidate: the next round sends everything.
                     st.held.remove(&n.id);
@@ -269,6 +285,13 @@ impl Edge {
         {
             return Err(Status::failed_precondition("this edge serves that session"));
         }
+        if self.is_leaving(&meta.session_id) {
+            // Its released volume is becoming the staged copy: the round
+            // is for that copy, a moment from now (nothing was touched).
+            return Err(Status::unavailable(
+                "this edge is still moving the released session's volume into staging; try again",
+            ));
+        }
         let lock = self.staging_lock(&meta.session_id);
         let _g = lock.lock().await;
         if self.is_pulling(&meta.session_id) {
@@ -353,6 +376,9 @@ impl Edge {
         if !crate::config::valid_name(id) {
             return;
         }
+        // A released copy still being moved into staging is dropped once
+        // it is there (not left behind by a drop that came first).
+        self.wait_left(id, Duration::from_secs(60)).await;
         let lock = self.staging_lock(id);
         let _g = lock.lock().await;
         if self.is_pulling(id) {
@@ -465,9 +491,10 @@ impl Edge {
 /// Bytes of regular files under `dir` (not following symlinks).
 impl Edge {
     /// Where a released session's volume is kept as a staged copy, when
-    /// pre-copy is on and the copy fits the staging budget.
-    pub(super) async fn room_to_keep(&self, s: &Session) -> Option<PathBuf> {
-        if !self.cfg.precopy.enabled {
+    /// pre-copy is on, the new owner `to` is a neighbour (it sends rounds
+    /// here) and the copy fits the staging budget.
+    pub(super) async fn room_to_keep(&self, s: &Session, to: &str) -> Option<PathBuf> {
+        if !self.cfg.precopy.enabled || !self.cfg.neighbours.iter().any(|n| n.id == to) {
             return None;
         }
         let (root, backing) = (self.cfg.data_dir.join("staging"), s.layout().backing());

@@ -80,26 +80,19 @@ impl Edge {
         }
         // The session may come back while its last copy here is still
         // being torn down: wait for the directory to go.
-        let leaving = self
-            .leaving
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned();
-        if let Some(mut done) = leaving {
-            let gone = tokio::time::timeout(Duration::from_secs(60), done.wait_for(|d| *d)).await;
-            if gone.is_err() {
-                return Err(Status::unavailable(
-                    "this edge is still removing its earlier copy of the session; try again",
-                ));
-            }
+        let leaving = self.is_leaving(id).then_some(());
+        if leaving.is_some() && !self.wait_left(id, Duration::from_secs(60)).await {
+            return Err(Status::unavailable(
+                "this edge is still removing its earlier copy of the session; try again",
+            ));
         }
         if self.sessions_dir().join(id).exists() {
             return Err(Status::unavailable(
                 "an earlier copy of the session is still on this edge (being removed); try again",
             ));
         }
-        if self.peers.authenticated() && !crate::pki::valid_label(from_edge) {
+        // Also without TLS: the id names files (the held manifest).
+        if !crate::pki::valid_label(from_edge) {
             return Err(Status::invalid_argument(
                 "the handover names no valid id of the edge serving the session (from_edge)",
             ));
@@ -500,7 +493,28 @@ impl Edge {
                 Ok(to)
             })
         };
-        self.mount_volume(&session).await?;
+        let started = self.mount_and_start(&session, &layout).await;
+        // Awaited also on a failure: it must not write into a session
+        // directory the failure is about to remove.
+        let held = held_back.await.map_err(|e| e.to_string()).and_then(|r| r);
+        started?;
+        match held {
+            Ok(file) => session
+                .precopy
+                .lock()
+                .await
+                .assume_held(&owner.edge_id, file),
+            // The first round back then sends the whole volume.
+            Err(e) => tracing::debug!(session = %id, error = %e, "the final manifest was not kept"),
+        }
+        Ok(session)
+    }
+
+    /// Mounts a pulled session's volume and starts its instance, warming
+    /// the mount meanwhile.
+    async fn mount_and_start(&self, session: &Session, layout: &Layout) -> Result<(), EdgeError> {
+        self.mount_volume(session).await?;
+        let id = &session.id;
         // While the instance starts: the mount's page cache filled with the
         // newest files (not waited for; bounded in bytes and time).
         let (backing, mnt) = (layout.backing(), layout.mnt());
@@ -519,16 +533,7 @@ impl Edge {
             }
         });
         session.ensure_running(&self.cfg).await?;
-        match held_back.await.map_err(|e| e.to_string()).and_then(|r| r) {
-            Ok(file) => session
-                .precopy
-                .lock()
-                .await
-                .assume_held(&owner.edge_id, file),
-            // The first round back then sends the whole volume.
-            Err(e) => tracing::debug!(session = %id, error = %e, "the final manifest was not kept"),
-        }
-        Ok(session)
+        Ok(())
     }
 
     /// Undoes a promotion: stops the instance and the shim, tells held calls
