@@ -184,11 +184,13 @@ impl Edge {
                     let held = Duration::from_micros(q.held_micros).min(MAX_HELD_BEFORE_QUIESCED);
                     let now = Instant::now();
                     t_quiesce = Some(now.checked_sub(held).unwrap_or(now));
+                    // Downtime so far: the hold on the old edge, including
+                    // its wait for the calls that were running.
                     report(
                         pb::HandoverPhase::Quiesced,
                         round,
                         bytes.load(Ordering::Relaxed),
-                        0,
+                        held.as_micros() as u64,
                     )
                     .await;
                 }

@@ -227,6 +227,9 @@ async fn calls(
         )
     })
     .await?;
+    println!(
+        "  (downtime counts from when edge-a began holding new calls: it includes the wait for\n   the running call to finish on edge-a, whose result travels with the session)"
+    );
     let done = edgeshift_examples::pb::list::ItemsReply::decode(running.await??)?;
     println!(
         "the call that was running returned {} items; the session is on {} now",
