@@ -36,6 +36,10 @@ pub struct PrecopyState {
     held: HashMap<String, PathBuf>,
 }
 
+/// The longest a pre-copy round may send nothing before the staging edge
+/// gives it up (and the staging lock with it).
+const STAGE_IDLE: Duration = Duration::from_secs(30);
+
 /// A token bucket over bytes, shared by all sessions of the edge.
 #[derive(Debug)]
 pub struct RateLimiter {
@@ -320,7 +324,17 @@ impl Edge {
         let mut n = 0u64;
         let mut full = false;
         let received = async {
-            while let Some(c) = stream.message().await? {
+            // The staging lock is held while the round streams in: a
+            // neighbour that stops sending loses it after STAGE_IDLE.
+            while let Some(c) = tokio::time::timeout(STAGE_IDLE, stream.message())
+                .await
+                .map_err(|_| {
+                    Status::deadline_exceeded(format!(
+                        "the pre-copy round sent nothing for {}s",
+                        STAGE_IDLE.as_secs()
+                    ))
+                })??
+            {
                 if let Some(pb::precopy_chunk::Chunk::Frame(f)) = c.chunk {
                     if let Some(pb::delta_frame::Frame::Header(h)) = &f.frame {
                         full = h.base_root == volfs::Manifest::empty(h.block_size).root();
