@@ -55,6 +55,24 @@ impl DockerRuntime {
     }
 }
 
+impl DockerRuntime {
+    /// Removes container `c` by force (the engine kills it with SIGKILL,
+    /// paused or not); one already gone is removed.
+    async fn force_remove(&self, c: &str) -> Result<(), bollard::errors::Error> {
+        let rm = RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(false)
+            .build();
+        match self.docker.remove_container(c, Some(rm)).await {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 impl Runtime for DockerRuntime {
     fn start<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFut<'a, Result<InstanceId, RuntimeError>> {
         Box::pin(async move {
@@ -146,17 +164,7 @@ impl Runtime for DockerRuntime {
                     tracing::warn!(container = %c, error = %e, "stop failed; removing by force")
                 }
             }
-            let rm = RemoveContainerOptionsBuilder::default()
-                .force(true)
-                .v(false)
-                .build();
-            match self.docker.remove_container(c, Some(rm)).await {
-                Ok(())
-                | Err(bollard::errors::Error::DockerResponseServerError {
-                    status_code: 404, ..
-                }) => Ok(()),
-                Err(e) => Err(derr(e)),
-            }
+            self.force_remove(c).await.map_err(derr)
         })
     }
 
@@ -174,16 +182,8 @@ impl Runtime for DockerRuntime {
                 if attempt > 0 {
                     tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
                 }
-                let rm = RemoveContainerOptionsBuilder::default()
-                    .force(true)
-                    .v(false)
-                    .build();
-                match self.docker.remove_container(c, Some(rm)).await {
-                    Ok(())
-                    | Err(bollard::errors::Error::DockerResponseServerError {
-                        status_code: 404,
-                        ..
-                    }) => return Ok(()),
+                match self.force_remove(c).await {
+                    Ok(()) => return Ok(()),
                     Err(e) => last = Some(e),
                 }
             }

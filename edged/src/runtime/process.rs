@@ -237,6 +237,42 @@ fn signal_group(pid: u32, sig: i32) {
     unsafe { libc::kill(-(pid as i32), sig) };
 }
 
+impl ProcessRuntime {
+    /// Forgets instance `pid`: its child handle (if this edged started it)
+    /// and its groups (read while it still runs, for one started before a
+    /// restart).
+    fn untrack(&self, pid: u32) -> (Option<tokio::process::Child>, Group) {
+        let child = self
+            .children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&pid);
+        let known = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&pid);
+        (child, known.unwrap_or_else(|| self.cgroups.groups_of(pid)))
+    }
+}
+
+/// Whether instance `pid` exited within `limit` (reaped when it is our child).
+async fn exited(child: Option<tokio::process::Child>, pid: u32, limit: Duration) -> bool {
+    let gone = async {
+        match child {
+            Some(mut c) => {
+                let _ = c.wait().await;
+            }
+            None => {
+                while pid_alive(pid) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(limit, gone).await.is_ok()
+}
+
 impl Runtime for ProcessRuntime {
     fn start<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFut<'a, Result<InstanceId, RuntimeError>> {
         Box::pin(async move {
@@ -392,19 +428,7 @@ impl Runtime for ProcessRuntime {
             let InstanceId::Pid(pid) = *id else {
                 return Err(RuntimeError::Process(format!("{id} is not a process")));
             };
-            let child = self
-                .children
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&pid);
-            let known = self
-                .groups
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&pid);
-            // An instance started before a restart: its groups, read while
-            // it still runs.
-            let group = known.unwrap_or_else(|| self.cgroups.groups_of(pid));
+            let (child, group) = self.untrack(pid);
             if !pid_alive(pid) {
                 // What the app started may outlive it in its group.
                 signal_group(pid, libc::SIGKILL);
@@ -415,22 +439,7 @@ impl Runtime for ProcessRuntime {
             signal_group(pid, libc::SIGTERM);
             // A paused instance handles SIGTERM once it runs again.
             signal_group(pid, libc::SIGCONT);
-            let graceful = async {
-                match child {
-                    Some(mut c) => {
-                        let _ = c.wait().await;
-                    }
-                    None => {
-                        while pid_alive(pid) {
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                    }
-                }
-            };
-            if tokio::time::timeout(Duration::from_secs(5), graceful)
-                .await
-                .is_err()
-            {
+            if !exited(child, pid, Duration::from_secs(5)).await {
                 tracing::warn!(pid, "instance ignored SIGTERM; killing it");
                 signal_group(pid, libc::SIGKILL);
             }
@@ -444,37 +453,12 @@ impl Runtime for ProcessRuntime {
             let InstanceId::Pid(pid) = *id else {
                 return Err(RuntimeError::Process(format!("{id} is not a process")));
             };
-            let child = self
-                .children
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&pid);
-            let known = self
-                .groups
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&pid);
-            let group = known.unwrap_or_else(|| self.cgroups.groups_of(pid));
+            let (child, group) = self.untrack(pid);
             // SIGKILL ends a stopped process without it running again; its
             // group and whatever left the group but not the cgroup, too.
             signal_group(pid, libc::SIGKILL);
             group.signal(libc::SIGKILL);
-            let gone = async {
-                match child {
-                    Some(mut c) => {
-                        let _ = c.wait().await;
-                    }
-                    None => {
-                        while pid_alive(pid) {
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
-                    }
-                }
-            };
-            if tokio::time::timeout(Duration::from_secs(5), gone)
-                .await
-                .is_err()
-            {
+            if !exited(child, pid, Duration::from_secs(5)).await {
                 tracing::warn!(pid, "a discarded instance did not exit within 5 s");
             }
             group.remove().await;

@@ -136,7 +136,7 @@ impl Session {
 
     /// Stops the instance, unmounts and removes the session directory.
     pub(super) async fn teardown(&self) {
-        self.end(false, None).await;
+        self.end(None).await;
     }
 
     /// The teardown of a session released to another edge: its frozen
@@ -144,7 +144,9 @@ impl Session {
     /// (its backing directory, manifest and all) is moved there once the
     /// instance and the shim are gone, instead of being removed.
     pub(super) async fn retire(&self, keep: Option<PathBuf>) {
-        self.end(true, keep).await;
+        if self.discard_instance().await {
+            self.end(keep).await;
+        }
     }
 
     /// Discards the instance (frozen, of a released session) at once;
@@ -166,15 +168,10 @@ impl Session {
         }
     }
 
-    async fn end(&self, released: bool, keep: Option<PathBuf>) {
+    async fn end(&self, keep: Option<PathBuf>) {
         self.set_state(State::Closing);
         if let Some((id, _)) = self.instance.lock().await.take() {
-            let ended = if released {
-                self.runtime.discard(&id).await
-            } else {
-                self.runtime.stop(&id).await
-            };
-            if let Err(e) = ended {
+            if let Err(e) = self.runtime.stop(&id).await {
                 tracing::error!(session = %self.id, error = %e, "stopping the instance failed");
             }
         }

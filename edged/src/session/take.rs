@@ -80,8 +80,7 @@ impl Edge {
         }
         // The session may come back while its last copy here is still
         // being torn down: wait for the directory to go.
-        let leaving = self.is_leaving(id).then_some(());
-        if leaving.is_some() && !self.wait_left(id, Duration::from_secs(60)).await {
+        if !self.wait_left(id, Duration::from_secs(60)).await {
             return Err(Status::unavailable(
                 "this edge is still removing its earlier copy of the session; try again",
             ));
