@@ -10,6 +10,17 @@
 //! | `EDGE_SOCKET_DIR` | `/run/edge`    | where to create `app.sock`     |
 //! | `EDGE_DATA_DIR`   | `/data`        | the session's volume           |
 //! | `EDGE_SESSION_ID` |                | the session id (for logs)      |
+//! | `EDGE_ACTIVATION` | `/run/edge/activate` | set for a warm standby: wait |
+//!
+//! A warm standby (the app's `standby = true` in edged's config) is started
+//! on the new edge of a handover before its volume is there: the app sets
+//! itself up, then waits until edged activates it before it touches its
+//! data. [`data_dir`] does that wait, so an app that gets its data
+//! directory from it needs nothing else. In another language: open the
+//! FIFO named by `EDGE_ACTIVATION` without blocking (`O_NONBLOCK`), poll it
+//! for input, read one byte: `1` means go on (change to the data directory
+//! again: the volume is mounted over it now), nothing (end of file) means
+//! exit.
 //!
 //! ```ignore
 //! let router = tonic::transport::Server::builder().add_service(ListServer::new(MyList::open()?));
@@ -17,7 +28,8 @@
 //! ```
 //!
 //! # Layout
-//! Everything is in this file: [`serve`], [`data_dir`], [`socket_path`].
+//! Everything is in this file: [`serve`], [`data_dir`] (with
+//! [`wait_until_active`]), [`socket_path`].
 
 #![warn(missing_docs)]
 
@@ -49,11 +61,85 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// The session's volume: where the app keeps its state.
+/// Environment variable of a warm standby: the FIFO to wait on.
+pub const ENV_ACTIVATION: &str = "EDGE_ACTIVATION";
+
+/// The session's volume: where the app keeps its state. The first call of
+/// a warm standby blocks until edged activates the instance (see
+/// [`wait_until_active`]).
 pub fn data_dir() -> PathBuf {
+    wait_until_active();
     std::env::var_os(ENV_DATA_DIR)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Under a warm standby (`EDGE_ACTIVATION` set): blocks until edged
+/// activates this instance, i.e. its volume is mounted at the data
+/// directory; exits the process (status 0) when edged gives the standby up
+/// instead. Without the variable, or after the first call, returns at once.
+pub fn wait_until_active() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Some(fifo) = std::env::var_os(ENV_ACTIVATION) else {
+            return;
+        };
+        match read_activation(std::path::Path::new(&fifo)) {
+            Ok(true) => {
+                // The working directory is the directory the volume now
+                // covers: enter the volume.
+                if let Some(d) = std::env::var_os(ENV_DATA_DIR) {
+                    let _ = std::env::set_current_dir(d);
+                }
+                tracing::info!("activated: the volume is here");
+            }
+            Ok(false) => {
+                tracing::info!("the standby was given up; exiting");
+                std::process::exit(0);
+            }
+            Err(e) => {
+                eprintln!("edge-app: waiting for the activation on {fifo:?}: {e}");
+                std::process::exit(1);
+            }
+        }
+    });
+}
+
+/// Reads the activation byte: true to go on, false at end of file.
+fn read_activation(fifo: &std::path::Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    // Opened without blocking: edged sees the app wait once it is open.
+    // Polled, not read: a FIFO no writer opened yet reads as end of file,
+    // while poll waits for the byte or for edged's end to close.
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo)?;
+    let mut p = libc::pollfd {
+        fd: f.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one pollfd we own.
+        let n = unsafe { libc::poll(&mut p, 1, -1) };
+        if n > 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if n < 0 && e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    let mut b = [0u8; 1];
+    match f.read(&mut b) {
+        Ok(0) => Ok(false),
+        Ok(_) => Ok(b[0] == b'1'),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Where the app's socket goes.
@@ -96,5 +182,60 @@ async fn shutdown() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    /// A FIFO in a fresh temporary directory.
+    fn fifo(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("edge-app-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir(&d).unwrap();
+        let p = d.join("activate");
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        p
+    }
+
+    /// Opens the writing end once the reader waits, as edged does.
+    fn writer(p: &std::path::Path) -> std::fs::File {
+        loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(p)
+            {
+                Ok(f) => return f,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(2)),
+            }
+        }
+    }
+
+    #[test]
+    fn the_byte_activates_and_a_closed_writer_gives_up() {
+        let p = fifo("go");
+        let p2 = p.clone();
+        let edged = std::thread::spawn(move || {
+            let mut w = writer(&p2);
+            // The app must not go on before the byte.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            w.write_all(b"1").unwrap();
+        });
+        let t = std::time::Instant::now();
+        assert!(super::read_activation(&p).unwrap());
+        assert!(t.elapsed() >= std::time::Duration::from_millis(50));
+        edged.join().unwrap();
+
+        let p = fifo("gone");
+        let p2 = p.clone();
+        let edged = std::thread::spawn(move || drop(writer(&p2)));
+        assert!(!super::read_activation(&p).unwrap());
+        edged.join().unwrap();
+        let _ = std::fs::remove_dir_all(p.parent().unwrap());
     }
 }

@@ -6,9 +6,15 @@
 //! longest stall after that until the next move.
 //!
 //! Side by side in one run:
-//! - edgeshift (two edges, TLS, the List app in the process runtime);
+//! - edgeshift (two edges, TLS, the List app in the process runtime, a
+//!   warm standby instance on the new edge);
+//! - edgeshift without the standby (the instance starts in the downtime);
 //! - edgeshift without warming the pulled volume's mount
 //!   (`[handover] warm_bytes = 0`);
+//! - with `--docker`: edgeshift with the Docker runtime, with and without
+//!   the standby (the image is built from the List app's binary);
+//! - with `--python`: edgeshift with the List app's Python server half
+//!   (`examples/python/list_app.py`, grpcio), with and without the standby;
 //! - the original framework's method done its way: the app as a plain
 //!   process on a native directory, the client calling its socket
 //!   directly; at the move `rsync` pass 1 with the app writing, the app
@@ -17,7 +23,7 @@
 //!
 //! ```text
 //! cargo build --release --workspace
-//! target/release/gapbench [--moves 20] [--rate 120] [--seed-mb 16]
+//! target/release/gapbench [--moves 20] [--rate 120] [--seed-mb 16] [--docker] [--python]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -52,12 +58,47 @@ struct Args {
     /// Only the edgeshift variant with its defaults.
     #[arg(long)]
     only_edgeshift: bool,
+    /// Also the Docker runtime (needs dockerd).
+    #[arg(long)]
+    docker: bool,
+    /// Also the Python List app (needs python3-grpcio).
+    #[arg(long)]
+    python: bool,
     /// Keep the working directory (edged logs).
     #[arg(long)]
     keep: bool,
     /// Where to write the CSV.
     #[arg(long, default_value = "bench/out")]
     out: PathBuf,
+}
+
+/// One way of running edgeshift.
+struct Variant {
+    name: &'static str,
+    /// Laid over both edges' configuration.
+    extra: &'static str,
+    /// The Docker image of the List app; the process runtime when None.
+    image: Option<String>,
+    /// The Python List app instead of the Rust one (process runtime).
+    python: bool,
+    /// A warm standby instance on the new edge.
+    standby: bool,
+}
+
+/// Builds the List app's image as `tag` (`edged image build`).
+fn build_image(tag: &str) -> anyhow::Result<()> {
+    let out = Command::new(edgeshift_tests::bin("edged"))
+        .args(["image", "build", "--binary"])
+        .arg(edgeshift_tests::bin("list-app"))
+        .args(["--tag", tag])
+        .output()
+        .context("edged image build")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "edged image build (is dockerd running?): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
 
 /// One completed write: when it was sent and when its answer came.
@@ -162,7 +203,8 @@ where
 }
 
 /// Two edges; the session moves between them with `handover_to`.
-async fn edgeshift(a: &Args, work: &Path, extra: &str) -> anyhow::Result<Run> {
+async fn edgeshift(a: &Args, work: &Path, v: &Variant) -> anyhow::Result<Run> {
+    let extra = v.extra;
     let base = work.join("base");
     std::fs::create_dir_all(&base)?;
     let mode = if a.plaintext {
@@ -172,21 +214,35 @@ async fn edgeshift(a: &Args, work: &Path, extra: &str) -> anyhow::Result<Run> {
     };
     let a_addr = edgeshift_tests::free_addr("127.0.0.1");
     let b_addr = edgeshift_tests::free_addr("127.0.0.2");
-    let ea = edgeshift_tests::start_list_edge_in(
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python/list_app.py");
+    let standby = |c: &mut edged::config::Config| {
+        for app in c.apps.values_mut() {
+            app.standby = v.standby;
+            if v.python {
+                app.runtime = edged::config::RuntimeConfig::Process {
+                    command: "/usr/bin/python3".into(),
+                    args: vec![python.display().to_string()],
+                };
+            }
+        }
+    };
+    let ea = edgeshift_tests::start_list_edge_with(
         work,
         "a",
         &a_addr.to_string(),
         &base,
-        None,
+        v.image.as_deref(),
         &format!("{mode}{}{extra}", edgeshift_tests::neighbour("b", b_addr)),
+        standby,
     );
-    let eb = edgeshift_tests::start_list_edge_in(
+    let eb = edgeshift_tests::start_list_edge_with(
         work,
         "b",
         &b_addr.to_string(),
         &base,
-        None,
+        v.image.as_deref(),
         &format!("{mode}{}{extra}", edgeshift_tests::neighbour("a", a_addr)),
+        standby,
     );
     let connect = |url: String| async move {
         if url.starts_with("http://") {
@@ -456,22 +512,53 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("working directory: {}", work.path().display());
     }
     let mut runs: Vec<(String, Run)> = Vec::new();
-    let variants: &[(&str, &str)] = if a.only_edgeshift {
-        &[("edgeshift", "")]
-    } else {
-        &[
-            ("edgeshift", ""),
-            (
-                "edgeshift, mount not warmed",
-                "[handover]\nwarm_bytes = 0\n",
-            ),
-        ]
+    let variant = |name, extra, image: Option<&str>, standby| Variant {
+        name,
+        extra,
+        image: image.map(str::to_string),
+        python: false,
+        standby,
     };
-    for (i, (name, extra)) in variants.iter().enumerate() {
-        eprintln!("{name}: {} moves", a.moves);
+    let mut variants = vec![variant("edgeshift", "", None, true)];
+    if !a.only_edgeshift {
+        variants.push(variant("edgeshift, no standby", "", None, false));
+        variants.push(variant(
+            "edgeshift, mount not warmed",
+            "[handover]\nwarm_bytes = 0\n",
+            None,
+            true,
+        ));
+    }
+    let image = format!("edgeshift-bench/list-app:gapbench-{}", std::process::id());
+    if a.docker {
+        build_image(&image)?;
+        variants.push(variant("edgeshift, Docker", "", Some(&image), true));
+        variants.push(variant(
+            "edgeshift, Docker, no standby",
+            "",
+            Some(&image),
+            false,
+        ));
+    }
+    if a.python {
+        for (name, standby) in [
+            ("edgeshift, Python app", true),
+            ("edgeshift, Python app, no standby", false),
+        ] {
+            variants.push(Variant {
+                python: true,
+                ..variant(name, "", None, standby)
+            });
+        }
+    }
+    for (i, v) in variants.iter().enumerate() {
+        eprintln!("{}: {} moves", v.name, a.moves);
         let dir = work.path().join(format!("edgeshift-{i}"));
         std::fs::create_dir_all(&dir)?;
-        runs.push((name.to_string(), edgeshift(&a, &dir, extra).await?));
+        runs.push((v.name.to_string(), edgeshift(&a, &dir, v).await?));
+    }
+    if a.docker {
+        let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
     }
     if !a.only_edgeshift {
         eprintln!("rsync, stop, rsync, start: {} moves", a.moves);

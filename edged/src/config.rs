@@ -215,6 +215,14 @@ pub struct AppConfig {
     /// 65534:65534 (nobody).
     #[serde(default = "default_user")]
     pub user: String,
+    /// The app waits for its activation (`EDGE_ACTIVATION`; edge-app's
+    /// `data_dir()` does): a handover to this edge then starts its
+    /// instance while the volume is still being pulled, so the downtime
+    /// holds no instance start. Off by default: an app that does not wait
+    /// would find an empty, read-only data directory (the handover then
+    /// falls back to starting it after the volume is there).
+    #[serde(default)]
+    pub standby: bool,
 }
 
 fn default_volume_mib() -> u64 {
@@ -334,14 +342,18 @@ key = "/var/lib/edgeshift/pki/edge-a.key"
 # read-only root, all capabilities dropped. Either runs as the app's
 # unprivileged `user` (default "65534:65534") with its memory_mib, pids_limit
 # and cpus (default 256, 128, 1.0); the files of each session's volume may sum
-# to volume_mib (default 1024; writes past it get ENOSPC).
+# to volume_mib (default 1024; writes past it get ENOSPC). An app that waits
+# for its activation (edge-app's data_dir() does) sets standby = true: a
+# handover to this edge starts it before the quiesce, off the downtime.
 [apps.list]
 base_volume = "/var/lib/edgeshift/base/list"
 runtime = { kind = "process", command = "/usr/local/bin/list-app" }
+standby = true
 
 [apps.search]
 base_volume = "/var/lib/edgeshift/base/search"
 runtime = { kind = "process", command = "/usr/local/bin/search-app" }
+standby = true
 memory_mib = 256
 pids_limit = 128
 
@@ -382,6 +394,7 @@ warm_bytes = 67108864
 # runtime = { kind = "docker", image = "edgeshift/list-app:latest" }
 # user = "65534:65534"
 # cpus = 1.0
+# standby = true
 "#;
 
 impl Config {

@@ -217,9 +217,16 @@ impl Peer for PeerService {
                 r.version
             )));
         }
+        // The app of a session this edge owns, for a puller that holds its
+        // token (it starts the app's standby instance).
+        let app = (!r.session_id.is_empty())
+            .then(|| self.0.app_for_peer(&r.session_id, &r.token))
+            .flatten()
+            .unwrap_or_default();
         Ok(Response::new(pb::HelloResponse {
             version: edge_proto::PEER_VERSION,
             edge_id: self.0.cfg.edge_id.clone(),
+            app,
         }))
     }
 

@@ -109,6 +109,60 @@ pub fn detach(mountpoint: &Path) {
     }
 }
 
+/// Detaches every mount stacked at `mountpoint` (a bind on a bind).
+pub fn detach_all(mountpoint: &Path) {
+    let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // The count bounds a path something keeps mounting on.
+    for _ in 0..16 {
+        // SAFETY: a valid C string.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) } != 0 {
+            break;
+        }
+    }
+}
+
+fn mount_call(src: Option<&Path>, target: &Path, flags: libc::c_ulong) -> std::io::Result<()> {
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    let target = c(target)?;
+    let src = src.map(c).transpose()?;
+    // SAFETY: valid C strings or null, as mount(2) takes them.
+    let r = unsafe {
+        libc::mount(
+            src.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            target.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes directory `dir` a mount point of its own in a peer group of its
+/// own (a bind onto itself, shared): what is mounted on it later reaches
+/// the mount namespaces that bound it as slaves (a standby instance).
+pub fn share_point(dir: &Path) -> std::io::Result<()> {
+    mount_call(Some(dir), dir, libc::MS_BIND)?;
+    if let Err(e) = mount_call(None, dir, libc::MS_SHARED) {
+        detach(dir);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Binds the mount at `from` (a volume) onto `to`.
+pub fn bind(from: &Path, to: &Path) -> std::io::Result<()> {
+    mount_call(Some(from), to, libc::MS_BIND)
+}
+
 /// Starts `volfs mount backing mountpoint` in its own process group and
 /// waits until its control socket answers.
 pub async fn mount(

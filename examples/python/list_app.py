@@ -7,15 +7,19 @@ The whole contract between edged and an app, in any language:
 - serve gRPC on the Unix socket `$EDGE_SOCKET_DIR/app.sock`;
 - keep state under `$EDGE_DATA_DIR` (the session's volume: it moves with
   the session);
-- stop on SIGTERM.
+- stop on SIGTERM;
+- under a warm standby (`EDGE_ACTIVATION` set), wait before touching the
+  data: see `wait_until_active`.
 
 The four small messages of list.proto are encoded by hand (protobuf's wire
 format), so the app needs nothing but grpcio (Debian: python3-grpcio).
 """
 
 import os
+import select
 import signal
 import sqlite3
+import sys
 import threading
 import time
 from concurrent import futures
@@ -123,7 +127,32 @@ def _serving(request, context):
     return _varint(1 << 3 | 0) + _varint(1)  # HealthCheckResponse{status: SERVING}
 
 
+def wait_until_active():
+    """A warm standby is started before its volume is there: read one byte
+    from the FIFO `$EDGE_ACTIVATION`; b"1" means the volume is mounted at
+    the data directory now, end of file means edged gave the standby up."""
+    fifo = os.environ.get("EDGE_ACTIVATION")
+    if not fifo:
+        return
+    # Opened without blocking (edged sees the app wait), then polled: a FIFO
+    # no writer opened yet reads as end of file, poll waits for the byte.
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    while not p.poll():
+        pass
+    try:
+        go = os.read(fd, 1)
+    except BlockingIOError:
+        go = b""
+    os.close(fd)
+    if go != b"1":
+        sys.exit(0)
+    os.chdir(os.environ["EDGE_DATA_DIR"])
+
+
 def main():
+    wait_until_active()
     data_dir = os.environ["EDGE_DATA_DIR"]
     socket = os.path.join(os.environ["EDGE_SOCKET_DIR"], "app.sock")
     app = ListApp(data_dir)

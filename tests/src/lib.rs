@@ -749,6 +749,19 @@ pub fn start_list_edge_in(
     docker_image: Option<&str>,
     extra: &str,
 ) -> Edge {
+    start_list_edge_with(dir, id, ip, base, docker_image, extra, |_| {})
+}
+
+/// [`start_list_edge_in`], with `tweak` applied to the configuration last.
+pub fn start_list_edge_with(
+    dir: &Path,
+    id: &str,
+    ip: &str,
+    base: &Path,
+    docker_image: Option<&str>,
+    extra: &str,
+    tweak: impl FnOnce(&mut edged::config::Config),
+) -> Edge {
     let runtime = match docker_image {
         Some(i) => Runtime::Docker(i.into()),
         None => Runtime::Process(bin("list-app")),
@@ -766,6 +779,7 @@ pub fn start_list_edge_in(
     for app in cfg.apps.values_mut() {
         app.volume_mib = 16 << 10;
     }
+    tweak(&mut cfg);
     Edge::launch_in(dir, cfg)
 }
 

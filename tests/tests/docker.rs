@@ -132,10 +132,33 @@ async fn a_docker_session_moves_between_edges() {
     let label = format!("label=edgeshift.session={}", s.id());
     let on_a = docker(&["ps", "-q", "--no-trunc", "--filter", &label]);
     let mut downtime = 0;
-    s.handover_to(&cb, |p| downtime = p.downtime_micros)
-        .await
-        .unwrap();
+    // What runs on B for the session when A has quiesced it.
+    let mut standby = None;
+    s.handover_to(&cb, |p| {
+        downtime = p.downtime_micros;
+        if p.phase() == edge_proto::v1::HandoverPhase::Quiesced && standby.is_none() {
+            standby = Some(docker(&[
+                "ps",
+                "-q",
+                "--no-trunc",
+                "--filter",
+                &label,
+                "--filter",
+                "label=edgeshift.edge=b",
+            ]));
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("handover: {e}\nB: {}", b.log()));
     assert_eq!(s.edge_id(), "b");
+    // A warm standby: B's container was running before the quiesce, so
+    // its start was not part of the downtime.
+    let standby = standby.expect("a quiesced phase was reported");
+    assert!(
+        !standby.is_empty(),
+        "no container of the session ran on B when A quiesced: {}",
+        b.log()
+    );
     stub.add(AddRequest {
         item: "unpacked on b".into(),
     })
@@ -150,11 +173,20 @@ async fn a_docker_session_moves_between_edges() {
         .into_inner()
         .items;
     assert_eq!(items, ["packed on a", "unpacked on b"]);
-    let on_b = docker(&["ps", "-q", "--no-trunc", "--filter", &label]);
+    let on_b = docker(&[
+        "ps",
+        "-q",
+        "--no-trunc",
+        "--filter",
+        &label,
+        "--filter",
+        "label=edgeshift.edge=b",
+    ]);
     assert!(
         !on_b.is_empty() && on_b != on_a,
         "one new container on b ({on_a} -> {on_b})"
     );
+    assert_eq!(on_b, standby, "the standby became the session's instance");
     a.wait_empty().await;
     assert_eq!(
         docker(&["ps", "-aq", "--no-trunc", "--filter", &format!("id={on_a}")]),

@@ -15,6 +15,7 @@ fn hello() -> pb::HelloRequest {
     pb::HelloRequest {
         version: edge_proto::PEER_VERSION,
         edge_id: "b".into(),
+        ..Default::default()
     }
 }
 

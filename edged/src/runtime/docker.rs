@@ -14,8 +14,8 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 
 use super::{
-    BoxFut, ENV_DATA_DIR, ENV_SESSION_ID, ENV_SOCKET_DIR, InstanceId, InstanceSpec, Runtime,
-    RuntimeError,
+    ACTIVATION_NAME, BoxFut, ENV_ACTIVATION, ENV_DATA_DIR, ENV_SESSION_ID, ENV_SOCKET_DIR,
+    InstanceId, InstanceSpec, Runtime, RuntimeError,
 };
 
 /// Path of the volume inside a container.
@@ -77,9 +77,22 @@ impl Runtime for DockerRuntime {
     fn start<'a>(&'a self, spec: &'a InstanceSpec) -> BoxFut<'a, Result<InstanceId, RuntimeError>> {
         Box::pin(async move {
             let name = container_name(&spec.edge_id, &spec.session_id);
+            // A standby's volume mount point is a shared mount: its
+            // activation (the volume mounted there) reaches the container.
+            let propagation = if spec.standby { ":rslave" } else { "" };
+            let mut env = vec![
+                format!("{ENV_DATA_DIR}={DATA_IN_CONTAINER}"),
+                format!("{ENV_SOCKET_DIR}={SOCKET_IN_CONTAINER}"),
+                format!("{ENV_SESSION_ID}={}", spec.session_id),
+            ];
+            if spec.standby {
+                env.push(format!(
+                    "{ENV_ACTIVATION}={SOCKET_IN_CONTAINER}/{ACTIVATION_NAME}"
+                ));
+            }
             let host = HostConfig {
                 binds: Some(vec![
-                    format!("{}:{DATA_IN_CONTAINER}", spec.volume.display()),
+                    format!("{}:{DATA_IN_CONTAINER}{propagation}", spec.volume.display()),
                     format!("{}:{SOCKET_IN_CONTAINER}", spec.socket_dir.display()),
                 ]),
                 network_mode: Some("none".into()),
@@ -99,11 +112,7 @@ impl Runtime for DockerRuntime {
             };
             let body = ContainerCreateBody {
                 image: Some(self.image.clone()),
-                env: Some(vec![
-                    format!("{ENV_DATA_DIR}={DATA_IN_CONTAINER}"),
-                    format!("{ENV_SOCKET_DIR}={SOCKET_IN_CONTAINER}"),
-                    format!("{ENV_SESSION_ID}={}", spec.session_id),
-                ]),
+                env: Some(env),
                 working_dir: Some(DATA_IN_CONTAINER.into()),
                 user: (!spec.user.is_empty()).then(|| spec.user.clone()),
                 labels: Some(HashMap::from([

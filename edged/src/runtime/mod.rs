@@ -56,6 +56,12 @@ pub struct InstanceSpec {
     /// `UID:GID` the instance runs as (Docker).
     #[serde(default)]
     pub user: String,
+    /// A warm standby: the instance starts before its volume is there and
+    /// waits (told by [`ENV_ACTIVATION`]) until edged activates it; the
+    /// volume appears at its mount point then (`volume` is a shared mount
+    /// point, bound so that the activation propagates).
+    #[serde(default)]
+    pub standby: bool,
 }
 
 /// A running instance, as persisted in the session record.
@@ -82,6 +88,14 @@ pub const ENV_DATA_DIR: &str = "EDGE_DATA_DIR";
 pub const ENV_SOCKET_DIR: &str = "EDGE_SOCKET_DIR";
 /// Environment variable with the session id.
 pub const ENV_SESSION_ID: &str = "EDGE_SESSION_ID";
+/// Environment variable of a warm standby instance: a FIFO the app opens
+/// and reads one byte from before it touches its data directory. `1`: the
+/// volume is there, go on; end of file: edged went away or gave up the
+/// handover, exit. Set only when the app's config says it waits
+/// (`standby = true`); edge-app's `data_dir()` does.
+pub const ENV_ACTIVATION: &str = "EDGE_ACTIVATION";
+/// The FIFO's name in the socket directory.
+pub const ACTIVATION_NAME: &str = "activate";
 /// Environment of a process instance: its socket directory on the host
 /// (how edged finds an instance it started but did not live to record).
 pub const ENV_INSTANCE: &str = "EDGESHIFT_INSTANCE";

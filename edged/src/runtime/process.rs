@@ -24,8 +24,8 @@ use std::os::unix::ffi::OsStrExt;
 
 use super::cgroup::{Cgroups, Group, Limits};
 use super::{
-    BoxFut, ENV_DATA_DIR, ENV_INSTANCE, ENV_SESSION_ID, ENV_SOCKET_DIR, InstanceId, InstanceSpec,
-    Runtime, RuntimeError, tail,
+    ACTIVATION_NAME, BoxFut, ENV_ACTIVATION, ENV_DATA_DIR, ENV_INSTANCE, ENV_SESSION_ID,
+    ENV_SOCKET_DIR, InstanceId, InstanceSpec, Runtime, RuntimeError, tail,
 };
 
 /// Where an instance sees its volume (in its own mount namespace).
@@ -370,8 +370,7 @@ impl Runtime for ProcessRuntime {
                     Ok(())
                 });
             }
-            let spawned = cmd
-                .args(&self.args)
+            cmd.args(&self.args)
                 // Nothing of edged's environment (an operator's secrets, a
                 // proxy, systemd's sockets) reaches the app.
                 .env_clear()
@@ -379,11 +378,14 @@ impl Runtime for ProcessRuntime {
                 .env(ENV_DATA_DIR, INSTANCE_DATA)
                 .env(ENV_SOCKET_DIR, INSTANCE_RUN)
                 .env(ENV_SESSION_ID, &spec.session_id)
-                .env(ENV_INSTANCE, &spec.socket_dir)
-                .stdin(Stdio::null())
-                .stdout(log)
-                .stderr(log2)
-                .spawn();
+                .env(ENV_INSTANCE, &spec.socket_dir);
+            if spec.standby {
+                // The volume bound at INSTANCE_DATA is an empty directory
+                // until the activation mounts it: the namespace is a slave
+                // of edged's, and the volume's mount point a shared mount.
+                cmd.env(ENV_ACTIVATION, format!("{INSTANCE_RUN}/{ACTIVATION_NAME}"));
+            }
+            let spawned = cmd.stdin(Stdio::null()).stdout(log).stderr(log2).spawn();
             drop(procs);
             let child = match spawned {
                 Ok(c) => c,

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tonic::Status;
 
+use super::standby::{self, Standby};
 use super::{EdgeError, Gate, Session, State};
 use crate::config::{AppConfig, Config};
 use crate::forward::{AppClient, SOCKET_NAME};
@@ -66,22 +67,7 @@ impl Session {
         if let Some((_, client)) = inst.as_ref() {
             return Ok(client.clone());
         }
-        let _ = std::fs::remove_file(self.spec.socket_dir.join(SOCKET_NAME));
-        // The instance's user owns its socket directory and its volume, also
-        // for a session made before (or on an edge with) another `user`.
-        if let Some(app) = cfg.apps.get(&self.app) {
-            self.prepare_socket_dir(app)?;
-            if let Some((uid, gid)) = app.uid_gid() {
-                let backing = self.layout().backing();
-                let owned = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&backing)?);
-                if owned != uid {
-                    tracing::info!(session = %self.id, uid, "giving the volume to the app's user");
-                    tokio::task::spawn_blocking(move || volume::give_to(&backing, uid, gid))
-                        .await
-                        .map_err(|e| EdgeError::Io(std::io::Error::other(e)))??;
-                }
-            }
-        }
+        self.prepare_start(cfg).await?;
         let id = self.runtime.start(&self.spec).await?;
         if let Err(e) = self.save_record_with(Some(id.clone())).await {
             let _ = self.runtime.stop(&id).await;
@@ -99,6 +85,73 @@ impl Session {
             }
             Err(e) => {
                 let _ = self.runtime.stop(&id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Before an instance starts: no stale socket; the instance's user owns
+    /// its socket directory and its volume, also for a session made before
+    /// (or on an edge with) another `user`.
+    async fn prepare_start(&self, cfg: &Config) -> Result<(), EdgeError> {
+        let _ = std::fs::remove_file(self.spec.socket_dir.join(SOCKET_NAME));
+        if let Some(app) = cfg.apps.get(&self.app) {
+            self.prepare_socket_dir(app)?;
+            if let Some((uid, gid)) = app.uid_gid() {
+                let backing = self.layout().backing();
+                let owned = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&backing)?);
+                if owned != uid {
+                    tracing::info!(session = %self.id, uid, "giving the volume to the app's user");
+                    tokio::task::spawn_blocking(move || volume::give_to(&backing, uid, gid))
+                        .await
+                        .map_err(|e| EdgeError::Io(std::io::Error::other(e)))??;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes a standby instance this session's: the mounted volume
+    /// appears in it, it is told to go on, and it answers. On a failure the
+    /// standby is discarded (the caller starts an instance the usual way).
+    pub(super) async fn adopt_standby(
+        &self,
+        cfg: &Config,
+        mut standby: Standby,
+    ) -> Result<AppClient, EdgeError> {
+        let mut inst = self.instance.lock().await;
+        if inst.is_some() {
+            standby.discard().await;
+            return Err(EdgeError::Invalid(
+                "the session has an instance already".into(),
+            ));
+        }
+        if let Err(e) = self.prepare_start(cfg).await {
+            standby.discard().await;
+            return Err(e);
+        }
+        if let Err(e) = standby.activate(&self.layout().mnt()) {
+            standby.discard().await;
+            return Err(e.into());
+        }
+        let id = standby.instance.clone();
+        if let Err(e) = self.save_record_with(Some(id.clone())).await {
+            standby.discard().await;
+            return Err(e);
+        }
+        match self
+            .wait_ready(&id, cfg.start_timeout, cfg.max_payload + 1024)
+            .await
+        {
+            Ok(client) => {
+                let id = standby.finish(&self.layout().run());
+                *inst = Some((id, client.clone()));
+                drop(inst);
+                self.save_record().await?;
+                Ok(client)
+            }
+            Err(e) => {
+                standby.discard().await;
                 Err(e)
             }
         }
@@ -176,6 +229,9 @@ impl Session {
             }
         }
         crate::runtime::cgroup::remove_instance(&self.spec.edge_id, &self.id).await;
+        // Before the shim unmounts: a bind of the volume left there would
+        // keep its filesystem alive.
+        standby::remove_dir(&self.layout().standby());
         if let Some(shim) = self.shim.lock().await.take() {
             shim.unmount().await;
         }

@@ -112,6 +112,13 @@ impl Edge {
 
     /// The session, for a peer: the client's token, or the one-time ticket
     /// of an operator-started move.
+    /// The app of session `id`, when this edge owns it and `token` (or a
+    /// ticket) is its own.
+    pub fn app_for_peer(&self, id: &str, token: &[u8]) -> Option<String> {
+        let s = self.session_for_peer(id, token).ok()?;
+        (s.role() == super::Role::Serving).then(|| s.app.clone())
+    }
+
     pub(super) fn session_for_peer(
         &self,
         id: &str,

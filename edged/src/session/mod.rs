@@ -19,6 +19,8 @@
 //! - `give`, `take` (with `pull`, the transfer), [`migrate`]: the two sides of a handover, driving the
 //!   state machines of [`crate::migration`];
 //! - [`precopy`]: rounds of dirty blocks to candidate neighbours;
+//! - `standby`: a warm standby, the instance of a session being pulled
+//!   here started before the quiesce;
 //! - `recover`: what a restarted edged finds on disk.
 
 use std::path::PathBuf;
@@ -47,6 +49,7 @@ pub mod precopy;
 mod pull;
 mod recover;
 pub mod registry;
+mod standby;
 mod take;
 
 pub use error::{EdgeError, moved_status, moving_status, peer_status};

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Edge, EdgeError, Role, SessionRecord, Shim, State};
+use super::{Edge, EdgeError, Layout, Role, SessionRecord, Shim, State};
 use crate::config::{Config, RuntimeConfig};
 use crate::migration::puller::PullerEvent;
 use crate::runtime::docker::DockerRuntime;
@@ -54,6 +54,13 @@ impl Edge {
                         .insert(dir, e.to_string());
                 }
             }
+        }
+        let swept = super::standby::sweep(&self.cfg).await;
+        if swept > 0 {
+            tracing::info!(
+                swept,
+                "removed the standby instances of pulls that ended while edged was away"
+            );
         }
         (recovered, removed)
     }
@@ -265,6 +272,7 @@ impl Edge {
     async fn stage_back(&self, id: &str) {
         let dir = self.sessions_dir().join(id);
         let staging = self.staging_dir(id);
+        super::standby::remove_dir(&Layout { dir: dir.clone() }.standby());
         volume::detach(&dir.join("mnt"));
         let _ = tokio::fs::remove_dir_all(&staging).await;
         let _ = tokio::fs::create_dir_all(&staging).await;
@@ -302,6 +310,13 @@ async fn stop_recorded(cfg: &Config, rec: &SessionRecord, dir: &Path, end: End) 
         let name = crate::runtime::docker::container_name(&cfg.edge_id, &rec.id);
         stop_instance(cfg, &rec.app, &InstanceId::Container(name), end).await;
     }
+    // Before the shim unmounts (see `Session::end`).
+    super::standby::remove_dir(
+        &Layout {
+            dir: dir.to_path_buf(),
+        }
+        .standby(),
+    );
     if let Some(pid) = rec.volfs_pid {
         let shim = Shim {
             pid,
@@ -359,5 +374,6 @@ pub async fn cleanup_all(cfg: &Config) -> usize {
             n += 1;
         }
     }
+    super::standby::sweep(cfg).await;
     n
 }

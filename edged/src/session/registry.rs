@@ -244,6 +244,7 @@ impl Edge {
             pids_limit: app.pids_limit,
             cpus: app.cpus,
             user: app.user.clone(),
+            standby: false,
         };
         Ok(Session {
             id: rec.id.clone(),

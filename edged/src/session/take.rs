@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use super::migrate::{PULL_ATTEMPTS, RELEASE_ANSWER_WAIT, io_status, progress_event};
 use super::pull::Pulled;
+use super::standby::{self, Standby};
 use super::{Edge, EdgeError, Gate, Layout, Role, Session, SessionRecord, State, peer_status};
 use crate::journal::Outcome;
 use crate::migration::puller::{PullerAction, PullerEvent, PullerState};
@@ -112,10 +113,16 @@ impl Edge {
             return Err(Status::aborted(*m));
         }
         let span = tracing::info_span!("take", session = %id, from = %from);
+        let mut standby = None;
         let r = self
-            .take_inner(id, token, &owner, progress)
+            .take_inner(id, token, &owner, progress, &mut standby)
             .instrument(span.clone())
             .await;
+        // Not adopted (the handover failed before): gone before another
+        // pull of the session can start one.
+        if let Some(s) = standby.take() {
+            s.discard().await;
+        }
         if let Err(st) = &r {
             tracing::warn!(parent: &span, error = %st.message(), "handover failed");
             // Whatever failed before the release was asked leaves no pull.
@@ -133,6 +140,7 @@ impl Edge {
         token: &[u8],
         claimed: &Peer,
         progress: &mpsc::Sender<Result<pb::HandoverProgress, Status>>,
+        standby: &mut Option<Standby>,
     ) -> Result<(), Status> {
         let from = claimed.addr.as_str();
         // Under TLS the handshake proves the peer is `claimed.edge_id`
@@ -142,6 +150,8 @@ impl Edge {
             .hello(pb::HelloRequest {
                 version: edge_proto::PEER_VERSION,
                 edge_id: self.cfg.edge_id.clone(),
+                session_id: id.to_string(),
+                token: token.to_vec(),
             })
             .await
             .map_err(|st| peer_status("handover", from, st))?
@@ -163,6 +173,12 @@ impl Edge {
             edge_id: hello.edge_id.clone(),
             addr: from.to_string(),
         };
+        // The app's standby instance starts, and sets itself up, before the
+        // handover begins: the owner serves on meanwhile, and the downtime
+        // holds no instance start.
+        if crate::config::valid_name(&hello.app) {
+            *standby = self.standby_ready(id, &hello.app).await;
+        }
         // A block that does not hash to its name (damaged in transit) fails
         // its round; the old edge serves on (abort) and the pull starts again
         // from what is staged, so the damaged blocks are sent again.
@@ -213,7 +229,8 @@ impl Edge {
         // Become the owner in waiting: session directory (persisted
         // `Starting`), journal, shim, instance with its calls held.
         report(pb::HandoverPhase::Start).await;
-        let session = match self.promote_and_start(id, &pulled, &owner).await {
+        let standby = standby.take();
+        let session = match self.promote_and_start(id, &pulled, &owner, standby).await {
             Ok(s) => s,
             Err(e) => {
                 self.puller_step(
@@ -403,6 +420,32 @@ impl Edge {
         id: &str,
         p: &Pulled,
         owner: &Peer,
+        standby: Option<Standby>,
+    ) -> Result<Arc<Session>, EdgeError> {
+        let mut standby = match standby {
+            // A standby of another app than the one pulled is of no use.
+            Some(s) if s.app() != p.meta.app => {
+                tracing::warn!(session = %id, named = s.app(), sent = %p.meta.app, "the owner named another app before the handover; the standby is given up");
+                s.discard().await;
+                None
+            }
+            s => s,
+        };
+        let r = self.promote_inner(id, p, owner, &mut standby).await;
+        // Not handed on (a failure on the way, or another app): discarded
+        // here and now, before a retry could start another.
+        if let Some(s) = standby {
+            s.discard().await;
+        }
+        r
+    }
+
+    async fn promote_inner(
+        self: &Arc<Self>,
+        id: &str,
+        p: &Pulled,
+        owner: &Peer,
+        standby: &mut Option<Standby>,
     ) -> Result<Arc<Session>, EdgeError> {
         let staging = self.staging_dir(id);
         let dir = self.sessions_dir().join(id);
@@ -443,9 +486,17 @@ impl Edge {
         .await
         .map_err(|e| EdgeError::Io(std::io::Error::other(e)))??;
         let layout = Layout { dir: dir.clone() };
-        for d in [layout.mnt(), layout.run()] {
-            tokio::fs::create_dir_all(d).await?;
+        tokio::fs::create_dir_all(layout.mnt()).await?;
+        // The standby's socket directory and log become the session's.
+        if let Some(s) = standby.as_ref() {
+            if let Err(e) = s.move_into(&layout) {
+                tracing::warn!(session = %id, error = %e, "the standby instance could not be adopted");
+                if let Some(s) = standby.take() {
+                    s.discard().await;
+                }
+            }
         }
+        tokio::fs::create_dir_all(layout.run()).await?;
         let runtime = self.runtime(&p.meta.app).await?;
         let session = Arc::new(self.build_session(&rec, hash, runtime)?);
         session.prepare_socket_dir(self.app(&p.meta.app)?)?;
@@ -492,7 +543,9 @@ impl Edge {
                 Ok(to)
             })
         };
-        let started = self.mount_and_start(&session, &layout).await;
+        let started = self
+            .mount_and_start(&session, &layout, standby.take())
+            .await;
         // Awaited also on a failure: it must not write into a session
         // directory the failure is about to remove.
         let held = held_back.await.map_err(|e| e.to_string()).and_then(|r| r);
@@ -509,10 +562,20 @@ impl Edge {
         Ok(session)
     }
 
-    /// Mounts a pulled session's volume and starts its instance, warming
-    /// the mount meanwhile.
-    async fn mount_and_start(&self, session: &Session, layout: &Layout) -> Result<(), EdgeError> {
-        self.mount_volume(session).await?;
+    /// Mounts a pulled session's volume and activates its standby instance
+    /// or starts one, warming the mount meanwhile.
+    async fn mount_and_start(
+        &self,
+        session: &Session,
+        layout: &Layout,
+        standby: Option<Standby>,
+    ) -> Result<(), EdgeError> {
+        if let Err(e) = self.mount_volume(session).await {
+            if let Some(s) = standby {
+                s.discard().await;
+            }
+            return Err(e);
+        }
         let id = &session.id;
         // While the instance starts: the mount's page cache filled with the
         // newest files (not waited for; bounded in bytes and time).
@@ -531,6 +594,14 @@ impl Edge {
                 Err(e) => tracing::debug!(session = %sid, error = %e, "volume not warmed"),
             }
         });
+        if let Some(s) = standby {
+            match session.adopt_standby(&self.cfg, s).await {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(session = %id, error = %e, "the standby instance did not take over; starting one")
+                }
+            }
+        }
         session.ensure_running(&self.cfg).await?;
         Ok(())
     }
@@ -552,6 +623,7 @@ impl Edge {
             if let Some((iid, _)) = s.instance.lock().await.take() {
                 let _ = s.runtime.stop(&iid).await;
             }
+            standby::remove_dir(&s.layout().standby());
             if let Some(shim) = s.shim.lock().await.take() {
                 shim.unmount().await;
             }

@@ -75,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
             cpus: 1.0,
             user: "65534:65534".into(),
             volume_mib: 1024,
+            standby: true,
         },
     );
     cfg.apps.insert(
@@ -87,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
             cpus: 1.0,
             user: "65534:65534".into(),
             volume_mib: 1024,
+            standby: true,
         },
     );
 
