@@ -77,18 +77,33 @@ pub fn data_dir() -> PathBuf {
 /// Under a warm standby (`EDGE_ACTIVATION` set): blocks until edged
 /// activates this instance, i.e. its volume is mounted at the data
 /// directory; exits the process (status 0) when edged gives the standby up
-/// instead. Without the variable, or after the first call, returns at once.
+/// instead, and (status 1) when the data directory did not change.
+/// Without the variable, or after the first call, returns at once. It
+/// blocks its thread: call it (or [`data_dir`]) before the async work
+/// starts. A process the app starts inherits the variable: take it out of
+/// the child's environment.
 pub fn wait_until_active() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let Some(fifo) = std::env::var_os(ENV_ACTIVATION) else {
             return;
         };
+        let data = std::env::var_os(ENV_DATA_DIR).map(PathBuf::from);
+        let id = |d: &Option<PathBuf>| {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(d.as_ref()?).ok()?;
+            Some((m.dev(), m.ino()))
+        };
+        let before = id(&data);
         match read_activation(std::path::Path::new(&fifo)) {
+            Ok(true) if before.is_some() && id(&data) == before => {
+                eprintln!("edge-app: activated, but the volume is not at {data:?}");
+                std::process::exit(1);
+            }
             Ok(true) => {
                 // The working directory is the directory the volume now
                 // covers: enter the volume.
-                if let Some(d) = std::env::var_os(ENV_DATA_DIR) {
+                if let Some(d) = &data {
                     let _ = std::env::set_current_dir(d);
                 }
                 tracing::info!("activated: the volume is here");

@@ -146,12 +146,55 @@ fn mount_call(src: Option<&Path>, target: &Path, flags: libc::c_ulong) -> std::i
     Ok(())
 }
 
+/// Whether `dir` is a mount point of edged's namespace.
+pub fn is_mount_point(dir: &Path) -> bool {
+    let want = dir.as_os_str().as_encoded_bytes();
+    std::fs::read("/proc/self/mountinfo").is_ok_and(|t| {
+        t.split(|&b| b == b'\n').any(|l| {
+            l.split(|&b| b == b' ')
+                .nth(4)
+                .is_some_and(|mp| unescape(mp) == want)
+        })
+    })
+}
+
+/// A mountinfo path with its `\ooo` escapes decoded.
+fn unescape(p: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(p.len());
+    let mut i = 0;
+    while i < p.len() {
+        let oct = |b: u8| (b'0'..=b'7').contains(&b);
+        if p[i] == b'\\' && i + 3 < p.len() && p[i + 1..=i + 3].iter().all(|&b| oct(b)) {
+            out.push((p[i + 1] - b'0') * 64 + (p[i + 2] - b'0') * 8 + (p[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(p[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Makes directory `dir` a private mount point (a bind onto itself, unless
+/// it is one already): nothing mounted beneath it propagates to other
+/// mount namespaces, whatever the host's root propagates (systemd makes
+/// `/` shared).
+pub fn private_point(dir: &Path) -> std::io::Result<()> {
+    if !is_mount_point(dir) {
+        mount_call(Some(dir), dir, libc::MS_BIND)?;
+    }
+    mount_call(None, dir, libc::MS_PRIVATE)
+}
+
 /// Makes directory `dir` a mount point of its own in a peer group of its
-/// own (a bind onto itself, shared): what is mounted on it later reaches
-/// the mount namespaces that bound it as slaves (a standby instance).
+/// own (a bind onto itself, made private, then shared): what is mounted on
+/// it later reaches the mount namespaces that bound it as slaves (a standby
+/// instance), and those only. Its parent should be a [`private_point`].
 pub fn share_point(dir: &Path) -> std::io::Result<()> {
     mount_call(Some(dir), dir, libc::MS_BIND)?;
-    if let Err(e) = mount_call(None, dir, libc::MS_SHARED) {
+    let shared = mount_call(None, dir, libc::MS_PRIVATE)
+        .and_then(|()| mount_call(None, dir, libc::MS_SHARED));
+    if let Err(e) = shared {
         detach(dir);
         return Err(e);
     }

@@ -131,9 +131,11 @@ def wait_until_active():
     """A warm standby is started before its volume is there: read one byte
     from the FIFO `$EDGE_ACTIVATION`; b"1" means the volume is mounted at
     the data directory now, end of file means edged gave the standby up."""
-    fifo = os.environ.get("EDGE_ACTIVATION")
+    fifo = os.environ.pop("EDGE_ACTIVATION", None)  # not for child processes
     if not fifo:
         return
+    data = os.environ["EDGE_DATA_DIR"]
+    before = os.stat(data)
     # Opened without blocking (edged sees the app wait), then polled: a FIFO
     # no writer opened yet reads as end of file, poll waits for the byte.
     fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
@@ -148,7 +150,10 @@ def wait_until_active():
     os.close(fd)
     if go != b"1":
         sys.exit(0)
-    os.chdir(os.environ["EDGE_DATA_DIR"])
+    after = os.stat(data)
+    if (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino):
+        sys.exit("activated, but the volume is not at " + data)
+    os.chdir(data)
 
 
 def main():

@@ -186,7 +186,12 @@ async fn a_docker_session_moves_between_edges() {
         !on_b.is_empty() && on_b != on_a,
         "one new container on b ({on_a} -> {on_b})"
     );
-    assert_eq!(on_b, standby, "the standby became the session's instance");
+    assert_eq!(
+        on_b,
+        standby,
+        "the standby became the session's instance: {}",
+        b.log()
+    );
     a.wait_empty().await;
     assert_eq!(
         docker(&["ps", "-aq", "--no-trunc", "--filter", &format!("id={on_a}")]),

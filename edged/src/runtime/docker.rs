@@ -233,6 +233,26 @@ impl Runtime for DockerRuntime {
         })
     }
 
+    fn data_in_instance<'a>(
+        &'a self,
+        id: &'a InstanceId,
+    ) -> BoxFut<'a, Option<std::path::PathBuf>> {
+        Box::pin(async move {
+            let InstanceId::Container(c) = id else {
+                return None;
+            };
+            let pid = self
+                .docker
+                .inspect_container(c, None)
+                .await
+                .ok()?
+                .state?
+                .pid
+                .filter(|p| *p > 0)?;
+            Some(format!("/proc/{pid}/root{DATA_IN_CONTAINER}").into())
+        })
+    }
+
     fn logs<'a>(
         &'a self,
         id: &'a InstanceId,

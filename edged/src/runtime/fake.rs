@@ -85,6 +85,13 @@ impl Runtime for FakeRuntime {
         })
     }
 
+    fn data_in_instance<'a>(
+        &'a self,
+        _id: &'a InstanceId,
+    ) -> BoxFut<'a, Option<std::path::PathBuf>> {
+        Box::pin(async { None })
+    }
+
     fn logs<'a>(
         &'a self,
         _id: &'a InstanceId,

@@ -62,6 +62,11 @@ pub struct InstanceSpec {
     /// point, bound so that the activation propagates).
     #[serde(default)]
     pub standby: bool,
+    /// A tree of edged's mount points the instance must not see (the
+    /// standby mount points of other sessions): detached in its own mount
+    /// namespace (the process runtime; a container has its own root).
+    #[serde(default)]
+    pub hidden: Option<PathBuf>,
 }
 
 /// A running instance, as persisted in the session record.
@@ -122,6 +127,10 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     fn pause<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>>;
     /// Thaws a paused instance.
     fn resume<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>>;
+    /// The instance's data directory as seen from inside it
+    /// (`/proc/PID/root/...`), when the runtime can tell: how edged checks
+    /// that a standby's volume reached it.
+    fn data_in_instance<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Option<PathBuf>>;
     /// The last `n` lines the instance printed.
     fn logs<'a>(
         &'a self,

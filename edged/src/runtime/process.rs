@@ -294,6 +294,7 @@ impl Runtime for ProcessRuntime {
                     .map_err(|e| RuntimeError::Process(format!("{d}: {e}")))?;
             }
             let (vol, run) = (cstr(&spec.volume)?, cstr(&spec.socket_dir)?);
+            let hidden = spec.hidden.as_deref().map(cstr).transpose()?;
             let group = match &self.cgroups {
                 Cgroups::Unavailable(why) => {
                     tracing::warn!(session = %spec.session_id, "the memory, pids and CPU limits of this instance are NOT applied: {why}");
@@ -362,6 +363,12 @@ impl Runtime for ProcessRuntime {
                         ))?;
                     }
                     detach_other_fuse(&mut mountinfo, &data)?;
+                    // The standby mount points of other sessions (the
+                    // copy of one's own activation would reach it there).
+                    // Not one: nothing to detach.
+                    if let Some(h) = &hidden {
+                        libc::umount2(h.as_ptr(), libc::MNT_DETACH);
+                    }
                     check(libc::chdir(data.as_ptr()))?;
                     check(libc::setgroups(0, std::ptr::null()))?;
                     check(libc::setgid(gid))?;
@@ -504,6 +511,18 @@ impl Runtime for ProcessRuntime {
                 }
                 InstanceId::Container(_) => false,
             }
+        })
+    }
+
+    fn data_in_instance<'a>(
+        &'a self,
+        id: &'a InstanceId,
+    ) -> BoxFut<'a, Option<std::path::PathBuf>> {
+        Box::pin(async move {
+            let InstanceId::Pid(pid) = id else {
+                return None;
+            };
+            Some(format!("/proc/{pid}/root{INSTANCE_DATA}").into())
         })
     }
 

@@ -231,7 +231,8 @@ impl Session {
         crate::runtime::cgroup::remove_instance(&self.spec.edge_id, &self.id).await;
         // Before the shim unmounts: a bind of the volume left there would
         // keep its filesystem alive.
-        standby::remove_dir(&self.layout().standby());
+        let standby = self.layout().standby();
+        let _ = tokio::task::spawn_blocking(move || standby::remove_dir(&standby)).await;
         if let Some(shim) = self.shim.lock().await.take() {
             shim.unmount().await;
         }

@@ -110,8 +110,6 @@ impl Edge {
             .clone()
     }
 
-    /// The session, for a peer: the client's token, or the one-time ticket
-    /// of an operator-started move.
     /// The app of session `id`, when this edge owns it and `token` (or a
     /// ticket) is its own.
     pub fn app_for_peer(&self, id: &str, token: &[u8]) -> Option<String> {
@@ -119,6 +117,8 @@ impl Edge {
         (s.role() == super::Role::Serving).then(|| s.app.clone())
     }
 
+    /// The session, for a peer: the client's token, or the one-time ticket
+    /// of an operator-started move.
     pub(super) fn session_for_peer(
         &self,
         id: &str,

@@ -296,13 +296,18 @@ async fn stop_recorded(cfg: &Config, rec: &SessionRecord, dir: &Path, end: End) 
     if let Some(id) = &rec.instance {
         stop_instance(cfg, &rec.app, id, end).await;
     }
-    let run = dir.join("run");
-    for pid in crate::runtime::process::find_by_env(
-        crate::runtime::ENV_INSTANCE,
-        &run.display().to_string(),
-    ) {
-        tracing::warn!(session = %rec.id, pid, "stopping an instance that was never recorded");
-        stop_instance(cfg, &rec.app, &InstanceId::Pid(pid), end).await;
+    // Started here, or as a standby (its socket directory moved here).
+    let layout = Layout {
+        dir: dir.to_path_buf(),
+    };
+    for run in [layout.run(), layout.standby().join("run")] {
+        for pid in crate::runtime::process::find_by_env(
+            crate::runtime::ENV_INSTANCE,
+            &run.display().to_string(),
+        ) {
+            tracing::warn!(session = %rec.id, pid, "stopping an instance that was never recorded");
+            stop_instance(cfg, &rec.app, &InstanceId::Pid(pid), end).await;
+        }
     }
     crate::runtime::cgroup::remove_instance(&cfg.edge_id, &rec.id).await;
     // A container is named by edge and session, recorded or not.
@@ -311,12 +316,7 @@ async fn stop_recorded(cfg: &Config, rec: &SessionRecord, dir: &Path, end: End) 
         stop_instance(cfg, &rec.app, &InstanceId::Container(name), end).await;
     }
     // Before the shim unmounts (see `Session::end`).
-    super::standby::remove_dir(
-        &Layout {
-            dir: dir.to_path_buf(),
-        }
-        .standby(),
-    );
+    super::standby::remove_dir(&layout.standby());
     if let Some(pid) = rec.volfs_pid {
         let shim = Shim {
             pid,
@@ -324,6 +324,25 @@ async fn stop_recorded(cfg: &Config, rec: &SessionRecord, dir: &Path, end: End) 
             mountpoint: dir.join("mnt"),
         };
         shim.unmount().await;
+    }
+}
+
+/// Ends what is left of the standby instance of session `id` whose
+/// standby directory `dir` belongs to no session: an instance never
+/// recorded (found by its socket directory), its groups, and for Docker
+/// its container (by name). It was never given the volume.
+pub(super) async fn end_standby(cfg: &Config, id: &str, dir: &Path) {
+    for pid in crate::runtime::process::find_by_env(
+        crate::runtime::ENV_INSTANCE,
+        &dir.join("run").display().to_string(),
+    ) {
+        stop_instance(cfg, "", &InstanceId::Pid(pid), End::Discard).await;
+    }
+    crate::runtime::cgroup::remove_instance(&cfg.edge_id, id).await;
+    let app = std::fs::read_to_string(dir.join("app")).unwrap_or_default();
+    if let Some(RuntimeConfig::Docker { .. }) = cfg.apps.get(&app).map(|a| &a.runtime) {
+        let name = crate::runtime::docker::container_name(&cfg.edge_id, id);
+        stop_instance(cfg, &app, &InstanceId::Container(name), End::Discard).await;
     }
 }
 

@@ -77,6 +77,9 @@ pub struct Edge {
     /// done): a pull of the same session back waits for the old directory
     /// to go.
     pub(super) leaving: Mutex<HashMap<String, tokio::sync::watch::Receiver<bool>>>,
+    /// Apps whose standby did not wait for its activation, and when: no
+    /// standby is tried for them for a while (each try costs a start).
+    pub(super) standby_failed: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Edge {
@@ -138,6 +141,7 @@ impl Edge {
             staging_locks: Mutex::new(Default::default()),
             peers: crate::peers::Peers::new(tls),
             leaving: Mutex::new(HashMap::new()),
+            standby_failed: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -245,6 +249,7 @@ impl Edge {
             cpus: app.cpus,
             user: app.user.clone(),
             standby: false,
+            hidden: Some(self.cfg.data_dir.join("standby-mounts")),
         };
         Ok(Session {
             id: rec.id.clone(),

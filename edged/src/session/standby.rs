@@ -4,10 +4,12 @@
 //! tens).
 //!
 //! ```text
-//! DATA_DIR/standby/ID/   mnt/ (a shared mount point)  run/ (socket directory, FIFO `activate`)  app.log
+//! DATA_DIR/standby/ID/          run/ (socket directory, FIFO `activate`)  app.log  app
+//! DATA_DIR/standby-mounts/      a private mount point, holding only
+//! DATA_DIR/standby-mounts/ID    the standby's own shared mount point
 //! ```
 //!
-//! The instance binds `mnt` while it is still an empty read-only directory
+//! The instance binds its mount point while it is still an empty read-only directory
 //! (root's, mode 0555), in a mount namespace that is a slave of edged's
 //! (the process runtime) or with `rslave` propagation (Docker). The app
 //! opens the FIFO named by `EDGE_ACTIVATION` without blocking and polls it
@@ -15,24 +17,29 @@
 //! (an open for writing no longer fails with ENXIO) before it asks the
 //! owner for the handover, and holds the FIFO open from then on. At the
 //! activation the pulled volume is mounted as every volume is (a volfs
-//! shim on the session's `mnt`) and bound onto the standby's `mnt`: the
+//! shim on the session's `mnt`) and bound onto the standby's mount point: the
 //! bind propagates into the instance, and edged writes the byte. Should
 //! edged die or give the standby up, its end closes and the app reads end
 //! of file and exits.
 //!
 //! At the promotion `run/` and `app.log` move into the session directory
-//! (the instance holds them by inode, not path); `mnt` stays for the
-//! session's life, since what the instance sees of its volume hangs on it,
-//! and is detached at the one teardown before the shim unmounts.
+//! (the instance holds them by inode, not path; they lie outside any mount
+//! so they can be renamed); the mount point stays for the session's life,
+//! since what the instance sees of its volume hangs on it, and is detached
+//! at the one teardown before the shim unmounts.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{Edge, EdgeError, Layout};
 use crate::runtime::{ACTIVATION_NAME, InstanceId, InstanceSpec, Runtime};
 use crate::volume;
+
+/// How long an app whose standby did not wait for its activation gets no
+/// standby (each try costs an instance start, and up to the start timeout).
+const STANDBY_BACKOFF: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// A standby instance, started and waiting for its volume.
 #[derive(Debug)]
@@ -43,6 +50,11 @@ pub(super) struct Standby {
     spec: InstanceSpec,
     /// The FIFO's writing end, once the app waits on it.
     fifo: Option<std::fs::File>,
+    /// The FIFO edged made (device, inode).
+    made: (u64, u64),
+    /// The data directory as the instance sees it (looked up once it
+    /// waits, off the downtime).
+    inside: Option<PathBuf>,
     dir: PathBuf,
     /// Handed over to its session (nothing to undo on drop).
     done: bool,
@@ -64,12 +76,32 @@ fn standby_of(session_dir: &Path) -> PathBuf {
     data.join("standby").join(id)
 }
 
-/// Removes a standby directory: its mount point detached first, and never
-/// removed recursively (a mount the detach missed would be emptied).
+/// Held while the mounts root is made a private mount point and while it
+/// is detached once empty, so a standby's mount point never lands under a
+/// root that is not private.
+static ROOT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The standby mount point of the standby directory `dir`.
+fn mount_point(dir: &Path) -> PathBuf {
+    let id = dir.file_name().unwrap_or_default();
+    let data = dir
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("/nonexistent"));
+    data.join(MOUNTS).join(id)
+}
+
+/// The private mount point holding the standby mount points.
+const MOUNTS: &str = "standby-mounts";
+
+/// Removes a standby directory and its mount point, detached first and
+/// never removed recursively (a mount the detach missed would be
+/// emptied). The mounts root goes too once it holds none.
 pub(super) fn remove_dir(dir: &Path) {
-    let mnt = dir.join("mnt");
+    let mnt = mount_point(dir);
     volume::detach_all(&mnt);
     let _ = std::fs::remove_file(dir.join("app.log"));
+    let _ = std::fs::remove_file(dir.join("app"));
     let _ = std::fs::remove_dir_all(dir.join("run"));
     if let Err(e) = std::fs::remove_dir(&mnt) {
         if e.kind() != std::io::ErrorKind::NotFound {
@@ -78,6 +110,12 @@ pub(super) fn remove_dir(dir: &Path) {
         }
     }
     let _ = std::fs::remove_dir(dir);
+    if let Some(root) = mnt.parent() {
+        let _g = ROOT.lock().unwrap_or_else(|p| p.into_inner());
+        if std::fs::read_dir(root).is_ok_and(|mut rd| rd.next().is_none()) {
+            volume::detach(root);
+        }
+    }
 }
 
 /// Removes the standby directories of `cfg`'s edge that belong to no
@@ -85,19 +123,22 @@ pub(super) fn remove_dir(dir: &Path) {
 /// their instances: a standby reads end of file and exits once edged's
 /// end of its FIFO closed; its groups are removed here. Returns how many.
 pub async fn sweep(cfg: &crate::config::Config) -> usize {
-    let (root, sessions) = (cfg.data_dir.join("standby"), cfg.data_dir.join("sessions"));
-    let Ok(rd) = std::fs::read_dir(&root) else {
-        return 0;
-    };
+    let sessions = cfg.data_dir.join("sessions");
+    // Standby directories, and mount points whose directory went first.
+    let ids: std::collections::BTreeSet<String> = ["standby", MOUNTS]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(cfg.data_dir.join(d)).ok())
+        .flat_map(|rd| rd.flatten())
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .collect();
     let mut n = 0;
-    for e in rd.flatten() {
-        let name = e.file_name();
-        let Some(id) = name.to_str() else { continue };
+    for id in &ids {
         if sessions.join(id).exists() {
             continue;
         }
-        crate::runtime::cgroup::remove_instance(&cfg.edge_id, id).await;
-        remove_dir(&e.path());
+        let dir = cfg.data_dir.join("standby").join(id);
+        super::recover::end_standby(cfg, id, &dir).await;
+        let _ = tokio::task::spawn_blocking(move || remove_dir(&dir)).await;
         n += 1;
     }
     n
@@ -105,15 +146,23 @@ pub async fn sweep(cfg: &crate::config::Config) -> usize {
 
 /// The directory of a standby of `uid:gid`, made afresh: the shared mount
 /// point, the socket directory and the FIFO.
-fn prepare(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+fn prepare(dir: &Path, app: &str, uid: u32, gid: u32) -> std::io::Result<(u64, u64)> {
     remove_dir(dir);
-    let parent = dir.parent().unwrap_or(dir);
-    std::fs::create_dir_all(parent)?;
-    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700))?;
+    let mnt = mount_point(dir);
+    for d in [dir.parent(), mnt.parent()].into_iter().flatten() {
+        std::fs::create_dir_all(d)?;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
+    }
     std::fs::create_dir(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    let (mnt, run) = (dir.join("mnt"), dir.join("run"));
-    std::fs::create_dir(&mnt)?;
+    {
+        let _g = ROOT.lock().unwrap_or_else(|p| p.into_inner());
+        volume::private_point(mnt.parent().unwrap_or(&mnt))?;
+        std::fs::create_dir(&mnt)?;
+    }
+    // For a sweep after a restart: which runtime ran it.
+    std::fs::write(dir.join("app"), app)?;
+    let run = dir.join("run");
     std::fs::set_permissions(&mnt, std::fs::Permissions::from_mode(0o555))?;
     volume::share_point(&mnt)?;
     std::fs::create_dir(&run)?;
@@ -124,26 +173,28 @@ fn prepare(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    let made = std::fs::symlink_metadata(&fifo)?;
     std::os::unix::fs::lchown(&fifo, Some(uid), Some(gid))?;
     std::os::unix::fs::lchown(&run, Some(uid), Some(gid))?;
     std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700))?;
-    Ok(())
+    Ok((made.dev(), made.ino()))
 }
 
 /// The FIFO opened for writing, once the app has it open for reading
 /// (it waits); None while it does not. Never follows a link the app put
-/// there, and only a FIFO will do.
-fn open_writer(fifo: &Path) -> std::io::Result<Option<std::fs::File>> {
+/// there, and only the FIFO edged made (`made`: its device and inode)
+/// will do.
+fn open_writer(fifo: &Path, made: (u64, u64)) -> std::io::Result<Option<std::fs::File>> {
     match std::fs::OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(fifo)
     {
         Ok(f) => {
-            use std::os::unix::fs::FileTypeExt;
-            if !f.metadata()?.file_type().is_fifo() {
+            let m = f.metadata()?;
+            if (m.dev(), m.ino()) != made {
                 return Err(std::io::Error::other(
-                    "the activation FIFO was replaced by another kind of file",
+                    "the activation FIFO was replaced by another file",
                 ));
             }
             Ok(Some(f))
@@ -178,7 +229,7 @@ impl Edge {
             edge_id: self.cfg.edge_id.clone(),
             session_id: id.to_string(),
             app: app.to_string(),
-            volume: self.standby_dir(id).join("mnt"),
+            volume: mount_point(&self.standby_dir(id)),
             socket_dir: self.standby_dir(id).join("run"),
             log_file: self.standby_dir(id).join("app.log"),
             memory_mib: cfg.memory_mib,
@@ -186,23 +237,29 @@ impl Edge {
             cpus: cfg.cpus,
             user: cfg.user.clone(),
             standby: true,
+            hidden: Some(self.cfg.data_dir.join(MOUNTS)),
         };
         let runtime = self.runtime(app).await?;
         let dir = self.standby_dir(id);
-        let d = dir.clone();
-        let prepared = tokio::task::spawn_blocking(move || prepare(&d, uid, gid))
+        let (d, a) = (dir.clone(), app.to_string());
+        let prepared = tokio::task::spawn_blocking(move || prepare(&d, &a, uid, gid))
             .await
             .map_err(|e| EdgeError::Io(std::io::Error::other(e)))?;
-        if let Err(e) = prepared {
-            remove_dir(&dir);
-            return Err(e.into());
-        }
+        let made = match prepared {
+            Ok(m) => m,
+            Err(e) => {
+                remove_dir(&dir);
+                return Err(e.into());
+            }
+        };
         match runtime.start(&spec).await {
             Ok(instance) => Ok(Some(Standby {
                 instance,
                 runtime,
                 spec,
                 fifo: None,
+                made,
+                inside: None,
                 dir,
                 done: false,
             })),
@@ -219,6 +276,15 @@ impl Edge {
     /// (said in the log; the instance then starts once the volume is here).
     pub(super) async fn standby_ready(&self, id: &str, app: &str) -> Option<Standby> {
         let t = std::time::Instant::now();
+        let recent = self
+            .standby_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(app)
+            .is_some_and(|at| at.elapsed() < STANDBY_BACKOFF);
+        if recent {
+            return None;
+        }
         let mut s = match self.start_standby(id, app).await {
             Ok(s) => s?,
             Err(e) => {
@@ -237,7 +303,11 @@ impl Edge {
             }
             Err(why) => {
                 let logs = s.runtime.logs(&s.instance, &s.spec, 5).await;
-                tracing::warn!(session = %id, why, logs = %logs.join(" | "), "the standby instance is given up; the instance starts once the volume is here");
+                tracing::warn!(session = %id, app, why, logs = %logs.join(" | "), "the standby instance is given up; the instance starts once the volume is here (no standby for this app for {} s)", STANDBY_BACKOFF.as_secs());
+                self.standby_failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(app.to_string(), std::time::Instant::now());
                 s.discard().await;
                 None
             }
@@ -261,9 +331,10 @@ impl Standby {
         let mut pause = std::time::Duration::from_millis(1);
         let mut looked = std::time::Instant::now();
         loop {
-            match open_writer(&fifo) {
+            match open_writer(&fifo, self.made) {
                 Ok(Some(f)) => {
                     self.fifo = Some(f);
+                    self.inside = self.runtime.data_in_instance(&self.instance).await;
                     return Ok(());
                 }
                 Ok(None) => {}
@@ -301,7 +372,20 @@ impl Standby {
     /// the standby's mount point (and so appears in the instance), and the
     /// app is told to go on.
     pub(super) fn activate(&mut self, mnt: &Path) -> std::io::Result<()> {
-        volume::bind(mnt, &self.dir.join("mnt"))?;
+        volume::bind(mnt, &mount_point(&self.dir))?;
+        // Seen from inside: propagation can miss (an engine in another
+        // mount namespace), and the app must not go on with the empty
+        // directory.
+        if let Some(inside) = &self.inside {
+            let want = std::fs::metadata(mnt)?.dev();
+            let seen = std::fs::metadata(inside)?.dev();
+            if seen != want {
+                return Err(std::io::Error::other(format!(
+                    "the volume did not reach the instance ({} is not the mounted volume)",
+                    inside.display()
+                )));
+            }
+        }
         match self.fifo.as_mut() {
             Some(f) => f.write_all(b"1"),
             None => Err(std::io::Error::other("the standby does not wait")),
@@ -325,27 +409,32 @@ impl Standby {
         if let Err(e) = self.runtime.discard(&self.instance).await {
             tracing::warn!(instance = %self.instance, error = %e, "discarding a standby instance failed");
         }
-        remove_dir(&self.dir);
+        let dir = self.dir.clone();
+        let _ = tokio::task::spawn_blocking(move || remove_dir(&dir)).await;
         self.done = true;
     }
 }
 
 impl Drop for Standby {
-    /// A standby dropped on an error path: its FIFO closes (the app reads
-    /// end of file and exits by itself), the runtime is told to discard it
-    /// when a runtime is at hand, and its directory goes.
+    /// A standby dropped on an error path (a panic; every other path
+    /// discards it): its FIFO closes (the app reads end of file and exits
+    /// by itself), and the runtime is told to discard it, then its
+    /// directory goes.
     fn drop(&mut self) {
         if self.done {
             return;
         }
         self.fifo = None;
+        // The directory goes after the instance (else a restart's sweep
+        // finds it); without a runtime at hand, the sweep does both.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let (runtime, instance) = (self.runtime.clone(), self.instance.clone());
+            let dir = self.dir.clone();
             rt.spawn(async move {
                 let _ = runtime.discard(&instance).await;
+                let _ = tokio::task::spawn_blocking(move || remove_dir(&dir)).await;
             });
         }
-        remove_dir(&self.dir);
     }
 }
 
@@ -364,15 +453,17 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let fifo = d.path().join("activate");
         mkfifo(&fifo);
+        let m = std::fs::metadata(&fifo).unwrap();
+        let made = (m.dev(), m.ino());
         // The app is still setting itself up: nobody reads.
-        assert!(open_writer(&fifo).unwrap().is_none());
+        assert!(open_writer(&fifo, made).unwrap().is_none());
         // It waits (open without blocking, as edge-app does).
         let reader = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK)
             .open(&fifo)
             .unwrap();
-        let mut w = open_writer(&fifo).unwrap().expect("a reader waits");
+        let mut w = open_writer(&fifo, made).unwrap().expect("a reader waits");
         w.write_all(b"1").unwrap();
         let mut b = [0u8; 1];
         assert_eq!(std::io::Read::read(&mut &reader, &mut b).unwrap(), 1);
@@ -383,9 +474,19 @@ mod tests {
         std::fs::write(&other, b"").unwrap();
         let link = d.path().join("link");
         std::os::unix::fs::symlink(&other, &link).unwrap();
-        assert!(open_writer(&link).is_err());
-        assert!(open_writer(&other).is_err());
+        assert!(open_writer(&link, made).is_err());
+        assert!(open_writer(&other, made).is_err());
         assert_eq!(std::fs::read(&other).unwrap(), b"");
+        // Nor another FIFO under the same name.
+        drop(w);
+        std::fs::remove_file(&fifo).unwrap();
+        mkfifo(&fifo);
+        let _reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        assert!(open_writer(&fifo, made).is_err());
     }
 
     #[test]
@@ -394,5 +495,9 @@ mod tests {
             dir: PathBuf::from("/var/lib/edgeshift/sessions/abc"),
         };
         assert_eq!(l.standby(), Path::new("/var/lib/edgeshift/standby/abc"));
+        assert_eq!(
+            mount_point(&l.standby()),
+            Path::new("/var/lib/edgeshift/standby-mounts/abc")
+        );
     }
 }

@@ -72,7 +72,9 @@ impl Edge {
                     "this edge already serves the session",
                 ));
             }
-            if sessions.len() >= self.cfg.max_sessions {
+            // Pulls under way count: each may run a standby instance.
+            let pulling = self.pulls.lock().unwrap_or_else(|p| p.into_inner()).len();
+            if sessions.len() + pulling >= self.cfg.max_sessions {
                 return Err(Status::resource_exhausted(format!(
                     "this edge serves its limit of {} sessions",
                     self.cfg.max_sessions
@@ -150,8 +152,7 @@ impl Edge {
             .hello(pb::HelloRequest {
                 version: edge_proto::PEER_VERSION,
                 edge_id: self.cfg.edge_id.clone(),
-                session_id: id.to_string(),
-                token: token.to_vec(),
+                ..Default::default()
             })
             .await
             .map_err(|st| peer_status("handover", from, st))?
@@ -175,9 +176,25 @@ impl Edge {
         };
         // The app's standby instance starts, and sets itself up, before the
         // handover begins: the owner serves on meanwhile, and the downtime
-        // holds no instance start.
-        if crate::config::valid_name(&hello.app) {
-            *standby = self.standby_ready(id, &hello.app).await;
+        // holds no instance start. The owner names the app to a holder of
+        // the token, asked once the owner's id is checked (in plaintext
+        // too, where no handshake proved it).
+        let wants_standby = self.cfg.apps.values().any(|a| a.standby);
+        let named = match wants_standby {
+            false => String::new(),
+            true => peer
+                .hello(pb::HelloRequest {
+                    version: edge_proto::PEER_VERSION,
+                    edge_id: self.cfg.edge_id.clone(),
+                    session_id: id.to_string(),
+                    token: token.to_vec(),
+                })
+                .await
+                .map(|r| r.into_inner().app)
+                .unwrap_or_default(),
+        };
+        if crate::config::valid_name(&named) {
+            *standby = self.standby_ready(id, &named).await;
         }
         // A block that does not hash to its name (damaged in transit) fails
         // its round; the old edge serves on (abort) and the pull starts again
