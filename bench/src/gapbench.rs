@@ -9,8 +9,8 @@
 //! - edgeshift (two edges, TLS, the List app in the process runtime, a
 //!   warm standby instance on the new edge);
 //! - edgeshift without the standby (the instance starts in the downtime);
-//! - edgeshift without warming the pulled volume's mount
-//!   (`[handover] warm_bytes = 0`);
+//! - edgeshift without the standby and without warming the pulled
+//!   volume's mount (`[handover] warm_bytes = 0`; a standby is not warmed);
 //! - with `--docker`: edgeshift with the Docker runtime, with and without
 //!   the standby (the image is built from the List app's binary);
 //! - with `--python`: edgeshift with the List app's Python server half
@@ -523,10 +523,10 @@ async fn main() -> anyhow::Result<()> {
     if !a.only_edgeshift {
         variants.push(variant("edgeshift, no standby", "", None, false));
         variants.push(variant(
-            "edgeshift, mount not warmed",
+            "edgeshift, no standby, mount not warmed",
             "[handover]\nwarm_bytes = 0\n",
             None,
-            true,
+            false,
         ));
     }
     let image = format!("edgeshift-bench/list-app:gapbench-{}", std::process::id());

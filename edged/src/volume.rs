@@ -146,8 +146,12 @@ fn mount_call(src: Option<&Path>, target: &Path, flags: libc::c_ulong) -> std::i
     Ok(())
 }
 
-/// Whether `dir` is a mount point of edged's namespace.
+/// Whether `dir` is a mount point of edged's namespace (compared as the
+/// kernel lists it: absolute, links resolved).
 pub fn is_mount_point(dir: &Path) -> bool {
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return false;
+    };
     let want = dir.as_os_str().as_encoded_bytes();
     std::fs::read("/proc/self/mountinfo").is_ok_and(|t| {
         t.split(|&b| b == b'\n').any(|l| {

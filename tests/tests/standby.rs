@@ -6,10 +6,12 @@
 //! downtime on loopback.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use edgeshift_tests::list::{ADD, ITEMS, add, items_of, items_req};
-use edgeshift_tests::{Bases, Edge, bin, free_addr, instance_pid, neighbour};
+use edgeshift_tests::{
+    Bases, Edge, bin, free_addr, instance_pid, instances_of, neighbour, pid_alive,
+};
 
 /// How long the apps of these tests take to set themselves up.
 const SETUP: Duration = Duration::from_millis(1500);
@@ -136,15 +138,73 @@ async fn a_closed_session_leaves_no_standby_mount_instance_or_directory() {
         "the serving session keeps its mount point"
     );
     s.close().await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while edgeshift_tests::pid_alive(pid) || !b.mounts().is_empty() || !standby_dirs().is_empty() {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(pid) || !b.mounts().is_empty() || !standby_dirs().is_empty() {
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "left: pid {pid} alive {}, mounts {:?}, dirs {:?}",
-            edgeshift_tests::pid_alive(pid),
+            pid_alive(pid),
             b.mounts(),
             standby_dirs()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_left_by_a_killed_edge_is_swept_at_its_restart_and_the_owner_serves_on() {
+    let bases = Bases::new();
+    let apps = slow_app("slow", &bases.list, true, "");
+    let (a, mut b) = two_edges(&bases, &apps);
+    let (ca, cb) = (a.client().await, b.client().await);
+    let s = ca.open_session("slow", "walker").await.unwrap();
+    s.invoke(ADD, add("one")).await.unwrap();
+    let on_a = instances_of(s.id());
+    assert!(!on_a.is_empty());
+    // The handover begins with B's standby setting itself up (1.5 s).
+    let s2 = s.clone();
+    let moving = tokio::spawn(async move { s2.handover_to(&cb, |_| {}).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let standby = loop {
+        let new: Vec<u32> = instances_of(s.id())
+            .into_iter()
+            .filter(|p| !on_a.contains(p))
+            .collect();
+        if !new.is_empty() {
+            break new;
+        }
+        assert!(Instant::now() < deadline, "no standby on B: {}", b.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    b.kill();
+    assert!(moving.await.unwrap().is_err(), "the handover went through");
+    // The standby runs in its own session: it outlived edged ...
+    assert!(standby.iter().any(|p| pid_alive(*p)));
+    // ... until the restarted edge sweeps it, with its mount and directory.
+    b.restart();
+    let left = |b: &Edge| {
+        let dirs = std::fs::read_dir(b.data_dir.join("standby"))
+            .map(|rd| rd.count())
+            .unwrap_or(0);
+        (
+            standby.iter().filter(|p| pid_alive(**p)).count(),
+            b.mounts(),
+            dirs,
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while left(&b) != (0, vec![], 0) {
+        assert!(
+            Instant::now() < deadline,
+            "left after the restart: {:?}\n{}",
+            left(&b),
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The owner was never asked: it serves on, with everything.
+    s.invoke(ADD, add("two")).await.unwrap();
+    let items = items_of(s.invoke(ITEMS, items_req(0)).await.unwrap());
+    assert_eq!(items, ["one", "two"]);
+    assert_eq!(s.edge_id(), "a");
 }

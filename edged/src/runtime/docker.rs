@@ -236,20 +236,21 @@ impl Runtime for DockerRuntime {
     fn data_in_instance<'a>(
         &'a self,
         id: &'a InstanceId,
-    ) -> BoxFut<'a, Option<std::path::PathBuf>> {
+    ) -> BoxFut<'a, Result<Option<std::path::PathBuf>, RuntimeError>> {
         Box::pin(async move {
             let InstanceId::Container(c) = id else {
-                return None;
+                return Err(RuntimeError::Docker(format!("{id} is not a container")));
             };
             let pid = self
                 .docker
                 .inspect_container(c, None)
                 .await
-                .ok()?
-                .state?
-                .pid
-                .filter(|p| *p > 0)?;
-            Some(format!("/proc/{pid}/root{DATA_IN_CONTAINER}").into())
+                .map_err(derr)?
+                .state
+                .and_then(|s| s.pid)
+                .filter(|p| *p > 0)
+                .ok_or_else(|| RuntimeError::Docker(format!("{c} does not run")))?;
+            Ok(Some(format!("/proc/{pid}/root{DATA_IN_CONTAINER}").into()))
         })
     }
 

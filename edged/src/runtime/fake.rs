@@ -88,8 +88,8 @@ impl Runtime for FakeRuntime {
     fn data_in_instance<'a>(
         &'a self,
         _id: &'a InstanceId,
-    ) -> BoxFut<'a, Option<std::path::PathBuf>> {
-        Box::pin(async { None })
+    ) -> BoxFut<'a, Result<Option<std::path::PathBuf>, RuntimeError>> {
+        Box::pin(async { Ok(None) })
     }
 
     fn logs<'a>(

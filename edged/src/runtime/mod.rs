@@ -128,9 +128,13 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     /// Thaws a paused instance.
     fn resume<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Result<(), RuntimeError>>;
     /// The instance's data directory as seen from inside it
-    /// (`/proc/PID/root/...`), when the runtime can tell: how edged checks
-    /// that a standby's volume reached it.
-    fn data_in_instance<'a>(&'a self, id: &'a InstanceId) -> BoxFut<'a, Option<PathBuf>>;
+    /// (`/proc/PID/root/...`): how edged checks that a standby's volume
+    /// reached it. `None`: this runtime cannot tell; an error: it could
+    /// not look.
+    fn data_in_instance<'a>(
+        &'a self,
+        id: &'a InstanceId,
+    ) -> BoxFut<'a, Result<Option<PathBuf>, RuntimeError>>;
     /// The last `n` lines the instance printed.
     fn logs<'a>(
         &'a self,

@@ -517,12 +517,12 @@ impl Runtime for ProcessRuntime {
     fn data_in_instance<'a>(
         &'a self,
         id: &'a InstanceId,
-    ) -> BoxFut<'a, Option<std::path::PathBuf>> {
+    ) -> BoxFut<'a, Result<Option<std::path::PathBuf>, RuntimeError>> {
         Box::pin(async move {
             let InstanceId::Pid(pid) = id else {
-                return None;
+                return Err(RuntimeError::Process(format!("{id} is not a process")));
             };
-            Some(format!("/proc/{pid}/root{INSTANCE_DATA}").into())
+            Ok(Some(format!("/proc/{pid}/root{INSTANCE_DATA}").into()))
         })
     }
 

@@ -272,7 +272,8 @@ impl Edge {
     async fn stage_back(&self, id: &str) {
         let dir = self.sessions_dir().join(id);
         let staging = self.staging_dir(id);
-        super::standby::remove_dir(&Layout { dir: dir.clone() }.standby());
+        let standby = Layout { dir: dir.clone() }.standby();
+        let _ = tokio::task::spawn_blocking(move || super::standby::remove_dir(&standby)).await;
         volume::detach(&dir.join("mnt"));
         let _ = tokio::fs::remove_dir_all(&staging).await;
         let _ = tokio::fs::create_dir_all(&staging).await;
@@ -316,7 +317,8 @@ async fn stop_recorded(cfg: &Config, rec: &SessionRecord, dir: &Path, end: End) 
         stop_instance(cfg, &rec.app, &InstanceId::Container(name), end).await;
     }
     // Before the shim unmounts (see `Session::end`).
-    super::standby::remove_dir(&layout.standby());
+    let standby = layout.standby();
+    let _ = tokio::task::spawn_blocking(move || super::standby::remove_dir(&standby)).await;
     if let Some(pid) = rec.volfs_pid {
         let shim = Shim {
             pid,

@@ -101,7 +101,6 @@ pub(super) fn remove_dir(dir: &Path) {
     let mnt = mount_point(dir);
     volume::detach_all(&mnt);
     let _ = std::fs::remove_file(dir.join("app.log"));
-    let _ = std::fs::remove_file(dir.join("app"));
     let _ = std::fs::remove_dir_all(dir.join("run"));
     if let Err(e) = std::fs::remove_dir(&mnt) {
         if e.kind() != std::io::ErrorKind::NotFound {
@@ -109,6 +108,8 @@ pub(super) fn remove_dir(dir: &Path) {
             return;
         }
     }
+    // Last: a sweep after a restart reads it to end what is left.
+    let _ = std::fs::remove_file(dir.join("app"));
     let _ = std::fs::remove_dir(dir);
     if let Some(root) = mnt.parent() {
         let _g = ROOT.lock().unwrap_or_else(|p| p.into_inner());
@@ -270,6 +271,14 @@ impl Edge {
         }
     }
 
+    /// No standby for `app` for a while ([`STANDBY_BACKOFF`]).
+    pub(super) fn standby_failed_now(&self, app: &str) {
+        self.standby_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(app.to_string(), std::time::Instant::now());
+    }
+
     /// Starts the standby instance of session `id` of `app` and waits
     /// (within the start timeout) until the app has set itself up and waits
     /// for its activation. None when the app has no standby or it failed
@@ -288,7 +297,8 @@ impl Edge {
         let mut s = match self.start_standby(id, app).await {
             Ok(s) => s?,
             Err(e) => {
-                tracing::warn!(session = %id, error = %e, "no standby instance; the instance starts once the volume is here");
+                tracing::warn!(session = %id, app, error = %e, "no standby instance; the instance starts once the volume is here (no standby for this app for {} s)", STANDBY_BACKOFF.as_secs());
+                self.standby_failed_now(app);
                 return None;
             }
         };
@@ -304,10 +314,7 @@ impl Edge {
             Err(why) => {
                 let logs = s.runtime.logs(&s.instance, &s.spec, 5).await;
                 tracing::warn!(session = %id, app, why, logs = %logs.join(" | "), "the standby instance is given up; the instance starts once the volume is here (no standby for this app for {} s)", STANDBY_BACKOFF.as_secs());
-                self.standby_failed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(app.to_string(), std::time::Instant::now());
+                self.standby_failed_now(app);
                 s.discard().await;
                 None
             }
@@ -334,7 +341,11 @@ impl Standby {
             match open_writer(&fifo, self.made) {
                 Ok(Some(f)) => {
                     self.fifo = Some(f);
-                    self.inside = self.runtime.data_in_instance(&self.instance).await;
+                    self.inside = self
+                        .runtime
+                        .data_in_instance(&self.instance)
+                        .await
+                        .map_err(|e| format!("where it sees its data: {e}"))?;
                     return Ok(());
                 }
                 Ok(None) => {}
@@ -406,12 +417,15 @@ impl Standby {
     /// its directory.
     pub(super) async fn discard(mut self) {
         self.fifo = None;
+        self.done = true;
         if let Err(e) = self.runtime.discard(&self.instance).await {
+            // Its directory stays, for the next start of the session or a
+            // restart's sweep to end it.
             tracing::warn!(instance = %self.instance, error = %e, "discarding a standby instance failed");
+            return;
         }
         let dir = self.dir.clone();
         let _ = tokio::task::spawn_blocking(move || remove_dir(&dir)).await;
-        self.done = true;
     }
 }
 
