@@ -16,7 +16,8 @@
 //!   one teardown);
 //! - `layout`: where a session keeps its files, and its durable records;
 //! - `error`: [`EdgeError`], the only conversion to a gRPC status;
-//! - `give`, `take` (with `pull`, the transfer), [`migrate`]: the two sides of a handover, driving the
+//! - `give`, `take` (with `pull`, the transfer, and `promote`, becoming
+//!   the owner in waiting), [`migrate`]: the two sides of a handover, driving the
 //!   state machines of [`crate::migration`];
 //! - [`precopy`]: rounds of dirty blocks to candidate neighbours;
 //! - `standby`: a warm standby, the instance of a session being pulled
@@ -46,6 +47,7 @@ mod instance;
 mod layout;
 pub mod migrate;
 pub mod precopy;
+mod promote;
 mod pull;
 mod recover;
 pub mod registry;
