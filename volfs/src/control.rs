@@ -9,6 +9,7 @@
 //! | `hash`                  | flush, rehash dirty blocks, root hash                  |
 //! | `manifest OUT`          | flush, refresh, write the manifest to OUT               |
 //! | `diff OUT [BASE [RESULT]]` | flush, refresh, write the delta since manifest file BASE (`-` or none: since empty) to OUT; RESULT receives the manifest the receiver will hold |
+//! | `throttle RATE [TTL_MS]` | hold the app's write replies to RATE bytes/s for TTL_MS (default 10 s; renew to keep it); `throttle 0` ends it |
 //! | `unmount`               | unmount (lazily if busy)                                |
 //!
 //! The socket is created mode 0600 in a root-owned directory: only the
@@ -20,10 +21,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::backing::Backing;
 use crate::manifest::{Manifest, hex, write_atomic};
 use crate::mount::{LiveVolume, Unmounter};
+use crate::throttle::MAX_TTL;
+
+/// How long a throttle holds when its request names no TTL.
+const DEFAULT_THROTTLE_TTL: Duration = Duration::from_secs(10);
 
 /// Starts serving the control socket of `live` on a background thread.
 pub fn serve(live: Arc<LiveVolume>, unmounter: Unmounter) -> io::Result<PathBuf> {
@@ -68,13 +74,14 @@ fn execute(req: &str, live: &LiveVolume, unmounter: &Unmounter) -> Result<String
             }
             let s = live.dirty_stats();
             Ok(format!(
-                "files={} blocks={} bytes={} whole_files={} metadata_changes={} block_size={}",
+                "files={} blocks={} bytes={} whole_files={} metadata_changes={} block_size={} throttle={}",
                 s.files,
                 s.blocks,
                 s.bytes,
                 s.whole_files,
                 s.metadata_changes,
-                live.block_size()
+                live.block_size(),
+                live.throttle().rate()
             ))
         }
         ["hash"] => {
@@ -120,6 +127,24 @@ fn execute(req: &str, live: &LiveVolume, unmounter: &Unmounter) -> Result<String
                 write_atomic(Path::new(r), &s.manifest.to_bytes()).map_err(|x| e(&x))?;
             }
             Ok(summary(&s))
+        }
+        ["throttle", rate, rest @ ..] => {
+            let rate: u64 = rate
+                .parse()
+                .map_err(|_| format!("throttle: bad rate {rate:?} (bytes per second)"))?;
+            let ttl = match rest {
+                [] => DEFAULT_THROTTLE_TTL,
+                [ms] => Duration::from_millis(
+                    ms.parse()
+                        .map_err(|_| format!("throttle: bad ttl {ms:?} (milliseconds)"))?,
+                ),
+                _ => return Err("usage: throttle RATE [TTL_MS]".into()),
+            };
+            if ttl > MAX_TTL {
+                return Err(format!("throttle: ttl past {} s", MAX_TTL.as_secs()));
+            }
+            let r = live.throttle().set(rate, ttl);
+            Ok(format!("rate={r} ttl_ms={}", ttl.as_millis()))
         }
         ["unmount"] => {
             unmounter.unmount().map_err(|x| e(&x))?;

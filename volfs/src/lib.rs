@@ -21,6 +21,7 @@
 //! - [`fs`]: the FUSE passthrough filesystem (`fs/ops.rs`: one method per
 //!   kernel request).
 //! - [`mount`]: a live mount and its operations; [`control`]: its control socket.
+//! - [`throttle`]: holding write replies while a handover catches up.
 //! - [`offline`]: the same operations on an unmounted volume.
 //! - [`fuzz`]: the delta reader and apply as one fuzz target.
 //! - `sys`: thin wrappers over the `*at` system calls.
@@ -41,6 +42,7 @@ pub mod mount;
 pub mod offline;
 pub mod scan;
 mod sys;
+pub mod throttle;
 
 pub use manifest::{DEFAULT_BLOCK_SIZE, Hash, Manifest, hex};
 pub use mount::{LiveVolume, MountHandle, MountOptions, mount};

@@ -51,6 +51,17 @@ enum Cmd {
         /// The volume's backing directory.
         backing: PathBuf,
     },
+    /// Slow the app's writes to RATE bytes/s (0 ends it) for a while, as a
+    /// handover's auto-converge does.
+    Throttle {
+        /// The volume's backing directory.
+        backing: PathBuf,
+        /// Bytes per second; 0 lifts the throttle.
+        rate: u64,
+        /// Seconds until the throttle lifts by itself.
+        #[arg(long, default_value_t = 10)]
+        ttl: u64,
+    },
     /// The root hash (rehashing only what changed).
     Hash {
         /// The volume's backing directory.
@@ -180,6 +191,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         st.changed_behind_back.len()
                     );
                 }
+            }
+            Ok(())
+        }
+        Cmd::Throttle { backing, rate, ttl } => {
+            let req = format!("throttle {rate} {}", ttl.saturating_mul(1000));
+            match live(&backing, &req)? {
+                Some(s) => println!("{s}"),
+                None => bail!("volume {} is not mounted", backing.display()),
             }
             Ok(())
         }

@@ -17,6 +17,7 @@ use crate::fs::VolFs;
 use crate::manifest::{Hash, Manifest, Tracked};
 use crate::scan::{self, RefreshStats, Trust};
 use crate::sys;
+use crate::throttle::Throttle;
 
 /// Errors of mounting and of live-volume operations.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +77,7 @@ pub struct LiveVolume {
     mountpoint: PathBuf,
     dirty: Arc<DirtyMap>,
     tracked: Mutex<Tracked>,
+    throttle: Arc<Throttle>,
 }
 
 impl LiveVolume {
@@ -98,6 +100,11 @@ impl LiveVolume {
     /// in the kernel's writeback cache are not counted until [`flush`](Self::flush).
     pub fn dirty_stats(&self) -> DirtyStats {
         self.dirty.stats()
+    }
+
+    /// The throttle of the app's writes (auto-converge of a handover).
+    pub fn throttle(&self) -> &Throttle {
+        &self.throttle
     }
 
     /// Pushes the kernel's writeback cache to the daemon (`syncfs` on the mount).
@@ -178,13 +185,18 @@ fn unescape_mountinfo(s: &str) -> String {
 /// request rate. The knob is the mount's backing-device entry in
 /// `/sys/class/bdi`.
 fn widen_writeback(mountpoint: &Path, pct: u32) -> io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let dev = fs::metadata(mountpoint)?.dev();
-    let (maj, min) = (libc::major(dev), libc::minor(dev));
-    let bdi = PathBuf::from(format!("/sys/class/bdi/{maj}:{min}"));
+    let bdi = bdi_dir(mountpoint)?;
     fs::write(bdi.join("strict_limit"), "0")?;
     fs::write(bdi.join("max_ratio"), pct.min(100).to_string())?;
     Ok(())
+}
+
+/// The backing-device entry of the filesystem mounted at `mountpoint`.
+fn bdi_dir(mountpoint: &Path) -> io::Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::metadata(mountpoint)?.dev();
+    let (maj, min) = (libc::major(dev), libc::minor(dev));
+    Ok(PathBuf::from(format!("/sys/class/bdi/{maj}:{min}")))
 }
 
 /// Mounts the volume whose files are in `backing_dir` at `mountpoint` and
@@ -219,7 +231,8 @@ pub fn mount(
     // Until a clean unmount, the persisted manifest is not to be trusted.
     backing.save(&tracked, false)?;
     let dirty = Arc::new(DirtyMap::new(tracked.manifest.block_size));
-    let mut fs = VolFs::new(backing.root(), dirty.clone())?;
+    let throttle = Arc::new(Throttle::default());
+    let mut fs = VolFs::new(backing.root(), dirty.clone())?.with_pacer(throttle.pacer()?);
     if let Some(limit) = opts.quota {
         let used = tracked
             .manifest
@@ -261,11 +274,15 @@ pub fn mount(
             tracing::warn!(error = %e, "could not widen the writeback cache; writes will be throttled");
         }
     }
+    if let Ok(dir) = bdi_dir(&mp) {
+        throttle.set_bdi(dir);
+    }
     let live = Arc::new(LiveVolume {
         backing,
         mountpoint: mp,
         dirty,
         tracked: Mutex::new(tracked),
+        throttle,
     });
     Ok(MountHandle {
         live,

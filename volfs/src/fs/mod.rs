@@ -37,6 +37,7 @@ pub use self::quota::Quota;
 use crate::dirty::DirtyMap;
 use crate::scan::META_DIR;
 use crate::sys;
+use crate::throttle::Pacer;
 
 /// How long the kernel may cache entries and attributes. Every change goes
 /// through this daemon, so the cache is never stale for long reasons.
@@ -66,6 +67,7 @@ pub struct VolFs {
     next_dir: AtomicU64,
     dirty: Arc<DirtyMap>,
     quota: Option<Quota>,
+    pacer: Option<Pacer>,
 }
 
 impl std::fmt::Debug for VolFs {
@@ -160,6 +162,7 @@ impl VolFs {
             next_dir: AtomicU64::new(1),
             dirty,
             quota: None,
+            pacer: None,
         })
     }
 
@@ -167,6 +170,21 @@ impl VolFs {
     pub fn with_quota(mut self, q: Quota) -> Self {
         self.quota = Some(q);
         self
+    }
+
+    /// Answers writes through `pacer`, which holds the replies while a
+    /// handover throttles the app (see [`crate::throttle`]).
+    pub fn with_pacer(mut self, pacer: Pacer) -> Self {
+        self.pacer = Some(pacer);
+        self
+    }
+
+    /// Answers a write of `len` bytes that landed.
+    fn written(&self, reply: fuser::ReplyWrite, len: u32) {
+        match &self.pacer {
+            Some(p) => p.written(reply, len),
+            None => reply.written(len),
+        }
     }
 
     /// A file `st` grows to at least `end` bytes: within the quota, or ENOSPC.

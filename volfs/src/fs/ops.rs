@@ -312,7 +312,7 @@ impl Filesystem for VolFs {
                 // After the write landed: see the dirty-log protocol in `dirty`.
                 self.dirty
                     .mark_range(self.swap(ino.0), offset, data.len() as u64);
-                reply.written(data.len() as u32);
+                self.written(reply, data.len() as u32);
             }
             Err(e) => reply.error(errno(e)),
         }
