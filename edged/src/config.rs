@@ -136,8 +136,11 @@ pub struct HandoverConfig {
     /// The downtime a final round should fit, seconds.
     #[serde(with = "secs")]
     pub max_downtime: Duration,
-    /// At most this many live rounds before the quiesce.
+    /// At most this many live rounds before the quiesce (unless throttled).
     pub max_live_rounds: u32,
+    /// Throttle the app's writes when the live rounds stop converging
+    /// (see `migration::converge`).
+    pub auto_converge: bool,
     /// Bytes of a pulled volume's most recently modified files the new edge
     /// reads through the volume's mount while the instance starts, so the
     /// app's first calls there do not each cross the FUSE daemon; 0: none.
@@ -149,6 +152,7 @@ impl Default for HandoverConfig {
         HandoverConfig {
             max_downtime: Duration::from_millis(100),
             max_live_rounds: 8,
+            auto_converge: true,
             warm_bytes: 64 << 20,
         }
     }
@@ -383,6 +387,10 @@ staging_budget = 8589934592
 max_downtime = 0.1
 # ... or this many live rounds went out.
 max_live_rounds = 8
+# When the rounds stop shrinking (the app writes as fast as the link
+# drains), hold the app's writes to a rate that lets the last round fit,
+# for up to 8 more rounds; false: quiesce and send what is left.
+auto_converge = true
 # The new edge reads this many bytes of the volume's newest files through
 # its mount while the instance starts (a warm page cache for the first
 # calls); 0 for none.

@@ -327,11 +327,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
             let mut last = None;
             while let Some(p) = stream.message().await? {
+                let throttle = match p.throttle_bytes_per_sec {
+                    0 => String::new(),
+                    t => format!("  app writes held to {}/s", human_bytes(t)),
+                };
                 let line = format!(
-                    "{:<9} round {:>2}  {:>12} bytes  downtime {:>8.1} ms",
+                    "{:<9} round {:>2}  {:>10} in  {:>10} left  downtime {:>8.1} ms{throttle}",
                     edge_proto::phase_name(p.phase()),
                     p.round,
-                    p.bytes_received,
+                    human_bytes(p.bytes_received),
+                    human_bytes(p.remaining_bytes),
                     p.downtime_micros as f64 / 1e3
                 );
                 if tty {
@@ -410,5 +415,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{tag} {id}");
             Ok(())
         }
+    }
+}
+
+/// `n` bytes for a person: B, KiB, MiB or GiB with one decimal.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }

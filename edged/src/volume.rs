@@ -100,6 +100,67 @@ pub fn field(reply: &str, key: &str) -> Option<u64> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
+/// The write throttle of a live volume, as a handover's auto-converge sets
+/// it: each `set` renews volfs's lease; dropping it lifts the throttle (the
+/// lease would end by itself should edged die).
+#[derive(Debug)]
+pub struct WriteThrottle {
+    backing: PathBuf,
+    rate: u64,
+}
+
+impl WriteThrottle {
+    /// No throttle yet on the volume at `backing`.
+    pub fn new(backing: &Path) -> Self {
+        WriteThrottle {
+            backing: backing.to_path_buf(),
+            rate: 0,
+        }
+    }
+
+    /// The rate in force, bytes/s; 0: none.
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
+    /// Holds the app's writes to `rate` bytes/s for `lease` (renewed by the
+    /// next `set`); 0 lifts it. A volume that refuses keeps its app
+    /// unthrottled (returns 0).
+    pub async fn set(&mut self, rate: u64, lease: Duration) -> u64 {
+        let req = format!("throttle {rate} {}", lease.as_millis());
+        self.rate = match control(&self.backing, &req).await {
+            Ok(r) => field(&r, "rate").unwrap_or(0),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot throttle the app's writes");
+                0
+            }
+        };
+        self.rate
+    }
+
+    /// Lifts the throttle.
+    pub async fn clear(&mut self) {
+        if self.rate != 0 {
+            self.set(0, Duration::ZERO).await;
+            self.rate = 0;
+        }
+    }
+}
+
+impl Drop for WriteThrottle {
+    fn drop(&mut self) {
+        if self.rate == 0 {
+            return;
+        }
+        let backing = std::mem::take(&mut self.backing);
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                let _ = control(&backing, "throttle 0").await;
+            });
+        }
+    }
+}
+
 /// Detaches whatever is mounted at `mountpoint` (a dead shim leaves a
 /// mount whose every access fails with ENOTCONN).
 pub fn detach(mountpoint: &Path) {

@@ -838,6 +838,12 @@ pub struct Writer {
 impl Writer {
     /// Starts writing items `{prefix}{n}`.
     pub fn start(s: edge_client::Session, prefix: &str) -> Writer {
+        Self::start_sized(s, prefix, 0)
+    }
+
+    /// Starts writing items `{prefix}{n}` followed by `pad` bytes of noise
+    /// (a writer that dirties the volume fast).
+    pub fn start_sized(s: edge_client::Session, prefix: &str, pad: usize) -> Writer {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (stop2, prefix) = (stop.clone(), prefix.to_string());
@@ -845,7 +851,10 @@ impl Writer {
             let (mut acked, mut unsure) = (Vec::new(), Vec::new());
             let mut n = 0;
             while !stop2.load(Ordering::SeqCst) {
-                let item = format!("{prefix}{n}");
+                let item = match pad {
+                    0 => format!("{prefix}{n}"),
+                    _ => format!("{prefix}{n}:{}", noise(n, pad)),
+                };
                 n += 1;
                 let op = s.next_op_id();
                 let deadline = Instant::now() + Duration::from_secs(60);

@@ -27,7 +27,10 @@
 //! # Layout
 //! - [`owner`]: [`owner::OwnerState`], its events, actions and `step`.
 //! - [`puller`]: [`puller::PullerState`], its events, actions and `step`.
+//! - [`converge`]: after each live round, another one (throttled or not) or
+//!   the quiesce.
 
+pub mod converge;
 pub mod owner;
 pub mod puller;
 

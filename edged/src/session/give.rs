@@ -2,28 +2,21 @@
 //! [`OwnerState`]. Every event goes through [`Edge::owner_event`], which
 //! steps the machine and performs what touches the session — persist,
 //! freeze, thaw, the call gate, timers, teardown — under the machine's lock,
-//! so a thaw never overtakes a freeze. The streaming (live round, final
-//! delta, op results) runs in the `give` task, which feeds its progress
-//! back as events and stops as soon as the machine has moved on.
+//! so a thaw never overtakes a freeze. The streaming (live rounds, final
+//! delta, op results) is in `send`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use edge_proto::v1 as pb;
-use edge_proto::v1::handover_chunk::Chunk;
-use prost::Message;
 use tokio::sync::mpsc;
 use tonic::Status;
 use tracing::Instrument;
 
-use super::migrate::{frames, io_status};
 use super::{Edge, EdgeError, Gate, Role, Session, Tombstone, now_unix};
-use crate::journal::Outcome;
 use crate::migration::owner::{OwnerAction, OwnerEvent, OwnerState, OwnerTimer, Persist, Refusal};
 use crate::migration::{Attempt, Peer, new_attempt};
-use crate::volume;
 
 impl Edge {
     // ---- The owner's side ----
@@ -317,177 +310,6 @@ impl Edge {
         }
     }
 
-    async fn give_attempt(
-        self: &Arc<Self>,
-        s: &Arc<Session>,
-        attempt: Attempt,
-        req: &pb::PeerHandoverRequest,
-        tx: &mpsc::Sender<Result<pb::HandoverChunk, Status>>,
-    ) -> Result<(), Status> {
-        // No pre-copy round of this session may run during the handover
-        // (it would change what the new edge holds under its feet).
-        let _precopy = s.precopy.lock().await;
-        let send = |c: Chunk| async {
-            tx.send(Ok(pb::HandoverChunk { chunk: Some(c) }))
-                .await
-                .map_err(|_| Status::cancelled("the new edge went away"))
-        };
-        let given_up = || Status::aborted("the handover was given up (aborted or timed out)");
-        let tmp = tempfile_dir(&s.dir)?;
-        send(Chunk::Meta(pb::SessionMeta {
-            session_id: s.id.clone(),
-            app: s.app.clone(),
-            client_id: s.client_id.clone(),
-            token_hash: s.token_hash.to_hex().to_string(),
-            created_unix: s.created,
-            block_size: self.cfg.block_size,
-            attempt,
-            epoch: s.epoch.load(Ordering::SeqCst),
-        }))
-        .await?;
-        let backing = s.layout().backing();
-        // Round 1, live: what B lacks of the volume as it is now.
-        let base = if req.held_manifest.is_empty() {
-            "-".to_string()
-        } else {
-            let p = tmp.join("held.manifest");
-            std::fs::write(&p, &req.held_manifest).map_err(io_status)?;
-            p.display().to_string()
-        };
-        let round = |n: u32, base: String| {
-            let backing = backing.clone();
-            let tmp = tmp.clone();
-            async move {
-                let out = tmp.join(format!("round{n}.delta"));
-                let result = tmp.join(format!("round{n}.manifest"));
-                volume::control(
-                    &backing,
-                    &format!("diff {} {base} {}", out.display(), result.display()),
-                )
-                .await
-                .map_err(io_status)?;
-                let bytes = tokio::fs::read(&out).await.map_err(io_status)?;
-                Ok::<_, Status>((frames(&bytes)?, result))
-            }
-        };
-        // Live rounds while the app runs: another one while what is left
-        // shrinks and would not fit the downtime budget at the rate the
-        // last one went out (diff and send).
-        let mut base = base;
-        let mut n = 1u32;
-        let held1 = loop {
-            let t = Instant::now();
-            let (frames, held) = round(n, base).await?;
-            let mut bytes = 0u64;
-            for f in frames {
-                bytes += f.encoded_len() as u64;
-                send(Chunk::Frame(f)).await?;
-            }
-            let rate = bytes as f64 / t.elapsed().as_secs_f64().max(1e-3);
-            let left = volume::control(&backing, "status")
-                .await
-                .ok()
-                .and_then(|r| volume::field(&r, "bytes"))
-                .unwrap_or(0);
-            let predicted = Duration::from_secs_f64(left as f64 / rate.max(1.0));
-            let cfg = &self.cfg.handover;
-            if n >= cfg.max_live_rounds || predicted <= cfg.max_downtime || left >= bytes {
-                tracing::debug!(
-                    rounds = n,
-                    left,
-                    predicted_ms = predicted.as_millis() as u64,
-                    "live rounds done"
-                );
-                break held;
-            }
-            tracing::debug!(
-                round = n,
-                bytes,
-                left,
-                predicted_ms = predicted.as_millis() as u64,
-                "another live round"
-            );
-            base = held.display().to_string();
-            n += 1;
-        };
-        // Quiesce: new calls are held; running ones finish.
-        let acts = self.owner_event(s, OwnerEvent::LiveSent { attempt }).await;
-        if !acts.contains(&OwnerAction::WaitOps) {
-            return Err(given_up());
-        }
-        let t = Instant::now();
-        while s.journal.has_running() {
-            if s.owner.lock().await.attempt() != Some(attempt) {
-                return Err(given_up());
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        let waited = t.elapsed();
-        // Persist "frozen", freeze the instance (it keeps its state and can
-        // go on if the move fails).
-        let acts = self
-            .owner_event(s, OwnerEvent::OpsDrained { attempt })
-            .await;
-        if !acts.contains(&OwnerAction::SendFinal) {
-            return Err(given_up());
-        }
-        send(Chunk::Quiesced(pb::Quiesced {
-            waited_ops_micros: waited.as_micros() as u64,
-            held_micros: t.elapsed().as_micros() as u64,
-        }))
-        .await?;
-        // The final round: the instance is frozen, the control request flushes volfs.
-        let (f2, held2) = round(n + 1, held1.display().to_string()).await?;
-        for f in f2 {
-            send(Chunk::Frame(f)).await?;
-        }
-        for (op_id, o) in s.journal.done_ops() {
-            let op = match o {
-                Outcome::Ok(p) => pb::OpResult {
-                    op_id,
-                    code: 0,
-                    message: String::new(),
-                    payload: p.to_vec(),
-                },
-                Outcome::Err { code, message } => pb::OpResult {
-                    op_id,
-                    code,
-                    message,
-                    payload: Vec::new(),
-                },
-            };
-            send(Chunk::Op(op)).await?;
-        }
-        let root = volfs::Manifest::from_bytes(&std::fs::read(&held2).map_err(io_status)?)
-            .map_err(io_status)?
-            .root();
-        // The machine waits for the release from here on, before B can ask.
-        self.owner_event(s, OwnerEvent::FinalSent { attempt }).await;
-        if s.owner.lock().await.attempt() != Some(attempt) {
-            return Err(given_up());
-        }
-        send(Chunk::Final(pb::Final {
-            root: root.to_vec(),
-        }))
-        .await?;
-        let _ = std::fs::remove_dir_all(&tmp);
-        drop(_precopy);
-        tracing::info!(root = %volfs::hex(&root), "final delta sent; owner until released");
-        // The puller keeps the stream open until its release is answered: an
-        // end before that (it died, or gave up) ends the attempt at once
-        // (after a release, the event is stale and changes nothing).
-        tx.closed().await;
-        self.owner_event(
-            s,
-            OwnerEvent::Failed {
-                attempt,
-                reason: "the new edge closed the handover stream".into(),
-            },
-        )
-        .await;
-        Ok(())
-    }
-
     /// A side: the new edge is ready and asks to own the session. The
     /// attempt id — random, and known only to the two edges of the
     /// handover stream the session's token opened — is the credential, so
@@ -584,12 +406,4 @@ impl Session {
             }
         }
     }
-}
-
-/// A scratch directory inside the session directory.
-fn tempfile_dir(dir: &std::path::Path) -> Result<PathBuf, Status> {
-    let t = dir.join("handover");
-    let _ = std::fs::remove_dir_all(&t);
-    std::fs::create_dir_all(&t).map_err(io_status)?;
-    Ok(t)
 }

@@ -64,6 +64,7 @@ pub(super) fn progress_event(
         bytes_received: bytes,
         downtime_micros: down,
         edge_id: edge.to_string(),
+        ..Default::default()
     }
 }
 

@@ -51,6 +51,7 @@ mod promote;
 mod pull;
 mod recover;
 pub mod registry;
+mod send;
 mod standby;
 mod take;
 

@@ -77,8 +77,12 @@ impl Edge {
             .await
             .map_err(|st| fail(peer_status("handover", &owner.edge_id, st)))?
             .into_inner();
+        // What the owner said of its last live round: left, throttle.
+        let (left, throttled) = (AtomicU64::new(0), AtomicU64::new(0));
         let report = |phase, round: u32, bytes: u64, down: u64| {
-            let p = progress_event(phase, round, bytes, down, &self.cfg.edge_id);
+            let mut p = progress_event(phase, round, bytes, down, &self.cfg.edge_id);
+            p.remaining_bytes = left.load(Ordering::Relaxed);
+            p.throttle_bytes_per_sec = throttled.load(Ordering::Relaxed);
             let tx = progress_tx.clone();
             async move {
                 let _ = tx.send(Ok(p)).await;
@@ -202,6 +206,21 @@ impl Edge {
                     {
                         let Some(old) = ops.pop_front() else { break };
                         ops_bytes -= 16 + (old.payload.len() + old.message.len()) as u64;
+                    }
+                }
+                Some(Chunk::RoundSent(r)) => {
+                    left.store(r.remaining_bytes, Ordering::Relaxed);
+                    throttled.store(r.throttle_bytes_per_sec, Ordering::Relaxed);
+                    if r.another {
+                        // The round was reported when it was applied; this
+                        // says what is left and whether the app is slowed.
+                        report(
+                            pb::HandoverPhase::Pull,
+                            round.saturating_sub(1).max(1),
+                            bytes.load(Ordering::Relaxed),
+                            0,
+                        )
+                        .await;
                     }
                 }
                 Some(Chunk::Final(f)) => root = Some(f.root),
