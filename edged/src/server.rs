@@ -293,6 +293,19 @@ impl Peer for PeerService {
         }))
     }
 
+    async fn round_applied(
+        &self,
+        req: Request<pb::RoundAppliedRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let from = self.caller(&req, &req.get_ref().from_edge)?;
+        let r = req.into_inner();
+        self.0
+            .round_applied(&r.session_id, r.attempt, r.round, &from)
+            .await
+            .map_err(|e| e.status())?;
+        Ok(Response::new(pb::ReleaseResponse::default()))
+    }
+
     async fn abort(
         &self,
         req: Request<pb::ReleaseRequest>,

@@ -310,6 +310,30 @@ impl Edge {
         }
     }
 
+    /// A side: the puller of `attempt` applied live round `round`. Only the
+    /// puller of the live rounds under way is heard.
+    pub async fn round_applied(
+        &self,
+        id: &str,
+        attempt: Attempt,
+        round: u32,
+        from: &str,
+    ) -> Result<(), EdgeError> {
+        let refused = || {
+            EdgeError::Refused(
+                format!("session {id} is not in the live rounds of attempt {attempt} to {from}"),
+                Refusal::NotGiving,
+            )
+        };
+        let s = self.get(id).ok_or_else(refused)?;
+        match &*s.owner.lock().await {
+            OwnerState::Giving { attempt: a, to } if *a == attempt && to.edge_id == from => {}
+            _ => return Err(refused()),
+        }
+        s.applied.send_replace((attempt, round));
+        Ok(())
+    }
+
     /// A side: the new edge is ready and asks to own the session. The
     /// attempt id — random, and known only to the two edges of the
     /// handover stream the session's token opened — is the credential, so

@@ -304,6 +304,7 @@ async fn a_session_still_waiting_for_its_release_is_not_given_away_or_closed() {
             held_manifest: Vec::new(),
             to_edge: "c".into(),
             to_addr: "c:1".into(),
+            acks_rounds: true,
         },
         tx,
     )
@@ -329,4 +330,38 @@ async fn a_session_being_handed_over_is_not_closed_from_under_the_handover() {
     assert_eq!(edge.session_count(), 1);
     edge.release("s1", 4, "b").await.unwrap();
     assert_eq!(edge.session_count(), 0);
+}
+
+#[tokio::test]
+async fn only_the_puller_of_the_live_rounds_acknowledges_them() {
+    let (edge, s, _fake, _d) = edge_with_session().await;
+    let refused = |r: Result<(), EdgeError>| matches!(r, Err(EdgeError::Refused(..)));
+    assert!(
+        refused(edge.round_applied("s1", 1, 1, "b").await),
+        "no handover under way"
+    );
+    edge.owner_event(
+        &s,
+        OwnerEvent::Pull {
+            attempt: 1,
+            to: peer("b"),
+        },
+    )
+    .await;
+    assert!(
+        refused(edge.round_applied("s1", 2, 1, "b").await),
+        "another attempt"
+    );
+    assert!(
+        refused(edge.round_applied("s1", 1, 1, "c").await),
+        "another edge"
+    );
+    assert_eq!(*s.applied.borrow(), (0, 0));
+    edge.round_applied("s1", 1, 1, "b").await.unwrap();
+    assert_eq!(*s.applied.borrow(), (1, 1));
+    // Once the quiesce began, live rounds are over.
+    edge.owner_event(&s, OwnerEvent::LiveSent { attempt: 1 })
+        .await;
+    assert!(refused(edge.round_applied("s1", 1, 2, "b").await));
+    assert_eq!(*s.applied.borrow(), (1, 1));
 }

@@ -34,8 +34,8 @@ use tokio::sync::watch;
 
 use crate::forward::AppClient;
 use crate::journal::Journal;
-use crate::migration::Peer;
 use crate::migration::owner::OwnerState;
+use crate::migration::{Attempt, Peer};
 use crate::runtime::{InstanceId, InstanceSpec, Runtime};
 use crate::volume::{self, Shim};
 
@@ -159,6 +159,9 @@ pub struct Session {
     precopy: tokio::sync::Mutex<precopy::PrecopyState>,
     /// Neighbours the client named as its next edges; `None`: all.
     candidates: Mutex<Option<Vec<String>>>,
+    /// The last live round the puller of a handover said it applied, with
+    /// the attempt (a watch: the owner's rounds wait on it).
+    applied: watch::Sender<(Attempt, u32)>,
 }
 
 impl std::fmt::Debug for Session {

@@ -85,6 +85,7 @@ impl Edge {
         .record();
         let parent = self.sessions_dir();
         let (st2, dir2) = (staging.clone(), dir.clone());
+        let t = Instant::now();
         tokio::task::spawn_blocking(move || {
             super::write_durable(&record, &json)?;
             std::fs::rename(&st2, &dir2)?;
@@ -92,6 +93,7 @@ impl Edge {
         })
         .await
         .map_err(|e| EdgeError::Io(std::io::Error::other(e)))??;
+        tracing::debug!(session = %id, ms = t.elapsed().as_secs_f64() * 1e3, "session record persisted, staged copy promoted");
         let layout = Layout { dir: dir.clone() };
         tokio::fs::create_dir_all(layout.mnt()).await?;
         // The standby's socket directory and log become the session's.
@@ -177,6 +179,7 @@ impl Edge {
         layout: &Layout,
         standby: Option<Standby>,
     ) -> Result<(), EdgeError> {
+        let t = Instant::now();
         if let Err(e) = self.mount_volume(session).await {
             if let Some(s) = standby {
                 s.discard().await;
@@ -184,12 +187,17 @@ impl Edge {
             return Err(e);
         }
         let id = &session.id;
+        tracing::debug!(session = %id, ms = t.elapsed().as_secs_f64() * 1e3, "pulled volume mounted");
         if let Some(s) = standby {
             // Not warmed: the activated app reads at once, and a warming
             // pass beside it made its first calls and its readiness slower
             // (gapbench: downtime p50 67 ms warmed, 42 ms not).
+            let t = Instant::now();
             match session.adopt_standby(&self.cfg, s).await {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    tracing::debug!(session = %id, ms = t.elapsed().as_secs_f64() * 1e3, "standby activated and answering");
+                    return Ok(());
+                }
                 Err(e) => {
                     tracing::warn!(session = %id, error = %e, "the standby instance did not take over; starting one");
                     self.standby_failed_now(&session.app);

@@ -73,10 +73,27 @@ impl Edge {
                 held_manifest: held,
                 to_edge: self.cfg.edge_id.clone(),
                 to_addr: self.cfg.advertised(),
+                acks_rounds: true,
             })
             .await
             .map_err(|st| fail(peer_status("handover", &owner.edge_id, st)))?
             .into_inner();
+        // Acknowledges an applied live round (the owner times its rounds by
+        // delivery); not awaited, a lost one only delays the owner's decision.
+        let ack = |attempt: Attempt, round: u32| {
+            let mut peer = peer.clone();
+            let req = pb::RoundAppliedRequest {
+                session_id: id.to_string(),
+                attempt,
+                round,
+                from_edge: self.cfg.edge_id.clone(),
+            };
+            tokio::spawn(async move {
+                if let Err(st) = peer.round_applied(req).await {
+                    tracing::debug!(error = %st.message(), "round acknowledgement refused");
+                }
+            });
+        };
         // What the owner said of its last live round: left, throttle.
         let (left, throttled) = (AtomicU64::new(0), AtomicU64::new(0));
         let report = |phase, round: u32, bytes: u64, down: u64| {
@@ -176,6 +193,9 @@ impl Edge {
                         let phase = if t_quiesce.is_some() {
                             pb::HandoverPhase::Final
                         } else {
+                            if let Some(a) = attempt_of(&meta) {
+                                ack(a, round);
+                            }
                             pb::HandoverPhase::Pull
                         };
                         report(phase, round, bytes.load(Ordering::Relaxed), down).await;

@@ -273,6 +273,7 @@ impl Edge {
             held_since: Mutex::new(None),
             precopy: tokio::sync::Mutex::new(Default::default()),
             candidates: Mutex::new(None),
+            applied: watch::channel((0, 0)).0,
         })
     }
 

@@ -24,6 +24,9 @@ use crate::migration::owner::{OwnerAction, OwnerEvent};
 use crate::migration::{Attempt, converge};
 use crate::volume;
 
+/// Longest wait for the new edge to say it applied a live round.
+const ACK_WAIT: Duration = Duration::from_secs(600);
+
 /// Shortest lease of a write throttle (renewed every live round).
 const THROTTLE_LEASE: Duration = Duration::from_secs(10);
 
@@ -100,6 +103,29 @@ impl Edge {
             for f in frames {
                 bytes += f.encoded_len() as u64;
                 send(Chunk::Frame(f)).await?;
+            }
+            if req.acks_rounds {
+                // Timed by delivery: sent is not yet there (socket and
+                // link buffers hold seconds), and the final round must not
+                // queue behind a live one.
+                let mut rx = s.applied.subscribe();
+                loop {
+                    let acked = rx.wait_for(|(a, r)| *a == attempt && *r >= n);
+                    if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), acked).await
+                    {
+                        break;
+                    }
+                    if s.owner.lock().await.attempt() != Some(attempt) {
+                        return Err(given_up());
+                    }
+                    if t.elapsed() > ACK_WAIT {
+                        tracing::warn!(
+                            round = n,
+                            "the new edge did not acknowledge the round; going on"
+                        );
+                        break;
+                    }
+                }
             }
             let took = t.elapsed();
             let left = volume::control(&backing, "status")

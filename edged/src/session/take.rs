@@ -290,6 +290,7 @@ impl Edge {
                 r
             }
         });
+        let t_ask = Instant::now();
         let seen = match tokio::time::timeout(RELEASE_ANSWER_WAIT, asking).await {
             Ok(Ok(Ok(seen))) => seen,
             Ok(Ok(Err(st))) => return Err(st),
@@ -305,6 +306,7 @@ impl Edge {
         // The larger of the two views: from the Quiesced chunk (which may wait
         // behind the live round it follows) and from the owner's hold.
         let down = quiesced.elapsed().max(seen.unwrap_or_default());
+        tracing::debug!(session = %id, ms = t_ask.elapsed().as_secs_f64() * 1e3, "release answered");
         tracing::info!(
             downtime_ms = down.as_secs_f64() * 1e3,
             bytes,
