@@ -50,7 +50,7 @@ struct Args {
     /// Add a 1 GB volume.
     #[arg(long)]
     big: bool,
-    /// Only these app write rates, MB/s (default: 0, 1 and 5).
+    /// Only these app write rates, MB/s (default: 0, 1, 5 and 10).
     #[arg(long = "rate")]
     rates: Vec<f64>,
     /// Only the link whose name starts so (e.g. "100Mbit").
@@ -62,6 +62,9 @@ struct Args {
     /// Moves per case (back and forth).
     #[arg(long, default_value_t = 5)]
     moves: usize,
+    /// Only draw the plots from this CSV (of an earlier run) into `--out`.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Where to write the CSV and the plots.
     #[arg(long, default_value = "bench/out")]
     out: PathBuf,
@@ -69,8 +72,9 @@ struct Args {
 
 const MB: u64 = 1 << 20;
 
-/// Write rates of the app, bytes/s.
-const RATES: [u64; 3] = [0, MB, 5 * MB];
+/// Write rates of the app, bytes/s: idle, up to half the slower link,
+/// and past it (10 MB/s is 80 % of 100 Mbit/s: auto-converge's case).
+const RATES: [u64; 4] = [0, MB, 5 * MB, 10 * MB];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Variant {
@@ -86,6 +90,21 @@ impl Variant {
             Variant::NoConverge => "edgeshift, no auto-converge",
             Variant::Thesis => "original method (rsync)",
         }
+    }
+
+    /// Its name in the CSV.
+    fn slug(self) -> &'static str {
+        match self {
+            Variant::Converge => "edgeshift",
+            Variant::NoConverge => "edgeshift-no-converge",
+            Variant::Thesis => "rsync",
+        }
+    }
+
+    fn from_slug(s: &str) -> Option<Variant> {
+        [Variant::Converge, Variant::NoConverge, Variant::Thesis]
+            .into_iter()
+            .find(|v| v.slug() == s)
     }
 }
 
@@ -471,7 +490,7 @@ fn plot(
     path: &Path,
     title: &str,
     x_label: &str,
-    xs: &[(String, f64)],
+    xs: &[String],
     lines: &[(&str, Vec<f64>)],
 ) -> anyhow::Result<()> {
     use plotters::prelude::*;
@@ -491,11 +510,11 @@ fn plot(
             -0.5f64..(xs.len() as f64 - 0.5),
             (1.0f64..y_max).log_scale(),
         )?;
-    let names: Vec<String> = xs.iter().map(|x| x.0.clone()).collect();
+    let names = xs.to_vec();
     chart
         .configure_mesh()
         .x_desc(x_label)
-        .y_desc("client-seen gap, ms")
+        .y_desc("client-seen gap of the worst move, ms")
         .x_labels(xs.len())
         .x_label_formatter(&|x| {
             let i = x.round() as usize;
@@ -507,7 +526,7 @@ fn plot(
         })
         .draw()?;
     for (k, (name, ys)) in lines.iter().enumerate() {
-        let color = Palette99::pick(k).to_rgba();
+        let color = [BLUE, RGBColor(230, 120, 0), RED][k % 3].to_rgba();
         let pts: Vec<(f64, f64)> = ys
             .iter()
             .enumerate()
@@ -521,6 +540,7 @@ fn plot(
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
@@ -528,9 +548,81 @@ fn plot(
     Ok(())
 }
 
+/// Per link, the worst move's gap against the write rate (at the largest
+/// volume) and against the volume (at the highest rate), from the CSV.
+fn plots(csv: &str, out: &Path) -> anyhow::Result<()> {
+    // (link, volume, rate, variant) -> worst gap, ms.
+    let mut worst: std::collections::BTreeMap<(String, u64, u64, &str), f64> = Default::default();
+    for line in csv.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        anyhow::ensure!(f.len() == 12, "not a writebench CSV line: {line:?}");
+        let v = Variant::from_slug(f[3]).with_context(|| format!("variant {:?}", f[3]))?;
+        let key = (f[0].to_string(), f[1].parse()?, f[2].parse()?, v.slug());
+        let g: f64 = f[5].parse()?;
+        let w = worst.entry(key).or_insert(0.0);
+        *w = w.max(g);
+    }
+    let set = |k: fn(&(String, u64, u64, &str)) -> u64| {
+        let mut v: Vec<u64> = worst.keys().map(k).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let (sizes, rates) = (set(|k| k.1), set(|k| k.2));
+    let mut links: Vec<String> = worst.keys().map(|k| k.0.clone()).collect();
+    links.dedup();
+    let variants = [Variant::Converge, Variant::NoConverge, Variant::Thesis];
+    let (Some(&largest), Some(&top)) = (sizes.last(), rates.last()) else {
+        anyhow::bail!("no moves in the CSV");
+    };
+    for link in &links {
+        let pick = |v: Variant, size: u64, rate: u64| {
+            worst
+                .get(&(link.clone(), size, rate, v.slug()))
+                .copied()
+                .unwrap_or(0.0)
+        };
+        let slug = link.replace('/', "-");
+        let xs: Vec<String> = rates.iter().map(|r| format!("{}/s", human(*r))).collect();
+        let lines: Vec<(&str, Vec<f64>)> = variants
+            .iter()
+            .map(|v| {
+                (
+                    v.name(),
+                    rates.iter().map(|r| pick(*v, largest, *r)).collect(),
+                )
+            })
+            .collect();
+        plot(
+            &out.join(format!("writebench-gap-rate-{slug}.svg")),
+            &format!("Gap vs write rate, {} volume, {link}", human(largest)),
+            "app write rate",
+            &xs,
+            &lines,
+        )?;
+        let xs: Vec<String> = sizes.iter().map(|s| human(*s)).collect();
+        let lines: Vec<(&str, Vec<f64>)> = variants
+            .iter()
+            .map(|v| (v.name(), sizes.iter().map(|s| pick(*v, *s, top)).collect()))
+            .collect();
+        plot(
+            &out.join(format!("writebench-gap-volume-{slug}.svg")),
+            &format!("Gap vs volume, app writing {}/s, {link}", human(top)),
+            "volume",
+            &xs,
+            &lines,
+        )?;
+    }
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(csv) = &args.plot {
+        std::fs::create_dir_all(&args.out)?;
+        return plots(&std::fs::read_to_string(csv)?, &args.out);
+    }
     let mut sizes = vec![16 * MB];
     if !args.quick {
         sizes.push(256 * MB);
@@ -543,7 +635,6 @@ async fn main() -> anyhow::Result<()> {
     let mut csv = String::from(
         "link,volume_bytes,write_bytes_per_sec,variant,move,gap_ms,downtime_ms,total_ms,bytes,last_round_bytes,max_throttle_bytes_per_sec,rounds\n",
     );
-    let mut results = Vec::new();
     println!(
         "| link | volume | app writes | variant | gap p50 / max | downtime p50 / max | total p50 | bytes p50 | last round max | throttle max |"
     );
@@ -587,7 +678,7 @@ async fn main() -> anyhow::Result<()> {
                             csv,
                             "{},{size},{rate},{},{m},{:.1},{:.1},{:.1},{},{},{},{}",
                             link.name,
-                            v.name(),
+                            v.slug(),
                             ms(o.gap),
                             ms(o.downtime),
                             ms(o.total),
@@ -617,62 +708,12 @@ async fn main() -> anyhow::Result<()> {
                             format!("{}/s", human(o.throttle))
                         }
                     );
-                    results.push((c, v, o));
                 }
             }
         }
     }
-    std::fs::write(args.out.join("writebench.csv"), csv)?;
-    // Plots: gap vs rate at the largest volume; gap vs volume at the top rate.
-    let largest = *sizes.last().unwrap_or(&(16 * MB));
-    for &link in &links {
-        let pick = |v: Variant, size: u64, rate: u64| {
-            results
-                .iter()
-                .find(|(c, w, _)| {
-                    c.link.name == link.name && *w == v && c.size == size && c.rate == rate
-                })
-                .map_or(0.0, |r| r.2.gap_max)
-        };
-        let slug = link.name.replace('/', "-");
-        let xs: Vec<(String, f64)> = rates
-            .iter()
-            .map(|r| (format!("{}/s", human(*r)), *r as f64))
-            .collect();
-        let lines: Vec<(&str, Vec<f64>)> = variants
-            .iter()
-            .map(|v| {
-                (
-                    v.name(),
-                    rates.iter().map(|r| pick(*v, largest, *r)).collect(),
-                )
-            })
-            .collect();
-        plot(
-            &args.out.join(format!("writebench-gap-rate-{slug}.svg")),
-            &format!(
-                "Gap vs write rate, {} volume, {}",
-                human(largest),
-                link.name
-            ),
-            "app write rate",
-            &xs,
-            &lines,
-        )?;
-        let top = rates.iter().copied().max().unwrap_or(0);
-        let xs: Vec<(String, f64)> = sizes.iter().map(|s| (human(*s), *s as f64)).collect();
-        let lines: Vec<(&str, Vec<f64>)> = variants
-            .iter()
-            .map(|v| (v.name(), sizes.iter().map(|s| pick(*v, *s, top)).collect()))
-            .collect();
-        plot(
-            &args.out.join(format!("writebench-gap-volume-{slug}.svg")),
-            &format!("Gap vs volume, app writing {}/s, {}", human(top), link.name),
-            "volume",
-            &xs,
-            &lines,
-        )?;
-    }
+    std::fs::write(args.out.join("writebench.csv"), &csv)?;
+    plots(&csv, &args.out)?;
     println!("\nCSV and plots in {}", args.out.display());
     Ok(())
 }
