@@ -300,7 +300,13 @@ impl Peer for PeerService {
         let from = self.caller(&req, &req.get_ref().from_edge)?;
         let r = req.into_inner();
         self.0
-            .round_applied(&r.session_id, r.attempt, r.round, &from)
+            .round_applied(
+                &r.session_id,
+                r.attempt,
+                r.round,
+                std::time::Duration::from_micros(r.finish_micros),
+                &from,
+            )
             .await
             .map_err(|e| e.status())?;
         Ok(Response::new(pb::ReleaseResponse::default()))

@@ -107,6 +107,9 @@ pub fn field(reply: &str, key: &str) -> Option<u64> {
 pub struct WriteThrottle {
     backing: PathBuf,
     rate: u64,
+    /// A throttle may be in force in volfs (a set was asked): lifted on
+    /// clear and drop even when volfs's answer was lost.
+    engaged: bool,
 }
 
 impl WriteThrottle {
@@ -115,6 +118,7 @@ impl WriteThrottle {
         WriteThrottle {
             backing: backing.to_path_buf(),
             rate: 0,
+            engaged: false,
         }
     }
 
@@ -127,6 +131,7 @@ impl WriteThrottle {
     /// next `set`); 0 lifts it. A volume that refuses keeps its app
     /// unthrottled (returns 0).
     pub async fn set(&mut self, rate: u64, lease: Duration) -> u64 {
+        self.engaged |= rate != 0;
         let req = format!("throttle {rate} {}", lease.as_millis());
         self.rate = match control(&self.backing, &req).await {
             Ok(r) => field(&r, "rate").unwrap_or(0),
@@ -138,18 +143,24 @@ impl WriteThrottle {
         self.rate
     }
 
-    /// Lifts the throttle.
+    /// Lifts the throttle (asked twice if volfs does not answer).
     pub async fn clear(&mut self) {
-        if self.rate != 0 {
-            self.set(0, Duration::ZERO).await;
-            self.rate = 0;
+        if !self.engaged {
+            return;
         }
+        for _ in 0..2 {
+            if control(&self.backing, "throttle 0").await.is_ok() {
+                self.engaged = false;
+                break;
+            }
+        }
+        self.rate = 0;
     }
 }
 
 impl Drop for WriteThrottle {
     fn drop(&mut self) {
-        if self.rate == 0 {
+        if !self.engaged {
             return;
         }
         let backing = std::mem::take(&mut self.backing);

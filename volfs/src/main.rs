@@ -302,11 +302,14 @@ fn mount(backing: &Path, mountpoint: &Path, opts: volfs::MountOptions) -> anyhow
     let handle = volfs::mount(backing, mountpoint, &opts)?;
     let unmounter = handle.unmounter();
     let sock = control::serve(handle.live().clone(), unmounter.clone())?;
+    let live = handle.live().clone();
     std::thread::spawn(move || {
         let mut sig = 0;
         // SAFETY: `set` is a valid signal set; `sig` a valid out pointer.
         unsafe { libc::sigwait(&set, &mut sig) };
         tracing::info!(signal = sig, "unmounting");
+        // The unmount's own writeback is not held to a handover's rate.
+        live.throttle().clear();
         if let Err(e) = unmounter.unmount() {
             tracing::error!(error = %e, "unmount failed");
         }

@@ -315,6 +315,8 @@ impl MountHandle {
     }
 
     fn stop(&mut self) -> Result<Hash, MountError> {
+        // The unmount's own writeback is not held to a handover's rate.
+        self.live.throttle.clear();
         if let Some(mut u) = self.unmounter.take() {
             if let Err(e) = u.unmount() {
                 tracing::warn!(error = %e, "unmount failed; detaching lazily");

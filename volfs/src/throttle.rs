@@ -140,12 +140,12 @@ impl Throttle {
         }
         let rate = rate.max(MIN_RATE);
         let now = Instant::now();
-        {
-            let mut s = self.lock();
-            s.rate = rate;
-            s.until = now + ttl.min(MAX_TTL);
-            s.next = s.next.max(now);
-        }
+        // The writeback settings change under the state lock, so a clear or
+        // an expiry cannot restore them between this set and its cap.
+        let mut s = self.lock();
+        s.rate = rate;
+        s.until = now + ttl.min(MAX_TTL);
+        s.next = s.next.max(now);
         if let Some(b) = self.bdi.get() {
             b.cap(rate);
         }
@@ -154,11 +154,16 @@ impl Throttle {
 
     /// Ends the throttle: held replies go out, writeback settings return.
     pub fn clear(&self) {
-        let was = std::mem::replace(&mut self.lock().rate, 0);
-        if was != 0 {
-            if let Some(b) = self.bdi.get() {
-                b.restore();
-            }
+        let mut s = self.lock();
+        Self::clear_locked(&mut s, self.bdi.get());
+    }
+
+    fn clear_locked(s: &mut State, bdi: Option<&Bdi>) {
+        s.rate = 0;
+        s.next = Instant::now();
+        // A no-op when nothing was capped.
+        if let Some(b) = bdi {
+            b.restore();
         }
     }
 
@@ -172,15 +177,13 @@ impl Throttle {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Ends a lease that ran out.
+    /// Ends a lease that ran out (checked and ended under one lock, so a
+    /// renewal in between is not lost).
     fn expire(&self, now: Instant) {
-        let ran_out = {
-            let s = self.lock();
-            s.rate != 0 && now >= s.until
-        };
-        if ran_out {
+        let mut s = self.lock();
+        if s.rate != 0 && now >= s.until {
             tracing::info!("write throttle lease ran out");
-            self.clear();
+            Self::clear_locked(&mut s, self.bdi.get());
         }
     }
 

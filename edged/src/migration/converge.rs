@@ -3,7 +3,8 @@
 //! took and what the app dirtied meanwhile.
 //!
 //! - The final round is predicted to fit the downtime budget at the rate the
-//!   last round went out: quiesce.
+//!   last round went out, less what the puller said it needs after the
+//!   final round: quiesce.
 //! - What is left shrank: another round.
 //! - It did not (the app writes about as fast as the link drains, or faster),
 //!   or the rounds ran out: with auto-converge, throttle the app's writes in
@@ -32,6 +33,17 @@ pub struct Policy {
     pub max_live_rounds: u32,
     /// Throttle the app when the rounds do not converge.
     pub auto_converge: bool,
+    /// The part of the downtime that is not the final round's transfer (the
+    /// puller's verify, mount, activation, release round trip, as it says):
+    /// the transfer gets what is left of `max_downtime`.
+    pub overhead: Duration,
+}
+
+impl Policy {
+    /// The time the final round's transfer may take.
+    fn budget(&self) -> Duration {
+        self.max_downtime.saturating_sub(self.overhead)
+    }
 }
 
 /// One live round, as the owner saw it.
@@ -86,7 +98,7 @@ pub enum Why {
 
 /// The decision after round `r`; see the module docs.
 pub fn after(p: &Policy, r: &Round) -> Next {
-    if r.predicted() <= p.max_downtime {
+    if r.predicted() <= p.budget() {
         return Next::Quiesce(Why::Fits);
     }
     let shrinking = r.left < r.sent;
@@ -110,7 +122,7 @@ pub fn after(p: &Policy, r: &Round) -> Next {
     }
     // A round as long as this one should leave what fits the budget.
     let secs = r.took.as_secs_f64().max(1e-3);
-    let goal = r.rate() * p.max_downtime.as_secs_f64() / secs;
+    let goal = r.rate() * p.budget().as_secs_f64() / secs;
     let writes = r.left as f64 / secs;
     let from = if r.throttle == 0 {
         writes
@@ -132,6 +144,7 @@ mod tests {
             max_downtime: Duration::from_millis(100),
             max_live_rounds: 8,
             auto_converge,
+            overhead: Duration::ZERO,
         }
     }
 
@@ -193,6 +206,29 @@ mod tests {
         // Shrinking under the throttle: keep it.
         let r = round(9, 100 * MB, 1000, 20 * MB, 6 * MB);
         assert_eq!(after(&policy(true), &r), Next::Round { throttle: 6 * MB });
+    }
+
+    #[test]
+    fn what_the_puller_needs_after_the_final_round_comes_out_of_the_budget() {
+        // 10 MB/s; 0.8 MB left: 80 ms of transfer, within 100 ms alone.
+        let r = round(2, 10 * MB, 1000, 8 * MB / 10, 0);
+        assert_eq!(after(&policy(true), &r), Next::Quiesce(Why::Fits));
+        // The puller needs 40 ms to mount, activate and be released.
+        let p = Policy {
+            overhead: Duration::from_millis(40),
+            ..policy(true)
+        };
+        assert_eq!(after(&p, &r), Next::Round { throttle: 0 });
+        // Not shrinking: the throttle lets a round as long leave 60 ms of
+        // transfer instead of 100 (10 MB/s link, 1 s rounds).
+        let r = round(3, 10 * MB, 1000, 12 * MB, 0);
+        assert_eq!(after(&policy(true), &r), Next::Round { throttle: MB });
+        assert_eq!(
+            after(&p, &r),
+            Next::Round {
+                throttle: (10.0 * MB as f64 * 0.06) as u64
+            }
+        );
     }
 
     #[test]

@@ -310,13 +310,15 @@ impl Edge {
         }
     }
 
-    /// A side: the puller of `attempt` applied live round `round`. Only the
+    /// A side: the puller of `attempt` applied live round `round` and
+    /// expects to need `finish` from the final round to serving. Only the
     /// puller of the live rounds under way is heard.
     pub async fn round_applied(
         &self,
         id: &str,
         attempt: Attempt,
         round: u32,
+        finish: Duration,
         from: &str,
     ) -> Result<(), EdgeError> {
         let refused = || {
@@ -330,7 +332,14 @@ impl Edge {
             OwnerState::Giving { attempt: a, to } if *a == attempt && to.edge_id == from => {}
             _ => return Err(refused()),
         }
-        s.applied.send_replace((attempt, round));
+        // Acknowledgements may come out of order: the highest round stays.
+        s.applied.send_if_modified(|v| {
+            let newer = v.0 != attempt || round > v.1;
+            if newer {
+                *v = (attempt, round, finish);
+            }
+            newer
+        });
         Ok(())
     }
 

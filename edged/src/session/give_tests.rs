@@ -336,8 +336,9 @@ async fn a_session_being_handed_over_is_not_closed_from_under_the_handover() {
 async fn only_the_puller_of_the_live_rounds_acknowledges_them() {
     let (edge, s, _fake, _d) = edge_with_session().await;
     let refused = |r: Result<(), EdgeError>| matches!(r, Err(EdgeError::Refused(..)));
+    let ms = std::time::Duration::from_millis;
     assert!(
-        refused(edge.round_applied("s1", 1, 1, "b").await),
+        refused(edge.round_applied("s1", 1, 1, ms(30), "b").await),
         "no handover under way"
     );
     edge.owner_event(
@@ -349,19 +350,19 @@ async fn only_the_puller_of_the_live_rounds_acknowledges_them() {
     )
     .await;
     assert!(
-        refused(edge.round_applied("s1", 2, 1, "b").await),
+        refused(edge.round_applied("s1", 2, 1, ms(30), "b").await),
         "another attempt"
     );
     assert!(
-        refused(edge.round_applied("s1", 1, 1, "c").await),
+        refused(edge.round_applied("s1", 1, 1, ms(30), "c").await),
         "another edge"
     );
-    assert_eq!(*s.applied.borrow(), (0, 0));
-    edge.round_applied("s1", 1, 1, "b").await.unwrap();
-    assert_eq!(*s.applied.borrow(), (1, 1));
+    assert_eq!(*s.applied.borrow(), (0, 0, ms(0)));
+    edge.round_applied("s1", 1, 1, ms(30), "b").await.unwrap();
+    assert_eq!(*s.applied.borrow(), (1, 1, ms(30)));
     // Once the quiesce began, live rounds are over.
     edge.owner_event(&s, OwnerEvent::LiveSent { attempt: 1 })
         .await;
-    assert!(refused(edge.round_applied("s1", 1, 2, "b").await));
-    assert_eq!(*s.applied.borrow(), (1, 1));
+    assert!(refused(edge.round_applied("s1", 1, 2, ms(30), "b").await));
+    assert_eq!(*s.applied.borrow(), (1, 1, ms(30)));
 }

@@ -160,8 +160,9 @@ pub struct Session {
     /// Neighbours the client named as its next edges; `None`: all.
     candidates: Mutex<Option<Vec<String>>>,
     /// The last live round the puller of a handover said it applied, with
-    /// the attempt (a watch: the owner's rounds wait on it).
-    applied: watch::Sender<(Attempt, u32)>,
+    /// the attempt and the time it expects to need to finish (a watch: the
+    /// owner's rounds wait on it).
+    applied: watch::Sender<(Attempt, u32, Duration)>,
 }
 
 impl std::fmt::Debug for Session {

@@ -31,11 +31,26 @@ pub(super) struct Pulled {
     pub(super) ops: std::collections::VecDeque<pb::OpResult>,
     pub(super) attempt: Attempt,
     pub(super) quiesced: Instant,
+    /// When the final chunk arrived.
+    pub(super) final_at: Instant,
     pub(super) bytes: u64,
     pub(super) round: u32,
 }
 
+/// What a takeover is expected to need from the final round to serving
+/// before this edge measured one.
+const DEFAULT_FINISH: Duration = Duration::from_millis(30);
+
 impl Edge {
+    /// How long this edge expects to need from a final round received to
+    /// serving: as long as its last takeover took.
+    fn finish_estimate(&self) -> Duration {
+        self.last_finish
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or(DEFAULT_FINISH)
+    }
+
     pub(super) async fn pull(
         self: &Arc<Self>,
         peer: &mut PeerClient<tonic::transport::Channel>,
@@ -80,6 +95,7 @@ impl Edge {
             .into_inner();
         // Acknowledges an applied live round (the owner times its rounds by
         // delivery); not awaited, a lost one only delays the owner's decision.
+        let finish = self.finish_estimate();
         let ack = |attempt: Attempt, round: u32| {
             let mut peer = peer.clone();
             let req = pb::RoundAppliedRequest {
@@ -87,10 +103,25 @@ impl Edge {
                 attempt,
                 round,
                 from_edge: self.cfg.edge_id.clone(),
+                finish_micros: finish.as_micros() as u64,
             };
             tokio::spawn(async move {
-                if let Err(st) = peer.round_applied(req).await {
-                    tracing::debug!(error = %st.message(), "round acknowledgement refused");
+                // Repeated (it is idempotent) if it does not get through.
+                for _ in 0..3 {
+                    let r = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        peer.round_applied(req.clone()),
+                    )
+                    .await;
+                    match r {
+                        Ok(Ok(_)) => return,
+                        // Refused: the owner moved on, or does not know it.
+                        Ok(Err(st)) if st.code() != tonic::Code::Unavailable => {
+                            tracing::debug!(error = %st.message(), "round acknowledgement refused");
+                            return;
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
                 }
             });
         };
@@ -122,6 +153,7 @@ impl Edge {
         let mut ops = std::collections::VecDeque::new();
         let mut ops_bytes = 0u64;
         let mut root = None;
+        let mut final_at = Instant::now();
         let attempt_of = |m: &Option<pb::SessionMeta>| m.as_ref().map(|m| m.attempt);
         while root.is_none() {
             let chunk = match stream.message().await {
@@ -243,7 +275,10 @@ impl Edge {
                         .await;
                     }
                 }
-                Some(Chunk::Final(f)) => root = Some(f.root),
+                Some(Chunk::Final(f)) => {
+                    root = Some(f.root);
+                    final_at = Instant::now();
+                }
                 None => {}
             }
         }
@@ -288,6 +323,7 @@ impl Edge {
             meta,
             ops,
             quiesced: t_q,
+            final_at,
             bytes: bytes.load(Ordering::Relaxed),
             round,
         })

@@ -80,6 +80,10 @@ pub struct Edge {
     /// Apps whose standby did not wait for its activation, and when: no
     /// standby is tried for them for a while (each try costs a start).
     pub(super) standby_failed: Mutex<HashMap<String, std::time::Instant>>,
+    /// How long this edge took at its last takeover from the final round
+    /// received to serving (told to owners with each live round's
+    /// acknowledgement).
+    pub(super) last_finish: Mutex<Option<Duration>>,
 }
 
 impl std::fmt::Debug for Edge {
@@ -142,6 +146,7 @@ impl Edge {
             peers: crate::peers::Peers::new(tls),
             leaving: Mutex::new(HashMap::new()),
             standby_failed: Mutex::new(HashMap::new()),
+            last_finish: Mutex::new(None),
         }))
     }
 
@@ -273,7 +278,7 @@ impl Edge {
             held_since: Mutex::new(None),
             precopy: tokio::sync::Mutex::new(Default::default()),
             candidates: Mutex::new(None),
-            applied: watch::channel((0, 0)).0,
+            applied: watch::channel((0, 0, Duration::ZERO)).0,
         })
     }
 

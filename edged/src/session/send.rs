@@ -24,11 +24,17 @@ use crate::migration::owner::{OwnerAction, OwnerEvent};
 use crate::migration::{Attempt, converge};
 use crate::volume;
 
-/// Longest wait for the new edge to say it applied a live round.
+/// Longest wait, from its last frame sent, for the new edge to say it
+/// applied a live round.
 const ACK_WAIT: Duration = Duration::from_secs(600);
 
-/// Shortest lease of a write throttle (renewed every live round).
+/// Shortest lease of a write throttle (renewed every live round, and while
+/// a round's acknowledgement is awaited).
 const THROTTLE_LEASE: Duration = Duration::from_secs(10);
+
+/// Longest lease of a write throttle: how long an owner that died could
+/// leave its app slowed.
+const MAX_LEASE: Duration = Duration::from_secs(60);
 
 impl Edge {
     pub(super) async fn give_attempt(
@@ -88,10 +94,11 @@ impl Edge {
         // budget; the app's writes are throttled if they would not
         // (migration::converge).
         let cfg = &self.cfg.handover;
-        let policy = converge::Policy {
+        let mut policy = converge::Policy {
             max_downtime: cfg.max_downtime,
             max_live_rounds: cfg.max_live_rounds,
             auto_converge: cfg.auto_converge,
+            overhead: Duration::ZERO,
         };
         let mut throttle = volume::WriteThrottle::new(&backing);
         let mut base = base;
@@ -104,24 +111,44 @@ impl Edge {
                 bytes += f.encoded_len() as u64;
                 send(Chunk::Frame(f)).await?;
             }
+            // Timed by delivery when the puller acknowledges rounds: sent is
+            // not yet there (socket and link buffers hold seconds), and the
+            // final round must not queue behind a live one.
+            let mut acked = !req.acks_rounds;
             if req.acks_rounds {
-                // Timed by delivery: sent is not yet there (socket and
-                // link buffers hold seconds), and the final round must not
-                // queue behind a live one.
+                let sent = Instant::now();
                 let mut rx = s.applied.subscribe();
+                let mut renewed = Instant::now();
                 loop {
-                    let acked = rx.wait_for(|(a, r)| *a == attempt && *r >= n);
-                    if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), acked).await
-                    {
-                        break;
+                    let wait = rx.wait_for(|(a, r, _)| *a == attempt && *r >= n);
+                    tokio::select! {
+                        r = tokio::time::timeout(Duration::from_millis(200), wait) => {
+                            if let Ok(Ok(v)) = r {
+                                // What the puller needs after the final round
+                                // comes out of the budget (at most half of it:
+                                // a puller cannot make the owner throttle the
+                                // app to a stop).
+                                policy.overhead = v.2.min(cfg.max_downtime / 2);
+                                acked = true;
+                                break;
+                            }
+                        }
+                        _ = tx.closed() => {
+                            return Err(Status::cancelled("the new edge went away"));
+                        }
                     }
                     if s.owner.lock().await.attempt() != Some(attempt) {
                         return Err(given_up());
                     }
-                    if t.elapsed() > ACK_WAIT {
+                    if throttle.rate() != 0 && renewed.elapsed() > THROTTLE_LEASE / 4 {
+                        let rate = throttle.rate();
+                        throttle.set(rate, THROTTLE_LEASE).await;
+                        renewed = Instant::now();
+                    }
+                    if sent.elapsed() > ACK_WAIT {
                         tracing::warn!(
                             round = n,
-                            "the new edge did not acknowledge the round; going on"
+                            "the new edge did not acknowledge the round; quiescing"
                         );
                         break;
                     }
@@ -140,11 +167,17 @@ impl Edge {
                 left,
                 throttle: throttle.rate(),
             };
-            let next = converge::after(&policy, &r);
+            // A round whose delivery nobody confirmed says nothing of the link.
+            let next = if acked {
+                converge::after(&policy, &r)
+            } else {
+                converge::Next::Quiesce(converge::Why::OutOfRounds)
+            };
             if let converge::Next::Round { throttle: rate } = next {
                 if rate != 0 {
-                    // The lease outlives the next round by a wide margin.
-                    let lease = (took * 4).clamp(THROTTLE_LEASE, volfs::throttle::MAX_TTL);
+                    // The lease outlives the next round (renewed while an
+                    // acknowledgement is awaited).
+                    let lease = (took * 2).clamp(THROTTLE_LEASE, MAX_LEASE);
                     throttle.set(rate, lease).await;
                 }
             }

@@ -231,7 +231,8 @@ impl Edge {
             }
         };
         self.puller_step(id, PullerEvent::Verified);
-        let (round, bytes, quiesced) = (pulled.round, pulled.bytes, pulled.quiesced);
+        let (round, bytes, quiesced, final_at) =
+            (pulled.round, pulled.bytes, pulled.quiesced, pulled.final_at);
         let report = |phase| {
             let msg = progress_event(
                 phase,
@@ -306,6 +307,7 @@ impl Edge {
         // The larger of the two views: from the Quiesced chunk (which may wait
         // behind the live round it follows) and from the owner's hold.
         let down = quiesced.elapsed().max(seen.unwrap_or_default());
+        *self.last_finish.lock().unwrap_or_else(|p| p.into_inner()) = Some(final_at.elapsed());
         tracing::debug!(session = %id, ms = t_ask.elapsed().as_secs_f64() * 1e3, "release answered");
         tracing::info!(
             downtime_ms = down.as_secs_f64() * 1e3,
