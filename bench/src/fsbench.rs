@@ -1,9 +1,11 @@
 //! FUSE throughput, side by side in one run: real `fio` against a plain
 //! directory, bindfs over a directory, and volfs; plus the blake3 hashing
-//! throughput of volfs's manifest update.
+//! throughput of volfs's manifest update; plus metadata-heavy work on a
+//! source-like tree (11,000 files, 150 MB, from a tar made once): extract
+//! and sync, a cold walk reading every file, `rm -rf`.
 //!
 //! ```text
-//! cargo run --release -p edgeshift-bench --bin fsbench -- [--size-mib 512] [--out bench/out]
+//! cargo run --release -p edgeshift-bench --bin fsbench -- [--size-mib 512] [--metadata-only] [--out bench/out]
 //! ```
 //!
 //! Reads run after `drop_caches` (cold: the bytes come through the
@@ -32,6 +34,9 @@ struct Args {
     /// Where to write the CSV.
     #[arg(long, default_value = "bench/out")]
     out: PathBuf,
+    /// Only the metadata workload (no fio jobs, no hashing).
+    #[arg(long)]
+    metadata_only: bool,
     /// Scratch directory (on the disk under test).
     #[arg(long, default_value = "/var/tmp")]
     scratch: PathBuf,
@@ -131,6 +136,101 @@ fn umount(p: &Path) {
     let _ = Command::new("umount").arg(p).status();
 }
 
+/// Files of the source-like tree.
+const TREE_FILES: usize = 11_000;
+/// Its total size.
+const TREE_BYTES: u64 = 150 << 20;
+
+/// A tar of a tree like a source checkout: directories of 40 files, sizes
+/// spread from a few hundred bytes to a few hundred kB (most small).
+fn make_tree_tar(scratch: &Path) -> anyhow::Result<PathBuf> {
+    let src = scratch.join("tree-src");
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    // Sizes ~ exponential, scaled to the total.
+    let raw: Vec<f64> = (0..TREE_FILES)
+        .map(|_| -((next() % 1_000_000) as f64 / 1e6 + 1e-6).ln())
+        .collect();
+    let scale = TREE_BYTES as f64 / raw.iter().sum::<f64>();
+    for (i, r) in raw.iter().enumerate() {
+        let dir = src.join(format!("d{:03}/s{:02}", i / 400, (i / 40) % 10));
+        fs::create_dir_all(&dir)?;
+        let n = (r * scale) as usize;
+        const TEXT: &[u8] = b"fn main() { let x = 1; }\n// text\n";
+        let body: Vec<u8> = (0..n).map(|k| TEXT[(k * 7 + i) % TEXT.len()]).collect();
+        fs::write(dir.join(format!("f{i}.c")), body)?;
+    }
+    let tar = scratch.join("tree.tar");
+    let st = Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&src)
+        .arg(".")
+        .status()
+        .context("tar")?;
+    if !st.success() {
+        bail!("tar -c failed");
+    }
+    fs::remove_dir_all(&src)?;
+    Ok(tar)
+}
+
+/// Seconds to extract `tar` into `dir/tree` and sync it; to walk and read it
+/// all cold; to remove it.
+fn metadata_work(dir: &Path, tar: &Path) -> anyhow::Result<[f64; 3]> {
+    let tree = dir.join("tree");
+    fs::create_dir(&tree)?;
+    let t = Instant::now();
+    let st = Command::new("tar")
+        .arg("-xf")
+        .arg(tar)
+        .arg("-C")
+        .arg(&tree)
+        .status()?;
+    if !st.success() {
+        bail!("tar -x failed in {}", dir.display());
+    }
+    let st = Command::new("sync").arg("-f").arg(&tree).status()?;
+    if !st.success() {
+        bail!("sync -f failed");
+    }
+    let extract = t.elapsed().as_secs_f64();
+    drop_caches();
+    let t = Instant::now();
+    let (mut files, mut bytes) = (0usize, 0u64);
+    let mut stack = vec![tree.clone()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                stack.push(e.path());
+            } else {
+                bytes += fs::read(e.path())?.len() as u64;
+                files += 1;
+            }
+        }
+    }
+    let walk = t.elapsed().as_secs_f64();
+    anyhow::ensure!(files == TREE_FILES, "walked {files} files of {TREE_FILES}");
+    anyhow::ensure!(bytes > TREE_BYTES / 2, "read only {bytes} bytes");
+    let t = Instant::now();
+    let st = Command::new("rm").arg("-rf").arg(&tree).status()?;
+    if !st.success() {
+        bail!("rm -rf failed");
+    }
+    let st = Command::new("sync").arg("-f").arg(dir).status()?;
+    if !st.success() {
+        bail!("sync -f failed");
+    }
+    Ok([extract, walk, t.elapsed().as_secs_f64()])
+}
+
 /// The three filesystems under test, each mounted for one round at a time.
 #[derive(Clone, Copy, PartialEq)]
 enum Target {
@@ -164,6 +264,8 @@ fn main() -> anyhow::Result<()> {
     // Rounds interleave the targets so that drift of the disk (a VM's
     // host cache) hits all three alike; each number is a median.
     let mut results = vec![vec![Vec::new(); JOBS.len()]; 3];
+    let tar = make_tree_tar(tmp.path())?;
+    let mut meta: Vec<Vec<[f64; 3]>> = vec![Vec::new(); 3];
     for round in 0..a.rounds {
         for (t, target) in [Target::Native, Target::Bindfs, Target::Volfs]
             .into_iter()
@@ -190,7 +292,25 @@ fn main() -> anyhow::Result<()> {
                     )?),
                 ),
             };
-            for (j, job) in JOBS.iter().enumerate() {
+            let m = metadata_work(&dir, &tar);
+            if target == Target::Bindfs && m.is_err() {
+                umount(&bind_mnt);
+            }
+            let m = m?;
+            eprintln!(
+                "round {round} {:<7} extract+sync {:.2} s, cold walk+read {:.2} s, rm -rf {:.2} s",
+                ["native", "bindfs", "volfs"][t],
+                m[0],
+                m[1],
+                m[2]
+            );
+            meta[t].push(m);
+            let jobs = if a.metadata_only {
+                &JOBS[..0]
+            } else {
+                &JOBS[..]
+            };
+            for (j, job) in jobs.iter().enumerate() {
                 let r = fio(&dir, job, &a);
                 if target == Target::Bindfs && r.is_err() {
                     umount(&bind_mnt);
@@ -210,6 +330,44 @@ fn main() -> anyhow::Result<()> {
                 Target::Native => {}
             }
         }
+    }
+    let mut mtable = String::from(
+        "| work (11,000 files, 150 MB) | native s | bindfs s | volfs s | volfs / native |\n|---|---:|---:|---:|---:|\n",
+    );
+    let mut mcsv = String::from("work,native_s,bindfs_s,volfs_s,volfs_vs_native\n");
+    for (k, name) in [
+        "extract (tar) + sync",
+        "cold walk, read every file",
+        "rm -rf + sync",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let m: Vec<f64> = (0..3)
+            .map(|t| median(meta[t].iter().map(|r| r[k]).collect()))
+            .collect();
+        writeln!(
+            mtable,
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.1}x |",
+            m[0],
+            m[1],
+            m[2],
+            m[2] / m[0]
+        )?;
+        writeln!(
+            mcsv,
+            "{name},{:.3},{:.3},{:.3},{:.3}",
+            m[0],
+            m[1],
+            m[2],
+            m[2] / m[0]
+        )?;
+    }
+    fs::create_dir_all(&a.out)?;
+    fs::write(a.out.join("fsbench-metadata.csv"), &mcsv)?;
+    if a.metadata_only {
+        print!("{mtable}");
+        return Ok(());
     }
     let med: Vec<Vec<f64>> = results
         .into_iter()
@@ -272,8 +430,7 @@ fn main() -> anyhow::Result<()> {
         csv,
         "blake3 manifest hash MiB/s per core,,,{hash_rate:.1},,"
     )?;
-    print!("{table}");
-    fs::create_dir_all(&a.out)?;
+    print!("{table}\n{mtable}");
     fs::write(a.out.join("fsbench.csv"), csv)?;
     eprintln!("CSV written to {}", a.out.join("fsbench.csv").display());
     Ok(())
