@@ -39,8 +39,12 @@ use edged::forward::AppClient;
 use edgeshift_tests::list;
 
 mod link;
+mod measure;
+mod plot;
 mod rsync;
 use link::{LINKS, Link, relay, write_volume};
+use measure::{Outcome, Summary, gap, ms, prober};
+use plot::plot;
 
 #[derive(Parser)]
 struct Args {
@@ -113,56 +117,6 @@ struct Case {
     link: Link,
     size: u64,
     rate: u64,
-}
-
-#[derive(Debug, Default, Clone)]
-struct Outcome {
-    gap: Duration,
-    downtime: Duration,
-    total: Duration,
-    bytes: u64,
-    /// Bytes of the final round (edgeshift) or of pass 2 (rsync).
-    last: u64,
-    /// Highest throttle of the app's writes, bytes/s.
-    throttle: u64,
-    rounds: u32,
-}
-
-/// Completion times of the client's calls.
-type Done = Arc<Mutex<Vec<Instant>>>;
-
-/// The longest time without a completed call from `from` until `until`.
-fn gap(done: &[Instant], from: Instant, until: Instant) -> Duration {
-    let mut prev: Option<Instant> = done.iter().rev().find(|t| **t <= from).copied();
-    let mut worst = Duration::ZERO;
-    for &t in done.iter().filter(|t| **t > from && **t <= until) {
-        if let Some(p) = prev {
-            worst = worst.max(t - p);
-        }
-        prev = Some(t);
-    }
-    worst
-}
-
-/// Calls `call` every 5 ms until `stop`, recording when each one succeeded.
-fn prober<F, Fut>(call: F, stop: Arc<AtomicBool>) -> (Done, tokio::task::JoinHandle<()>)
-where
-    F: Fn() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = bool> + Send,
-{
-    let done: Done = Arc::default();
-    let d = done.clone();
-    let task = tokio::spawn(async move {
-        while !stop.load(Ordering::Relaxed) {
-            if call().await {
-                d.lock().unwrap().push(Instant::now());
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            } else {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
-    });
-    (done, task)
 }
 
 fn churn_args(rate: u64) -> Vec<String> {
@@ -438,40 +392,6 @@ async fn thesis_case(work: &Path, c: &Case, moves: usize) -> anyhow::Result<Vec<
     Ok(outs)
 }
 
-/// A case's moves in a line of the table.
-#[derive(Debug, Clone, Copy)]
-struct Summary {
-    gap_p50: f64,
-    gap_max: f64,
-    down_p50: f64,
-    down_max: f64,
-    total_p50: f64,
-    bytes_p50: u64,
-    last_max: u64,
-    throttle: u64,
-}
-
-impl Summary {
-    fn of(outs: &[Outcome]) -> Summary {
-        let med = |f: &dyn Fn(&Outcome) -> f64| {
-            let mut v: Vec<f64> = outs.iter().map(f).collect();
-            v.sort_by(f64::total_cmp);
-            v.get(v.len() / 2).copied().unwrap_or(0.0)
-        };
-        let max = |f: &dyn Fn(&Outcome) -> f64| outs.iter().map(f).fold(0.0, f64::max);
-        Summary {
-            gap_p50: med(&|o| ms(o.gap)),
-            gap_max: max(&|o| ms(o.gap)),
-            down_p50: med(&|o| ms(o.downtime)),
-            down_max: max(&|o| ms(o.downtime)),
-            total_p50: med(&|o| ms(o.total)),
-            bytes_p50: med(&|o| o.bytes as f64) as u64,
-            last_max: outs.iter().map(|o| o.last).max().unwrap_or(0),
-            throttle: outs.iter().map(|o| o.throttle).max().unwrap_or(0),
-        }
-    }
-}
-
 fn human(b: u64) -> String {
     match b {
         b if b >= 1 << 30 => format!("{} GB", b >> 30),
@@ -479,73 +399,6 @@ fn human(b: u64) -> String {
         b if b >= 1 << 10 => format!("{} kB", b >> 10),
         b => format!("{b} B"),
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// One line per variant of `gap` (ms) against `x`, log-scaled gap.
-fn plot(
-    path: &Path,
-    title: &str,
-    x_label: &str,
-    xs: &[String],
-    lines: &[(&str, Vec<f64>)],
-) -> anyhow::Result<()> {
-    use plotters::prelude::*;
-    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let y_max = lines
-        .iter()
-        .flat_map(|l| l.1.iter().copied())
-        .fold(10.0f64, f64::max)
-        * 2.0;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(
-            -0.5f64..(xs.len() as f64 - 0.5),
-            (1.0f64..y_max).log_scale(),
-        )?;
-    let names = xs.to_vec();
-    chart
-        .configure_mesh()
-        .x_desc(x_label)
-        .y_desc("client-seen gap of the worst move, ms")
-        .x_labels(xs.len())
-        .x_label_formatter(&|x| {
-            let i = x.round() as usize;
-            if (x - x.round()).abs() < 1e-6 && i < names.len() {
-                names[i].clone()
-            } else {
-                String::new()
-            }
-        })
-        .draw()?;
-    for (k, (name, ys)) in lines.iter().enumerate() {
-        let color = [BLUE, RGBColor(230, 120, 0), RED][k % 3].to_rgba();
-        let pts: Vec<(f64, f64)> = ys
-            .iter()
-            .enumerate()
-            .map(|(i, y)| (i as f64, y.max(1.0)))
-            .collect();
-        chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
-            .label(*name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled())))?;
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
-    root.present()?;
-    Ok(())
 }
 
 /// Per link, the worst move's gap against the write rate (at the largest
