@@ -27,7 +27,7 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -305,31 +305,6 @@ async fn edgeshift(a: &Args, work: &Path, v: &Variant) -> anyhow::Result<Run> {
     Ok(Run { moves, done })
 }
 
-/// The List app as a plain process on `data`, answering on `run/app.sock`.
-fn start_app(data: &Path, run: &Path) -> anyhow::Result<Child> {
-    Command::new(edgeshift_tests::bin("list-app"))
-        .env("EDGE_DATA_DIR", data)
-        .env("EDGE_SOCKET_DIR", run)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("list-app")
-}
-
-/// Waits (looking every ms) until the app answers on `socket`.
-async fn answering(socket: &Path) -> anyhow::Result<AppClient> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if socket.exists() {
-            if let Ok(c) = AppClient::connect(socket, 1 << 20).await {
-                return Ok(c);
-            }
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the app did not answer");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
 /// The original framework's method: rsync, stop, rsync, start, reconnect.
 async fn thesis(a: &Args, work: &Path) -> anyhow::Result<Run> {
     let sites: Vec<(PathBuf, PathBuf)> = ["site-a", "site-b"]
@@ -345,8 +320,8 @@ async fn thesis(a: &Args, work: &Path) -> anyhow::Result<Run> {
         daemons.push(d);
         addrs.push(addr);
     }
-    let mut app = start_app(&sites[0].0, &sites[0].1)?;
-    let first = answering(&sites[0].1.join("app.sock")).await?;
+    let mut app = rsync::start_app(&sites[0].0, &sites[0].1, &[])?;
+    let first = rsync::answering(&sites[0].1.join("app.sock")).await?;
     let seed_items = (a.seed_mb << 20) / a.item_bytes.max(1);
     for i in 0..seed_items {
         first
@@ -401,9 +376,9 @@ async fn thesis(a: &Args, work: &Path) -> anyhow::Result<Run> {
         let src = sites[from].0.clone();
         tokio::task::spawn_blocking(move || rsync::pass(&src, addr)).await??;
         let _ = std::fs::remove_file(sites[to].1.join("app.sock"));
-        app = start_app(&sites[to].0, &sites[to].1)?;
+        app = rsync::start_app(&sites[to].0, &sites[to].1, &[])?;
         let socket = sites[to].1.join("app.sock");
-        let c = answering(&socket).await?;
+        let c = rsync::answering(&socket).await?;
         let downtime = t.elapsed();
         *current.lock().unwrap() = (socket, c);
         moves.push(Move {

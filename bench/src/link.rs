@@ -1,5 +1,6 @@
 //! What the benchmarks share: a shaped link (a TCP relay with a rate and a
-//! one-way delay in each direction) and incompressible volume contents.
+//! one-way delay in each direction), incompressible volume contents, and
+//! sizes written for people.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -134,4 +135,14 @@ pub fn write_volume(file: &Path, size: u64) -> anyhow::Result<()> {
     }
     f.sync_all()?;
     Ok(())
+}
+
+/// `b` bytes in whole GB, MB, kB or B.
+pub fn human(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{} GB", b >> 30),
+        b if b >= 1 << 20 => format!("{} MB", b >> 20),
+        b if b >= 1 << 10 => format!("{} kB", b >> 10),
+        b => format!("{b} B"),
+    }
 }

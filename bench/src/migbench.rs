@@ -19,7 +19,6 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -28,7 +27,7 @@ use anyhow::{Context, bail};
 mod link;
 mod rsync;
 use clap::Parser;
-use link::{LINKS, Link, fill, relay, write_volume};
+use link::{LINKS, Link, fill, human, relay, write_volume};
 
 #[derive(Parser)]
 struct Args {
@@ -217,24 +216,8 @@ async fn rsync_case(work: &Path, c: &Case) -> anyhow::Result<Outcome> {
     let t = Instant::now();
     let s2 = src.clone();
     let bytes = pass1 + tokio::task::spawn_blocking(move || rsync::pass(&s2, r)).await??;
-    let mut app = Command::new(edgeshift_tests::bin("list-app"))
-        .env("EDGE_DATA_DIR", &dst)
-        .env("EDGE_SOCKET_DIR", &sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let socket = sock.join("app.sock");
-    loop {
-        if socket.exists()
-            && edged::forward::AppClient::connect(&socket, 1 << 20)
-                .await
-                .is_ok()
-        {
-            break;
-        }
-        anyhow::ensure!(t.elapsed() < Duration::from_secs(30), "app did not start");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let mut app = rsync::start_app(&dst, &sock, &[])?;
+    rsync::answering(&sock.join("app.sock")).await?;
     let downtime = t.elapsed();
     let total = t_move.elapsed();
     let _ = app.kill();
@@ -252,15 +235,6 @@ async fn rsync_case(work: &Path, c: &Case) -> anyhow::Result<Outcome> {
         total,
         extra_latency: Duration::ZERO,
     })
-}
-
-fn human(b: u64) -> String {
-    match b {
-        b if b >= 1 << 30 => format!("{} GB", b >> 30),
-        b if b >= 1 << 20 => format!("{} MB", b >> 20),
-        b if b >= 1 << 10 => format!("{} kB", b >> 10),
-        b => format!("{b} B"),
-    }
 }
 
 fn svg(points: &[(u64, f64, f64)], title: &str) -> String {

@@ -1,6 +1,7 @@
 //! The volume moved the original framework's way: an rsync daemon on the
 //! target, `rsync -a --inplace` passes from the source (shared by the
-//! benchmarks that compare against it).
+//! benchmarks that compare against it), and the List app run as a plain
+//! process the way that method starts it on the target.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -8,6 +9,34 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use edged::forward::AppClient;
+
+/// The List app as a plain process on `data`, answering on `run/app.sock`
+/// (`args`: e.g. `--churn RATE`).
+pub fn start_app(data: &Path, run: &Path, args: &[String]) -> anyhow::Result<Child> {
+    Command::new(edgeshift_tests::bin("list-app"))
+        .args(args)
+        .env("EDGE_DATA_DIR", data)
+        .env("EDGE_SOCKET_DIR", run)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("list-app")
+}
+
+/// Waits (looking every ms, up to 60 s) until the app answers on `socket`.
+pub async fn answering(socket: &Path) -> anyhow::Result<AppClient> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if socket.exists() {
+            if let Ok(c) = AppClient::connect(socket, 1 << 20).await {
+                return Ok(c);
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the app did not answer");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
 
 /// rsync daemon serving `dir` as module `vol` on 127.0.0.2.
 pub fn daemon(work: &Path, dir: &Path) -> anyhow::Result<(Child, SocketAddr)> {

@@ -27,7 +27,6 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,7 +41,7 @@ mod link;
 mod measure;
 mod plot;
 mod rsync;
-use link::{LINKS, Link, relay, write_volume};
+use link::{LINKS, Link, human, relay, write_volume};
 use measure::{Outcome, Summary, gap, ms, prober};
 use plot::plot;
 
@@ -276,31 +275,6 @@ async fn edgeshift_case(
     Ok(outs)
 }
 
-/// The List app as a plain process on `data`, answering on `run/app.sock`.
-fn start_app(data: &Path, run: &Path, rate: u64) -> anyhow::Result<Child> {
-    Command::new(edgeshift_tests::bin("list-app"))
-        .args(churn_args(rate))
-        .env("EDGE_DATA_DIR", data)
-        .env("EDGE_SOCKET_DIR", run)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("list-app")
-}
-
-async fn answering(socket: &Path) -> anyhow::Result<AppClient> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if socket.exists() {
-            if let Ok(c) = AppClient::connect(socket, 1 << 20).await {
-                return Ok(c);
-            }
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the app did not answer");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
 /// The original method, `moves` times back and forth between two sites,
 /// each with an rsync daemon reached over the shaped link.
 async fn thesis_case(work: &Path, c: &Case, moves: usize) -> anyhow::Result<Vec<Outcome>> {
@@ -319,8 +293,8 @@ async fn thesis_case(work: &Path, c: &Case, moves: usize) -> anyhow::Result<Vec<
     }
     let (f, size) = (sites[0].0.join("blob"), c.size);
     tokio::task::spawn_blocking(move || write_volume(&f, size)).await??;
-    let mut app = start_app(&sites[0].0, &sites[0].1, c.rate)?;
-    let first = answering(&sites[0].1.join("app.sock")).await?;
+    let mut app = rsync::start_app(&sites[0].0, &sites[0].1, &churn_args(c.rate))?;
+    let first = rsync::answering(&sites[0].1.join("app.sock")).await?;
     std::fs::write(sites[0].0.join("churn.go"), b"")?;
     // The client calls the app where it answers; a failed call makes it
     // look where the app is to be.
@@ -362,8 +336,8 @@ async fn thesis_case(work: &Path, c: &Case, moves: usize) -> anyhow::Result<Vec<
         let socket = sites[to].1.join("app.sock");
         let _ = std::fs::remove_file(&socket);
         *wanted.lock().unwrap() = socket.clone();
-        app = start_app(&sites[to].0, &sites[to].1, c.rate)?;
-        answering(&socket).await?;
+        app = rsync::start_app(&sites[to].0, &sites[to].1, &churn_args(c.rate))?;
+        rsync::answering(&socket).await?;
         let total = t0.elapsed();
         let downtime = t_stop.elapsed();
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -390,15 +364,6 @@ async fn thesis_case(work: &Path, c: &Case, moves: usize) -> anyhow::Result<Vec<
         let _ = d.wait();
     }
     Ok(outs)
-}
-
-fn human(b: u64) -> String {
-    match b {
-        b if b >= 1 << 30 => format!("{} GB", b >> 30),
-        b if b >= 1 << 20 => format!("{} MB", b >> 20),
-        b if b >= 1 << 10 => format!("{} kB", b >> 10),
-        b => format!("{b} B"),
-    }
 }
 
 /// Per link, the worst move's gap against the write rate (at the largest
