@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "edge/v1/volume.proto",
         "edge/v1/edge.proto",
         "edge/v1/peer.proto",
+        "edge/v1/shim.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

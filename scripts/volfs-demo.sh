@@ -22,7 +22,7 @@ say() { printf '\n== %s\n' "$*"; }
 
 say "mount a volume on edge A ($mnt)"
 "$volfs" mount "$edge_a" "$mnt" 2>"$work/volfs.log" & pid=$!
-for _ in $(seq 100); do [[ -S $edge_a/.volfs/control.sock ]] && break; sleep 0.05; done
+for _ in $(seq 100); do [[ -S $edge_a/.volfs/volume.sock ]] && break; sleep 0.05; done
 
 say "the app writes its state: a to-do list and a 20 MiB dataset"
 printf 'buy milk\nwrite thesis\n' >"$mnt/todo.txt"

@@ -43,6 +43,10 @@ struct Args {
     /// Where to write the CSV and the SVG.
     #[arg(long, default_value = "bench/out")]
     out: PathBuf,
+    /// Moves with no pre-copy instead: the whole volume goes in the
+    /// handover's live rounds, edgeshift only (30 MB and 1 GB, twice each).
+    #[arg(long)]
+    cold: bool,
 }
 
 /// Dirties `bytes` of `file` in 64 KiB blocks spread over it.
@@ -93,15 +97,54 @@ async fn client(url: &str) -> anyhow::Result<edge_client::EdgeClient> {
     })
 }
 
+/// Waits until B staged all of session `id`'s volume (and one more round
+/// found nothing new), then cuts the pre-copy link: exactly the bytes
+/// dirtied after are "dirty since the last round".
+async fn catch_up(
+    b: &edgeshift_tests::Edge,
+    id: &str,
+    size: u64,
+    precopy_link: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<()> {
+    let staged = b.data_dir.join("staging").join(id).join("volume/blob");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while dir_file_bytes(&staged) != size {
+        anyhow::ensure!(Instant::now() < deadline, "pre-copy did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    precopy_link.store(true, Ordering::SeqCst);
+    // A round already past its refresh fails on the cut link; let it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
+}
+
+/// The bytes volfs counts as dirty in the live volume at `backing`.
+async fn dirty_bytes(backing: &Path) -> anyhow::Result<u64> {
+    let Some(mut c) = volfs::service::connect(backing).await? else {
+        bail!("no volfs answers for A's volume");
+    };
+    let st = c
+        .status(edge_proto::v1::StatusRequest { no_flush: false })
+        .await?
+        .into_inner();
+    Ok(st.bytes)
+}
+
 /// One move with edgeshift; `plain`: both edges in `insecure_plaintext`
 /// (what TLS costs, side by side).
-async fn edgeshift_case(work: &Path, c: &Case, plain: bool) -> anyhow::Result<Outcome> {
+async fn edgeshift_case(work: &Path, c: &Case, plain: bool, cold: bool) -> anyhow::Result<Outcome> {
     let base = work.join("base");
     std::fs::create_dir_all(&base)?;
     let mode = if plain {
         "insecure_plaintext = true\n"
     } else {
         ""
+    };
+    let precopy = if cold {
+        "enabled = false\n"
+    } else {
+        "interval = 2\ndirty_threshold = 1099511627776\n"
     };
     // Neighbours are mutual: B takes pre-copies from A because it lists A.
     let a_addr = edgeshift_tests::free_addr("127.0.0.1");
@@ -115,9 +158,7 @@ async fn edgeshift_case(work: &Path, c: &Case, plain: bool) -> anyhow::Result<Ou
     );
     let (ab, ab_task, precopy_link) = relay(b.addr, c.link).await?;
     // Pre-copy rounds every 2 s; the dirty bytes below land right before the move.
-    let extra = format!(
-        "{mode}[[neighbours]]\nid = \"b\"\naddr = \"{ab}\"\n[precopy]\ninterval = 2\ndirty_threshold = 1099511627776\n"
-    );
+    let extra = format!("{mode}[[neighbours]]\nid = \"b\"\naddr = \"{ab}\"\n[precopy]\n{precopy}");
     let a =
         edgeshift_tests::start_list_edge_in(work, "a", &a_addr.to_string(), &base, None, &extra);
     let (ba, ba_task, _) = relay(a.addr, c.link).await?;
@@ -128,33 +169,15 @@ async fn edgeshift_case(work: &Path, c: &Case, plain: bool) -> anyhow::Result<Ou
     let f = blob.clone();
     let size = c.size;
     tokio::task::spawn_blocking(move || write_volume(&f, size)).await??;
-    // Wait until B staged everything (and one more round found nothing new).
-    let staged = b.data_dir.join("staging").join(s.id()).join("volume/blob");
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while dir_file_bytes(&staged) != c.size {
-        anyhow::ensure!(Instant::now() < deadline, "pre-copy did not catch up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if !cold {
+        catch_up(&b, s.id(), c.size, &precopy_link).await?;
     }
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    // From here no pre-copy round may run: the pre-copy link goes down, so
-    // exactly the bytes dirtied below are "dirty since the last round".
-    precopy_link.store(true, Ordering::SeqCst);
-    // A round already past its refresh fails on the cut link; let it.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     // Dirty, then move, with a call running.
     let (f, size, d) = (blob.clone(), c.size, c.dirty);
     tokio::task::spawn_blocking(move || dirty(&f, size, d, 3)).await??;
     // What volfs counts as dirty since the last pre-copy round (its refresh).
     let backing = a.data_dir.join("sessions").join(s.id()).join("volume");
-    let st =
-        tokio::task::spawn_blocking(move || volfs::control::request(&backing, "status")).await??;
-    let since_round = match st {
-        Some(Ok(r)) => r
-            .split(' ')
-            .find_map(|kv| kv.strip_prefix("bytes=")?.parse().ok())
-            .unwrap_or(0),
-        _ => bail!("no status from A's volume"),
-    };
+    let since_round = dirty_bytes(&backing).await?;
     let scheme = if plain { "http" } else { "https" };
     let via = client(&format!("{scheme}://{ba}")).await?;
     let moving =
@@ -338,6 +361,9 @@ async fn main() -> anyhow::Result<()> {
     const KB: u64 = 1 << 10;
     const MB: u64 = 1 << 20;
     let mut cases = Vec::new();
+    if a.cold {
+        return cold(&a).await;
+    }
     for link in LINKS {
         for (size, dirties) in [
             (10 * KB, vec![0, 10 * KB]),
@@ -379,13 +405,13 @@ async fn main() -> anyhow::Result<()> {
         if a.keep {
             eprintln!("case directory: {}", work.path().display());
         }
-        let e = edgeshift_case(work.path(), c, false)
+        let e = edgeshift_case(work.path(), c, false, false)
             .await
             .with_context(|| format!("edgeshift {} {}", human(c.size), c.link.name))?;
         let plain_work = tempfile::Builder::new()
             .prefix("migbench")
             .tempdir_in("/var/tmp")?;
-        let p = edgeshift_case(plain_work.path(), c, true)
+        let p = edgeshift_case(plain_work.path(), c, true, false)
             .await
             .with_context(|| format!("edgeshift plaintext {} {}", human(c.size), c.link.name))?;
         let r = rsync_case(work.path(), c)
@@ -454,5 +480,50 @@ async fn main() -> anyhow::Result<()> {
         ),
     )?;
     eprintln!("CSV and SVG in {}", a.out.display());
+    Ok(())
+}
+
+/// Moves with no pre-copy (`--cold`): the whole volume in the handover's
+/// live rounds.
+async fn cold(a: &Args) -> anyhow::Result<()> {
+    const MB: u64 = 1 << 20;
+    let mut table =
+        String::from("| volume | edgeshift bytes | downtime | total |\n|---:|---:|---:|---:|\n");
+    let mut csv = String::from("volume_bytes,edgeshift_bytes,downtime_ms,total_ms\n");
+    for size in [30 * MB, 1 << 30] {
+        for _ in 0..2 {
+            let c = Case {
+                size,
+                dirty: 0,
+                link: LINKS[1],
+            };
+            let work = tempfile::Builder::new()
+                .prefix("migbench")
+                .tempdir_in("/var/tmp")?;
+            let e = edgeshift_case(work.path(), &c, false, true)
+                .await
+                .with_context(|| format!("edgeshift cold {}", human(size)))?;
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            let line = format!(
+                "| {} | {} | {:.0} ms | {:.0} ms |",
+                human(size),
+                e.bytes,
+                ms(e.downtime),
+                ms(e.total)
+            );
+            eprintln!("{line}");
+            writeln!(table, "{line}")?;
+            writeln!(
+                csv,
+                "{size},{},{:.1},{:.1}",
+                e.bytes,
+                ms(e.downtime),
+                ms(e.total)
+            )?;
+        }
+    }
+    print!("{table}");
+    std::fs::create_dir_all(&a.out)?;
+    std::fs::write(a.out.join("migbench-cold.csv"), csv)?;
     Ok(())
 }

@@ -18,7 +18,9 @@
 //!   each an enum with one `step` function, unit-tested case by case.
 //! - [`journal`]: each session's op journal (run once by op id, results kept).
 //! - [`forward`]: calls to the app over its socket with a raw-bytes codec.
-//! - [`volume`]: seeding a volume and its volfs shim process.
+//! - [`volume`]: seeding a volume, its volfs shim process and the client of
+//!   the shim's `Volume` service (status, deltas as frames, throttle);
+//!   [`incoming`]: a delta applied to a staged volume as it arrives.
 //! - [`runtime`]: the [`runtime::Runtime`] trait, the process and Docker
 //!   runtimes, and `FROM scratch` image builds.
 //! - [`pki`]: the fleet CA and the certificates it issues (`edged pki`);
@@ -28,14 +30,16 @@
 //!
 //! Why a volfs *process* per volume: an edged restart, crash or upgrade must
 //! not pull a volume out from under a running instance (containerd keeps a
-//! shim per container for the same reason). edged talks to each shim over
-//! the volume's control socket; a restarted edged re-attaches them.
+//! shim per container for the same reason). edged talks to each shim's
+//! `Volume` service (gRPC on the volume's Unix socket); a restarted edged
+//! re-attaches them.
 
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod config;
 pub mod forward;
+pub mod incoming;
 pub mod journal;
 pub mod migration;
 pub mod peers;

@@ -1,11 +1,16 @@
 //! A session's volume: seeded from the app's base volume, served by its own
 //! `volfs mount` process (a shim, as containerd runs one per container), so
 //! an edged restart or crash does not pull the volume out from under a
-//! running instance. edged talks to the shim over its control socket.
+//! running instance. edged talks to the shim's `Volume` service on its
+//! socket (`volfs::service`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+
+use edge_proto::v1 as pb;
+use edge_proto::v1::volume_client::VolumeClient;
+use tonic::transport::Channel;
 
 use crate::runtime::process::pid_alive;
 
@@ -18,7 +23,7 @@ pub enum VolumeError {
     /// The volfs shim did not come up.
     #[error("volfs mount: {0}")]
     Mount(String),
-    /// A control request failed.
+    /// A request to the shim failed.
     #[error("volfs control: {0}")]
     Control(String),
 }
@@ -78,26 +83,94 @@ pub struct Shim {
     pub mountpoint: PathBuf,
 }
 
-/// Sends a control request to the shim of `backing` (blocking I/O on a worker thread).
-pub async fn control(backing: &Path, req: &str) -> Result<String, VolumeError> {
-    let b = backing.to_path_buf();
-    let req = req.to_string();
-    let r = tokio::task::spawn_blocking(move || volfs::control::request(&b, &req))
-        .await
-        .map_err(|e| VolumeError::Control(e.to_string()))?;
-    match r {
-        Ok(Some(Ok(s))) => Ok(s),
-        Ok(Some(Err(e))) => Err(VolumeError::Control(e)),
+/// A client of the shim of `backing` (its `Volume` service).
+pub async fn client(backing: &Path) -> Result<VolumeClient<Channel>, VolumeError> {
+    match volfs::service::connect(backing).await {
+        Ok(Some(c)) => Ok(c),
         Ok(None) => Err(VolumeError::Control("no volfs answers".into())),
         Err(e) => Err(VolumeError::Control(e.to_string())),
     }
 }
 
-/// One `key=value` field of a control reply.
-pub fn field(reply: &str, key: &str) -> Option<u64> {
-    reply
-        .split(' ')
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+fn control_err(s: tonic::Status) -> VolumeError {
+    VolumeError::Control(s.message().to_string())
+}
+
+/// The dirty state of the volume at `backing`; `flush`: after pushing the
+/// kernel's writeback cache to volfs.
+pub async fn status(backing: &Path, flush: bool) -> Result<pb::VolumeStatus, VolumeError> {
+    let mut c = client(backing).await?;
+    let st = c
+        .status(pb::StatusRequest { no_flush: !flush })
+        .await
+        .map_err(control_err)?
+        .into_inner();
+    if st.api_version != edge_proto::VOLUME_API_VERSION {
+        return Err(VolumeError::Control(format!(
+            "the volfs shim speaks version {} of the volume service, this edged {}",
+            st.api_version,
+            edge_proto::VOLUME_API_VERSION
+        )));
+    }
+    Ok(st)
+}
+
+/// Dirty bytes of the volume at `backing` (flushed first); 0 if it does not answer.
+pub async fn dirty_bytes(backing: &Path) -> u64 {
+    status(backing, true).await.map_or(0, |s| s.bytes)
+}
+
+/// A delta of the live volume at `backing`, as it streams out of its shim.
+#[derive(Debug)]
+pub struct Diff {
+    stream: tonic::Streaming<pb::DiffChunk>,
+}
+
+impl Diff {
+    /// Starts the delta from `base` (manifest bytes; empty: from an empty
+    /// volume). The shim flushes and refreshes first.
+    pub async fn start(backing: &Path, base: Vec<u8>) -> Result<Diff, VolumeError> {
+        let mut c = client(backing).await?;
+        let stream = c
+            .diff(pb::DiffRequest {
+                base,
+                want_result: true,
+            })
+            .await
+            .map_err(control_err)?
+            .into_inner();
+        Ok(Diff { stream })
+    }
+
+    /// The next frame, or the summary (with the manifest the receiver then
+    /// holds) once the delta is whole.
+    pub async fn next(&mut self) -> Result<DiffItem, VolumeError> {
+        loop {
+            match self.stream.message().await.map_err(control_err)? {
+                Some(pb::DiffChunk {
+                    chunk: Some(pb::diff_chunk::Chunk::Frame(f)),
+                }) => return Ok(DiffItem::Frame(f)),
+                Some(pb::DiffChunk {
+                    chunk: Some(pb::diff_chunk::Chunk::Done(d)),
+                }) => return Ok(DiffItem::Done(d)),
+                Some(_) => {}
+                None => {
+                    return Err(VolumeError::Control(
+                        "the volume's delta ended before its summary".into(),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// What a [`Diff`] yields.
+#[derive(Debug)]
+pub enum DiffItem {
+    /// A frame of the delta, in order.
+    Frame(pb::DeltaFrame),
+    /// The delta is whole.
+    Done(pb::DiffDone),
 }
 
 /// The write throttle of a live volume, as a handover's auto-converge sets
@@ -132,9 +205,8 @@ impl WriteThrottle {
     /// unthrottled (returns 0).
     pub async fn set(&mut self, rate: u64, lease: Duration) -> u64 {
         self.engaged |= rate != 0;
-        let req = format!("throttle {rate} {}", lease.as_millis());
-        self.rate = match control(&self.backing, &req).await {
-            Ok(r) => field(&r, "rate").unwrap_or(0),
+        self.rate = match throttle(&self.backing, rate, lease).await {
+            Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot throttle the app's writes");
                 0
@@ -149,7 +221,7 @@ impl WriteThrottle {
             return;
         }
         for _ in 0..2 {
-            if control(&self.backing, "throttle 0").await.is_ok() {
+            if throttle(&self.backing, 0, Duration::ZERO).await.is_ok() {
                 self.engaged = false;
                 break;
             }
@@ -166,10 +238,24 @@ impl Drop for WriteThrottle {
         let backing = std::mem::take(&mut self.backing);
         if let Ok(h) = tokio::runtime::Handle::try_current() {
             h.spawn(async move {
-                let _ = control(&backing, "throttle 0").await;
+                let _ = throttle(&backing, 0, Duration::ZERO).await;
             });
         }
     }
+}
+
+/// Holds the app's writes on the volume at `backing` to `rate` bytes/s for
+/// `lease` (0: volfs's default); 0 lifts it. Returns the rate in force.
+async fn throttle(backing: &Path, rate: u64, lease: Duration) -> Result<u64, VolumeError> {
+    let mut c = client(backing).await?;
+    let r = c
+        .throttle(pb::ThrottleRequest {
+            bytes_per_sec: rate,
+            ttl_ms: u32::try_from(lease.as_millis()).unwrap_or(u32::MAX),
+        })
+        .await
+        .map_err(control_err)?;
+    Ok(r.into_inner().bytes_per_sec)
 }
 
 /// Detaches whatever is mounted at `mountpoint` (a dead shim leaves a
@@ -283,7 +369,7 @@ pub fn bind(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 /// Starts `volfs mount backing mountpoint` in its own process group and
-/// waits until its control socket answers.
+/// waits until its `Volume` service answers.
 pub async fn mount(
     volfs: &Path,
     backing: &Path,
@@ -322,7 +408,7 @@ pub async fn mount(
     // often at first, then back off.
     let mut pause = Duration::from_millis(1);
     loop {
-        if control(backing, "status").await.is_ok() {
+        if status(backing, false).await.is_ok() {
             return Ok(Shim {
                 pid,
                 backing: backing.to_path_buf(),
@@ -341,7 +427,9 @@ pub async fn mount(
 impl Shim {
     /// Asks the shim to unmount and waits until it exited (killing it if it hangs).
     pub async fn unmount(&self) {
-        let _ = control(&self.backing, "unmount").await;
+        if let Ok(mut c) = client(&self.backing).await {
+            let _ = c.unmount(pb::UnmountRequest {}).await;
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         while pid_alive(self.pid) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -8,12 +8,16 @@
 //! - `edge/v1/volume.proto`: the manifest of a volume and the frames a delta
 //!   travels in (header, block chunks, manifest entries, trailer with the
 //!   root hash).
+//! - `edge/v1/shim.proto`: the `Volume` service a volume's shim (`volfs
+//!   mount`) answers on its Unix socket: dirty state (asked or watched),
+//!   deltas as streams of frames, the write throttle, unmount.
 //! - [`meta`]: the gRPC metadata keys edges and clients share.
 //!
-//! Every message change is commented in the `.proto` file. Three versions
+//! Every message change is commented in the `.proto` file. Four versions
 //! move independently: edges exchange [`PEER_VERSION`] in `Peer.Hello` and
 //! refuse one they do not know; a delta's header carries
-//! [`DELTA_VERSION`]; a persisted manifest [`MANIFEST_VERSION`].
+//! [`DELTA_VERSION`]; a persisted manifest [`MANIFEST_VERSION`]; a shim
+//! says its [`VOLUME_API_VERSION`] in every `VolumeStatus`.
 
 /// Version of the `Peer` protocol between edges, said in `Peer.Hello`.
 pub const PEER_VERSION: u32 = 2;
@@ -23,6 +27,9 @@ pub const DELTA_VERSION: u32 = 1;
 
 /// Version of the persisted manifest (`.volfs/manifest.pb`, `volfs manifest`).
 pub const MANIFEST_VERSION: u32 = 1;
+
+/// Version of the `Volume` service of a volume's shim.
+pub const VOLUME_API_VERSION: u32 = 1;
 
 /// The DNS name a fleet certificate gives edge `id` (its identity under
 /// TLS): edges dial each other, and clients follow redirects, with it as

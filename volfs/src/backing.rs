@@ -1,6 +1,6 @@
 //! A backing directory: the files of a volume as the app sees them, plus the
 //! hidden `.volfs/` directory holding the persisted manifest, the lock that
-//! makes one process at a time the volume's owner, the control socket of a
+//! makes one process at a time the volume's owner, the socket of a
 //! live mount and the block store of incoming deltas.
 
 use std::fs;
@@ -117,9 +117,9 @@ impl Backing {
         self.meta.join("manifest.pb")
     }
 
-    /// The control socket of a live mount of `root`.
-    pub fn control_path(root: &Path) -> PathBuf {
-        root.join(META_DIR).join("control.sock")
+    /// The socket of a live mount of `root` (its `Volume` service).
+    pub fn socket_path(root: &Path) -> PathBuf {
+        root.join(META_DIR).join("volume.sock")
     }
 
     /// Loads the persisted manifest and brings it up to date with the tree:

@@ -143,29 +143,45 @@ pub struct DeltaSummary {
     pub manifest: Manifest,
 }
 
-/// Counts bytes through a writer.
-struct Counting<W> {
-    inner: W,
+/// Counts the bytes of the frames handed to a sink (as a file holds them:
+/// each length-delimited).
+struct Counting<F> {
+    sink: F,
     n: u64,
 }
 
-impl<W: Write> Counting<W> {
+impl<F: FnMut(pb::DeltaFrame) -> io::Result<()>> Counting<F> {
     fn frame(&mut self, f: Frame) -> io::Result<()> {
         let msg = pb::DeltaFrame { frame: Some(f) };
-        let buf = msg.encode_length_delimited_to_vec();
-        self.inner.write_all(&buf)?;
-        self.n += buf.len() as u64;
-        Ok(())
+        let len = msg.encoded_len();
+        self.n += (prost::length_delimiter_len(len) + len) as u64;
+        (self.sink)(msg)
     }
 }
 
 /// Writes the delta from `base` to `current` (the manifest of the volume at
-/// `root`, freshly refreshed) into `w`.
+/// `root`, freshly refreshed) into `w`, each frame length-delimited.
 pub fn write_delta<W: Write>(
     root: &Path,
     current: &Manifest,
     base: &Manifest,
-    w: W,
+    mut w: W,
+) -> Result<DeltaSummary, DeltaError> {
+    let s = delta_frames(root, current, base, |f| {
+        w.write_all(&f.encode_length_delimited_to_vec())
+    })?;
+    w.flush()?;
+    Ok(s)
+}
+
+/// Hands the frames of the delta from `base` to `current` (the manifest of
+/// the volume at `root`, freshly refreshed) to `sink`, in order. An error of
+/// the sink (its reader went away) ends the delta there.
+pub fn delta_frames<F: FnMut(pb::DeltaFrame) -> io::Result<()>>(
+    root: &Path,
+    current: &Manifest,
+    base: &Manifest,
+    sink: F,
 ) -> Result<DeltaSummary, DeltaError> {
     if !base.entries.is_empty() && base.block_size != current.block_size {
         return Err(DeltaError::Corrupt(format!(
@@ -201,7 +217,7 @@ pub fn write_delta<W: Write>(
     }
 
     let vol = VolumeRoot::new(root)?;
-    let mut out = Counting { inner: w, n: 0 };
+    let mut out = Counting { sink, n: 0 };
     out.frame(Frame::Header(pb::DeltaHeader {
         version: edge_proto::DELTA_VERSION,
         block_size: current.block_size,
@@ -280,7 +296,6 @@ pub fn write_delta<W: Write>(
         blocks,
         root: root_hash.to_vec(),
     }))?;
-    out.inner.flush()?;
     Ok(DeltaSummary {
         entries: changed.len() as u64,
         removed: removed.len() as u64,

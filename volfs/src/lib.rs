@@ -20,7 +20,8 @@
 //! - [`backing`]: a backing directory and its hidden `.volfs/` metadata.
 //! - [`fs`]: the FUSE passthrough filesystem (`fs/ops.rs`: one method per
 //!   kernel request).
-//! - [`mount`]: a live mount and its operations; [`control`]: its control socket.
+//! - [`mount`]: a live mount and its operations; [`service`]: the `Volume`
+//!   service it answers on its socket, and the client of it.
 //! - [`throttle`]: holding write replies while a handover catches up.
 //! - [`offline`]: the same operations on an unmounted volume.
 //! - [`fuzz`]: the delta reader and apply as one fuzz target.
@@ -32,7 +33,6 @@ pub mod apply;
 pub mod backing;
 pub mod beneath;
 pub mod blockstore;
-pub mod control;
 pub mod delta;
 pub mod dirty;
 pub mod fs;
@@ -41,6 +41,7 @@ pub mod manifest;
 pub mod mount;
 pub mod offline;
 pub mod scan;
+pub mod service;
 mod sys;
 pub mod throttle;
 

@@ -7,8 +7,13 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use edge_proto::v1 as pb;
+use edge_proto::v1::volume_client::VolumeClient;
+use prost::Message;
+use std::io::Write;
+use tonic::transport::Channel;
 use volfs::backing::Backing;
-use volfs::{control, hex, offline};
+use volfs::{hex, offline, service};
 
 #[derive(Parser)]
 #[command(
@@ -131,31 +136,66 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs a request on a live mount if one owns the volume.
-fn live(backing: &Path, req: &str) -> anyhow::Result<Option<String>> {
-    match control::request(backing, req).context("control socket")? {
-        Some(Ok(s)) => Ok(Some(s)),
-        Some(Err(e)) => bail!("{e}"),
-        None if Backing::is_locked(backing) => {
-            bail!(
-                "volume {} is locked by a process that does not answer",
-                backing.display()
-            )
+/// Runs `f` against the live mount of `backing` if one owns the volume:
+/// `Ok(None)` when it is not mounted.
+fn live<T>(
+    backing: &Path,
+    f: impl AsyncFnOnce(VolumeClient<Channel>) -> Result<T, tonic::Status>,
+) -> anyhow::Result<Option<T>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match service::connect(backing).await.context("volume socket")? {
+            Some(c) => Ok(Some(
+                f(c).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?,
+            )),
+            None if Backing::is_locked(backing) => {
+                bail!(
+                    "volume {} is locked by a process that does not answer",
+                    backing.display()
+                )
+            }
+            None => Ok(None),
         }
-        None => Ok(None),
-    }
+    })
 }
 
-fn abs(p: &Path) -> anyhow::Result<String> {
-    let parent = p
-        .parent()
-        .filter(|x| !x.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let dir = fs::canonicalize(parent).with_context(|| format!("{}", parent.display()))?;
-    Ok(dir
-        .join(p.file_name().context("output path has no file name")?)
-        .display()
-        .to_string())
+/// `key=value` form of a delta's summary.
+fn summary(d: &pb::DiffDone) -> String {
+    format!(
+        "entries={} removed={} blocks={} block_bytes={} wire_bytes={} raced_blocks={} root={}",
+        d.entries,
+        d.removed,
+        d.blocks,
+        d.block_bytes,
+        d.wire_bytes,
+        d.raced_blocks,
+        hex_bytes(&d.root)
+    )
+}
+
+fn hex_bytes(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Writes `bytes` to `out` whole or not at all (a `.partial` renamed).
+fn write_whole(
+    out: &Path,
+    write: impl FnOnce(&mut BufWriter<fs::File>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let tmp = out.with_extension("partial");
+    let f = fs::File::create(&tmp).with_context(|| format!("{}", tmp.display()))?;
+    let mut w = BufWriter::new(f);
+    let r =
+        write(&mut w).and_then(|()| Ok(w.into_inner().map_err(|e| e.into_error())?.sync_all()?));
+    match r {
+        Ok(()) => Ok(fs::rename(&tmp, out)?),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -180,8 +220,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
         ),
         Cmd::Status { backing } => {
-            match live(&backing, "status")? {
-                Some(s) => println!("mounted {s}"),
+            let st = live(&backing, async |mut c| {
+                Ok(c.status(pb::StatusRequest::default()).await?.into_inner())
+            })?;
+            match st {
+                Some(s) => println!(
+                    "mounted files={} blocks={} bytes={} whole_files={} metadata_changes={} block_size={} throttle={}",
+                    s.files,
+                    s.blocks,
+                    s.bytes,
+                    s.whole_files,
+                    s.metadata_changes,
+                    s.block_size,
+                    s.throttle_bytes_per_sec
+                ),
                 None => {
                     let (root, st) = offline::hash(&backing, None)?;
                     println!(
@@ -195,50 +247,87 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Throttle { backing, rate, ttl } => {
-            let req = format!("throttle {rate} {}", ttl.saturating_mul(1000));
-            match live(&backing, &req)? {
-                Some(s) => println!("{s}"),
+            let ttl_ms = u32::try_from(ttl.saturating_mul(1000)).unwrap_or(u32::MAX);
+            let r = live(&backing, async |mut c| {
+                let req = pb::ThrottleRequest {
+                    bytes_per_sec: rate,
+                    ttl_ms,
+                };
+                Ok(c.throttle(req).await?.into_inner())
+            })?;
+            match r {
+                Some(r) => println!("rate={} ttl_ms={}", r.bytes_per_sec, r.ttl_ms),
                 None => bail!("volume {} is not mounted", backing.display()),
             }
             Ok(())
         }
         Cmd::Hash { backing } => {
-            match live(&backing, "hash")? {
-                Some(s) => println!("{}", field(&s, "root").unwrap_or(&s)),
+            let r = live(&backing, async |mut c| {
+                Ok(c.hash(pb::HashRequest {}).await?.into_inner())
+            })?;
+            match r {
+                Some(r) => println!("{}", hex_bytes(&r.root)),
                 None => println!("{}", hex(&offline::hash(&backing, None)?.0)),
             }
             Ok(())
         }
         Cmd::Manifest { backing, out } => {
-            if live(&backing, &format!("manifest {}", abs(&out)?))?.is_none() {
-                let m = offline::manifest(&backing)?;
-                volfs::manifest::write_atomic(&out, &m.to_bytes())?;
-            }
+            let r = live(&backing, async |mut c| {
+                Ok(c.manifest(pb::ManifestRequest {}).await?.into_inner())
+            })?;
+            let bytes = match r {
+                Some(r) => r.manifest,
+                None => offline::manifest(&backing)?.to_bytes(),
+            };
+            volfs::manifest::write_atomic(&out, &bytes)?;
             Ok(())
         }
         Cmd::Diff { backing, out, base } => {
-            let base_arg = base.as_deref().map(abs).transpose()?.unwrap_or_default();
-            if let Some(s) = live(&backing, &format!("diff {} {base_arg}", abs(&out)?))? {
-                println!("{s}");
-                return Ok(());
-            }
             let base = base
                 .map(|b| offline::read_manifest_file(&b))
                 .transpose()
                 .map_err(anyhow::Error::msg)?;
-            let tmp = out.with_extension("partial");
-            let f = fs::File::create(&tmp).with_context(|| format!("{}", tmp.display()))?;
-            match offline::diff(&backing, base.as_ref(), BufWriter::new(f)) {
-                Ok(s) => {
-                    fs::rename(&tmp, &out)?;
-                    println!("{}", control::summary(&s));
+            if Backing::is_locked(&backing) || fs::exists(Backing::socket_path(&backing))? {
+                // Live: the frames come over the socket into the file.
+                let base_bytes = base.as_ref().map(|m| m.to_bytes()).unwrap_or_default();
+                let mut done = None;
+                write_whole(&out, |w| {
+                    let d = live(&backing, async |mut c| {
+                        let req = pb::DiffRequest {
+                            base: base_bytes,
+                            want_result: false,
+                        };
+                        let mut s = c.diff(req).await?.into_inner();
+                        while let Some(chunk) = s.message().await? {
+                            match chunk.chunk {
+                                Some(pb::diff_chunk::Chunk::Frame(f)) => w
+                                    .write_all(&f.encode_length_delimited_to_vec())
+                                    .map_err(|e| tonic::Status::internal(e.to_string()))?,
+                                Some(pb::diff_chunk::Chunk::Done(d)) => return Ok(d),
+                                None => {}
+                            }
+                        }
+                        Err(tonic::Status::data_loss("the delta ended early"))
+                    })?;
+                    done = d;
+                    anyhow::ensure!(
+                        done.is_some(),
+                        "volume {} is not mounted",
+                        backing.display()
+                    );
                     Ok(())
-                }
-                Err(e) => {
-                    let _ = fs::remove_file(&tmp);
-                    Err(e.into())
-                }
+                })?;
+                println!("{}", summary(&done.expect("checked")));
+                return Ok(());
             }
+            let mut s = None;
+            write_whole(&out, |w| {
+                s = Some(offline::diff(&backing, base.as_ref(), w)?);
+                Ok(())
+            })?;
+            let s = s.expect("written");
+            println!("{}", summary(&service::done_of(&s, false)));
+            Ok(())
         }
         Cmd::Apply { target, delta } => {
             let f = fs::File::open(&delta).with_context(|| format!("delta {}", delta.display()))?;
@@ -278,11 +367,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn field<'a>(s: &'a str, key: &str) -> Option<&'a str> {
-    s.split(' ')
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-}
-
 /// Blocks SIGINT and SIGTERM in every thread and returns the set, for `sigwait`.
 fn block_signals() -> libc::sigset_t {
     // SAFETY: sigset operations on a local set; pthread_sigmask on this thread.
@@ -301,7 +385,7 @@ fn mount(backing: &Path, mountpoint: &Path, opts: volfs::MountOptions) -> anyhow
     let set = block_signals();
     let handle = volfs::mount(backing, mountpoint, &opts)?;
     let unmounter = handle.unmounter();
-    let sock = control::serve(handle.live().clone(), unmounter.clone())?;
+    let sock = service::serve(handle.live().clone(), unmounter.clone())?;
     let live = handle.live().clone();
     std::thread::spawn(move || {
         let mut sig = 0;
@@ -317,7 +401,7 @@ fn mount(backing: &Path, mountpoint: &Path, opts: volfs::MountOptions) -> anyhow
     tracing::info!(
         backing = %handle.live().backing_dir().display(),
         mountpoint = %handle.live().mountpoint().display(),
-        control = %sock.display(),
+        socket = %sock.display(),
         block_size = handle.live().block_size(),
         "mounted"
     );

@@ -69,7 +69,7 @@ impl Default for MountOptions {
     }
 }
 
-/// The state a live mount shares between its FUSE threads, its control
+/// The state a live mount shares between its FUSE threads, its `Volume`
 /// socket and its owner.
 #[derive(Debug)]
 pub struct LiveVolume {
@@ -142,6 +142,23 @@ impl LiveVolume {
         self.refresh()?;
         let m = self.manifest();
         Ok(write_delta(self.backing.root(), &m, base, w)?)
+    }
+
+    /// Refreshes and hands the frames of the delta from `base` to now to
+    /// `sink`, one by one.
+    pub fn delta_frames<F: FnMut(edge_proto::v1::DeltaFrame) -> io::Result<()>>(
+        &self,
+        base: &Manifest,
+        sink: F,
+    ) -> Result<DeltaSummary, MountError> {
+        self.refresh()?;
+        let m = self.manifest();
+        Ok(crate::delta::delta_frames(
+            self.backing.root(),
+            &m,
+            base,
+            sink,
+        )?)
     }
 
     fn persist(&self, clean: bool) -> Result<(), MountError> {
@@ -346,11 +363,11 @@ impl MountHandle {
         let root = t.manifest.root();
         drop(t);
         live.persist(true)?;
-        let _ = fs::remove_file(Backing::control_path(live.backing.root()));
+        let _ = fs::remove_file(Backing::socket_path(live.backing.root()));
         Ok(root)
     }
 
-    /// A handle that unmounts from another thread (signal handler, control socket).
+    /// A handle that unmounts from another thread (signal handler, the `Volume` service).
     pub fn unmounter(&self) -> Unmounter {
         Unmounter {
             mountpoint: self.live.mountpoint.clone(),

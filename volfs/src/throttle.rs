@@ -1,7 +1,7 @@
 //! Slowing an app's writes while a handover catches up (auto-converge).
 //!
 //! When the live rounds of a handover cannot drain what the app dirties,
-//! the owner's edged sets a rate here (`throttle RATE TTL` on the control
+//! the owner's edged sets a rate here (`Volume.Throttle` on the volume's
 //! socket). Every write still lands in the backing file and is marked dirty
 //! at once; only its *reply* is held until the write's turn at that rate
 //! comes, by a pacer thread fed through a bounded crossbeam channel (the

@@ -58,7 +58,7 @@ impl Daemon {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !(is_mounted(mnt) && backing.join(".volfs/control.sock").exists()) {
+        while !(is_mounted(mnt) && backing.join(".volfs/volume.sock").exists()) {
             assert!(Instant::now() < deadline, "volfs mount did not come up");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -109,7 +109,7 @@ fn foreground_mount_reports_and_unmounts_cleanly_on_sigterm() {
     let st = daemon.signal(libc::SIGTERM);
     assert!(st.success(), "volfs mount exits 0 on SIGTERM");
     assert!(!is_mounted(&m));
-    assert!(!b.join(".volfs/control.sock").exists());
+    assert!(!b.join(".volfs/volume.sock").exists());
     let v = ok(&["verify", b.to_str().unwrap()]);
     assert_eq!(v.trim(), format!("ok root={}", h1.trim()));
     assert_eq!(

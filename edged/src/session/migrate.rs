@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edge_proto::v1 as pb;
-use prost::Message;
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -39,16 +38,6 @@ pub const RELEASE_ANSWER_WAIT: Duration = Duration::from_secs(30);
 
 pub(super) fn io_status(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
-}
-
-/// Reads the length-delimited frames of a delta file.
-pub(super) fn frames(bytes: &[u8]) -> Result<Vec<pb::DeltaFrame>, Status> {
-    let mut rest = bytes;
-    let mut out = Vec::new();
-    while !rest.is_empty() {
-        out.push(pb::DeltaFrame::decode_length_delimited(&mut rest).map_err(io_status)?);
-    }
-    Ok(out)
 }
 
 pub(super) fn progress_event(

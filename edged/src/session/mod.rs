@@ -270,10 +270,7 @@ impl Session {
     /// Session info for the Admin service.
     async fn info(&self) -> edge_proto::v1::SessionInfo {
         let backing = self.layout().backing();
-        let dirty = volume::control(&backing, "status")
-            .await
-            .ok()
-            .and_then(|r| volume::field(&r, "bytes"));
+        let dirty = volume::status(&backing, true).await.ok().map(|s| s.bytes);
         let b2 = backing.clone();
         let size = tokio::task::spawn_blocking(move || volume::volume_bytes(&b2))
             .await

@@ -20,11 +20,12 @@ use edge_proto::v1 as pb;
 use edge_proto::v1::peer_client::PeerClient;
 use prost::Message;
 use tokio::sync::Mutex;
-use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::{Edge, EdgeError, Session, State};
 use crate::config::{Neighbour, valid_name};
+use crate::incoming::Incoming;
 use crate::volume;
 
 /// Per-session pre-copy bookkeeping.
@@ -82,10 +83,6 @@ impl RateLimiter {
     }
 }
 
-fn reply_field(reply: &str, key: &str) -> u64 {
-    volume::field(reply, key).unwrap_or(0)
-}
-
 impl Edge {
     /// Runs pre-copy rounds until the edge stops (spawned by `server::run`).
     pub async fn precopy_loop(self: Arc<Self>) {
@@ -132,17 +129,15 @@ impl Edge {
         // seen is enough. Flushing the kernel's cache (syncfs) waits until
         // the interval is up.
         let time_due = since.is_none_or(|d| d >= self.cfg.precopy.interval);
-        let req = if time_due { "status" } else { "status noflush" };
-        let status = volume::control(&s.layout().backing(), req)
+        let status = volume::status(&s.layout().backing(), time_due)
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
-        let changed =
-            reply_field(&status, "files") > 0 || reply_field(&status, "metadata_changes") > 0;
+        let changed = status.files > 0 || status.metadata_changes > 0;
         let targets = self.candidates_of(s);
         let missing = targets.iter().any(|n| !st.held.contains_key(&n.id));
         let due = since.is_none()
             || ((changed || missing)
-                && (time_due || reply_field(&status, "bytes") >= self.cfg.precopy.dirty_threshold));
+                && (time_due || status.bytes >= self.cfg.precopy.dirty_threshold));
         if !due {
             return Ok(());
         }
@@ -193,26 +188,15 @@ impl Edge {
         limiter: &Arc<RateLimiter>,
         peers: &mut HashMap<String, PeerClient<tonic::transport::Channel>>,
     ) -> Result<u64, Status> {
+        let internal = |e: &dyn std::fmt::Display| Status::internal(e.to_string());
         let dir = s.dir.join("precopy");
         tokio::fs::create_dir_all(&dir)
             .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let out = dir.join(format!("{}.delta", n.id));
-        let next = dir.join(format!("{}.next", n.id));
-        let base = st
-            .held
-            .get(&n.id)
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "-".into());
-        volume::control(
-            &s.layout().backing(),
-            &format!("diff {} {base} {}", out.display(), next.display()),
-        )
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
-        let bytes = tokio::fs::read(&out)
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| internal(&e))?;
+        let base = match st.held.get(&n.id) {
+            Some(p) => tokio::fs::read(p).await.map_err(|e| internal(&e))?,
+            None => Vec::new(),
+        };
         let peer = match peers.get(&n.id) {
             Some(p) => p.clone(),
             None => {
@@ -221,14 +205,6 @@ impl Edge {
                 p
             }
         };
-        let mut frames = Vec::new();
-        let mut rest = bytes.as_slice();
-        while !rest.is_empty() {
-            frames.push(
-                pb::DeltaFrame::decode_length_delimited(&mut rest)
-                    .map_err(|e| Status::internal(e.to_string()))?,
-            );
-        }
         let meta = pb::SessionMeta {
             session_id: s.id.clone(),
             app: s.app.clone(),
@@ -239,28 +215,52 @@ impl Edge {
             attempt: 0,
             epoch: 0,
         };
-        let mut chunks = vec![pb::PrecopyChunk {
-            chunk: Some(pb::precopy_chunk::Chunk::Meta(meta)),
-        }];
-        chunks.extend(frames.into_iter().map(|f| pb::PrecopyChunk {
-            chunk: Some(pb::precopy_chunk::Chunk::Frame(f)),
-        }));
-        // The cap is taken as each chunk goes onto the wire.
+        // The delta streams out of volfs onto the wire frame by frame (no
+        // file, never whole in memory); the cap is taken as each frame goes.
+        let mut diff = volume::Diff::start(&s.layout().backing(), base)
+            .await
+            .map_err(|e| internal(&e))?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::PrecopyChunk>(4);
+        let _ = tx
+            .send(pb::PrecopyChunk {
+                chunk: Some(pb::precopy_chunk::Chunk::Meta(meta)),
+            })
+            .await;
         let limiter = limiter.clone();
-        let paced = tokio_stream::iter(chunks).then(move |c| {
-            let limiter = limiter.clone();
-            async move {
-                limiter.take(c.encoded_len()).await;
-                c
+        let feed = async move {
+            let mut total = 0u64;
+            loop {
+                match diff.next().await.map_err(|e| internal(&e))? {
+                    volume::DiffItem::Frame(f) => {
+                        let c = pb::PrecopyChunk {
+                            chunk: Some(pb::precopy_chunk::Chunk::Frame(f)),
+                        };
+                        limiter.take(c.encoded_len()).await;
+                        total += c.encoded_len() as u64;
+                        // The candidate refused: its answer says why.
+                        if tx.send(c).await.is_err() {
+                            return Ok((total, None));
+                        }
+                    }
+                    volume::DiffItem::Done(d) => return Ok::<_, Status>((total, Some(d))),
+                }
             }
-        });
-        let total = bytes.len() as u64;
+        };
         let mut peer = peer;
-        peer.precopy(paced).await?;
+        // A feed that fails drops its end: the candidate sees the delta cut
+        // short and applies nothing.
+        let (fed, sent) = tokio::join!(feed, peer.precopy(ReceiverStream::new(rx)));
+        sent?;
+        let (total, done) = fed?;
+        let done = done.ok_or_else(|| Status::internal("the pre-copy stream closed early"))?;
+        let next = dir.join(format!("{}.next", n.id));
         let held = dir.join(format!("{}.manifest", n.id));
+        tokio::fs::write(&next, &done.result)
+            .await
+            .map_err(|e| internal(&e))?;
         tokio::fs::rename(&next, &held)
             .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| internal(&e))?;
         st.held.insert(n.id.clone(), held);
         Ok(total)
     }
@@ -308,21 +308,16 @@ impl Edge {
         tokio::fs::create_dir_all(&vol)
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
-        // The round is spooled to disk as it arrives (not held in memory),
-        // within what is left of this edge's staging budget.
+        // The round is applied as it arrives (crate::incoming: never whole
+        // in memory, never spooled), within what is left of this edge's
+        // staging budget.
         let root = self.cfg.data_dir.join("staging");
         let used = tokio::task::spawn_blocking(move || dir_bytes(&root))
             .await
             .unwrap_or(0);
         let room = self.cfg.precopy.staging_budget.saturating_sub(used);
-        let spool = staged.join("incoming.delta");
-        let mut out = tokio::io::BufWriter::new(
-            tokio::fs::File::create(&spool)
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?,
-        );
         let mut n = 0u64;
-        let mut full = false;
+        let mut applying: Option<Incoming> = None;
         let received = async {
             // The staging lock is held while the round streams in: a
             // neighbour that stops sending loses it after STAGE_IDLE.
@@ -335,47 +330,48 @@ impl Edge {
                     ))
                 })??
             {
-                if let Some(pb::precopy_chunk::Chunk::Frame(f)) = c.chunk {
-                    if let Some(pb::delta_frame::Frame::Header(h)) = &f.frame {
-                        full = h.base_root == volfs::Manifest::empty(h.block_size).root();
+                let Some(pb::precopy_chunk::Chunk::Frame(f)) = c.chunk else {
+                    continue;
+                };
+                let len = f.encoded_len();
+                n += (prost::length_delimiter_len(len) + len) as u64;
+                if n > room {
+                    return Err(Status::resource_exhausted(format!(
+                        "this edge's staging budget of {} bytes is full",
+                        self.cfg.precopy.staging_budget
+                    )));
+                }
+                if applying.is_none() {
+                    let full = matches!(
+                        &f.frame,
+                        Some(pb::delta_frame::Frame::Header(h))
+                            if h.base_root == volfs::Manifest::empty(h.block_size).root()
+                    );
+                    if full {
+                        // Against nothing: start the staged copy afresh.
+                        let _ = tokio::fs::remove_dir_all(&vol).await;
+                        tokio::fs::create_dir_all(&vol)
+                            .await
+                            .map_err(|e| Status::internal(e.to_string()))?;
                     }
-                    let bytes = f.encode_length_delimited_to_vec();
-                    n += bytes.len() as u64;
-                    if n > room {
-                        return Err(Status::resource_exhausted(format!(
-                            "this edge's staging budget of {} bytes is full",
-                            self.cfg.precopy.staging_budget
-                        )));
-                    }
-                    tokio::io::AsyncWriteExt::write_all(&mut out, &bytes)
-                        .await
-                        .map_err(|e| Status::internal(e.to_string()))?;
+                }
+                let inc = applying.get_or_insert_with(|| Incoming::start(&vol));
+                if !inc.push(&f).await {
+                    // The apply failed already: its error says why.
+                    break;
                 }
             }
-            tokio::io::AsyncWriteExt::flush(&mut out)
-                .await
-                .map_err(|e| Status::internal(e.to_string()))
+            Ok(())
         }
         .await;
-        drop(out);
-        if let Err(st) = received {
-            let _ = tokio::fs::remove_file(&spool).await;
-            return Err(st);
-        }
-        if full {
-            // Against nothing: start the staged copy afresh.
-            let _ = tokio::fs::remove_dir_all(&vol).await;
-            tokio::fs::create_dir_all(&vol)
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?;
-        }
-        let (v, sp) = (vol.clone(), spool.clone());
-        let report = tokio::task::spawn_blocking(move || {
-            std::fs::File::open(&sp).map(|f| volfs::offline::apply(&v, std::io::BufReader::new(f)))
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
-        let _ = tokio::fs::remove_file(&spool).await;
+        // Cut short (an error above): the apply sees a truncated delta and
+        // changes nothing.
+        let Some(inc) = applying else {
+            received?;
+            return Err(Status::invalid_argument("the pre-copy round held no delta"));
+        };
+        let report = inc.finish().await;
+        received?;
         let report = report
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::data_loss(e.to_string()))?;

@@ -1,7 +1,7 @@
 //! The transfer of a pull (B): the owner's rounds streamed in, each applied
-//! to the staged copy — small rounds from memory, large ones spooled to a
-//! file beside it — until the final delta and the owner's results of the
-//! ops that ran before the quiesce.
+//! to the staged copy as its frames arrive (`crate::incoming`), until the
+//! final delta and the owner's results of the ops that ran before the
+//! quiesce.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +16,7 @@ use tonic::Status;
 
 use super::migrate::{io_status, progress_event};
 use super::{Edge, peer_status};
+use crate::incoming::Incoming;
 use crate::migration::puller::PullerEvent;
 use crate::migration::{Attempt, Peer};
 /// The most of the old edge's hold before its quiesce a new edge counts
@@ -138,14 +139,8 @@ impl Edge {
         };
         let mut meta: Option<pb::SessionMeta> = None;
         let mut round = 1u32;
-        let nonce: [u8; 8] = super::random_bytes();
-        let spool = self.staging_dir(id).join(format!(
-            "incoming-handover-{:016x}.delta",
-            u64::from_le_bytes(nonce)
-        ));
-        // Gone when the pull ends, however it ends.
-        let _spool = RemoveOnDrop(spool.clone());
-        let mut buf = Round::Memory(Vec::new());
+        // The round being applied as it arrives (crate::incoming).
+        let mut applying: Option<Incoming> = None;
         let bytes = AtomicU64::new(0);
         let mut t_quiesce: Option<Instant> = None;
         // Op results are kept within this edge's journal budget (the oldest
@@ -191,14 +186,16 @@ impl Edge {
                 }
                 Some(Chunk::Frame(f)) => {
                     let trailer = matches!(f.frame, Some(pb::delta_frame::Frame::Trailer(_)));
-                    let enc = f.encode_length_delimited_to_vec();
-                    bytes.fetch_add(enc.len() as u64, Ordering::Relaxed);
-                    buf.push(&enc, &spool)
-                        .await
-                        .map_err(|e| (io_status(e), attempt_of(&meta)))?;
-                    if trailer {
-                        let data = std::mem::replace(&mut buf, Round::Memory(Vec::new()));
-                        data.apply(&vol)
+                    let len = f.encoded_len();
+                    bytes.fetch_add(
+                        (prost::length_delimiter_len(len) + len) as u64,
+                        Ordering::Relaxed,
+                    );
+                    let inc = applying.get_or_insert_with(|| Incoming::start(&vol));
+                    // A false push: the apply failed already; finish says why.
+                    if !inc.push(&f).await || trailer {
+                        let inc = applying.take().expect("started above");
+                        inc.finish()
                         .await
                         .map_err(|e| (io_status(e), attempt_of(&meta)))?
                         .map_err(|e| {
@@ -327,76 +324,5 @@ impl Edge {
             bytes: bytes.load(Ordering::Relaxed),
             round,
         })
-    }
-}
-
-/// A handover round as it arrives: in memory while small (the final round,
-/// on the downtime path), spooled to a file in the staging directory past
-/// [`SPOOL_AT`], so a pull never holds a whole volume in memory.
-enum Round {
-    Memory(Vec<u8>),
-    Spooled(tokio::io::BufWriter<tokio::fs::File>, std::path::PathBuf),
-}
-
-/// Bytes of a round kept in memory before it goes to disk.
-const SPOOL_AT: usize = 8 << 20;
-
-impl Round {
-    async fn push(&mut self, enc: &[u8], spool: &std::path::Path) -> std::io::Result<()> {
-        use tokio::io::AsyncWriteExt;
-        if let Round::Memory(b) = self {
-            if b.len() + enc.len() <= SPOOL_AT {
-                b.extend_from_slice(enc);
-                return Ok(());
-            }
-            tracing::info!(spool = %spool.display(), "a large handover round: spooled to disk");
-            let mut w = tokio::io::BufWriter::new(tokio::fs::File::create(spool).await?);
-            w.write_all(b).await?;
-            *self = Round::Spooled(w, spool.to_path_buf());
-        }
-        match self {
-            Round::Spooled(w, _) => w.write_all(enc).await,
-            Round::Memory(_) => Ok(()),
-        }
-    }
-
-    /// Applies the round to the staged volume `vol` (blocking work off the
-    /// runtime); a spool file is removed after.
-    async fn apply(
-        self,
-        vol: &std::path::Path,
-    ) -> std::io::Result<Result<volfs::apply::ApplyReport, volfs::apply::ApplyError>> {
-        use tokio::io::AsyncWriteExt;
-        let v = vol.to_path_buf();
-        match self {
-            Round::Memory(data) => {
-                tokio::task::spawn_blocking(move || volfs::offline::apply(&v, data.as_slice()))
-                    .await
-                    .map_err(std::io::Error::other)
-            }
-            Round::Spooled(mut w, path) => {
-                w.flush().await?;
-                drop(w);
-                let p = path.clone();
-                let r = tokio::task::spawn_blocking(move || {
-                    std::fs::File::open(&p)
-                        .map(|f| volfs::offline::apply(&v, std::io::BufReader::new(f)))
-                })
-                .await
-                .map_err(std::io::Error::other)
-                .and_then(|r| r);
-                let _ = tokio::fs::remove_file(&path).await;
-                r
-            }
-        }
-    }
-}
-
-/// Removes a file when dropped.
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }

@@ -194,7 +194,7 @@ impl Edge {
         // (volfs rescans a volume whose shim died).
         let shim = match (
             rec.volfs_pid,
-            volume::control(&layout.backing(), "status").await,
+            volume::status(&layout.backing(), false).await,
         ) {
             (Some(pid), Ok(_)) => Shim {
                 pid,

@@ -6,7 +6,6 @@
 //! progress to the owner machine as events and stops as soon as the
 //! machine has moved on.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -17,7 +16,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::migrate::{frames, io_status};
+use super::migrate::io_status;
 use super::{Edge, Session};
 use crate::journal::Outcome;
 use crate::migration::owner::{OwnerAction, OwnerEvent};
@@ -53,7 +52,6 @@ impl Edge {
                 .map_err(|_| Status::cancelled("the new edge went away"))
         };
         let given_up = || Status::aborted("the handover was given up (aborted or timed out)");
-        let tmp = tempfile_dir(&s.dir)?;
         send(Chunk::Meta(pb::SessionMeta {
             session_id: s.id.clone(),
             app: s.app.clone(),
@@ -66,28 +64,22 @@ impl Edge {
         }))
         .await?;
         let backing = s.layout().backing();
-        // Round 1, live: what B lacks of the volume as it is now.
-        let base = if req.held_manifest.is_empty() {
-            "-".to_string()
-        } else {
-            let p = tmp.join("held.manifest");
-            std::fs::write(&p, &req.held_manifest).map_err(io_status)?;
-            p.display().to_string()
-        };
-        let round = |n: u32, base: String| {
-            let backing = backing.clone();
-            let tmp = tmp.clone();
-            async move {
-                let out = tmp.join(format!("round{n}.delta"));
-                let result = tmp.join(format!("round{n}.manifest"));
-                volume::control(
-                    &backing,
-                    &format!("diff {} {base} {}", out.display(), result.display()),
-                )
+        // One round: the delta from what B holds, streamed out of volfs
+        // frame by frame onto the handover stream (never a file, never whole
+        // in memory). Returns its bytes and what B then holds.
+        let round = async |base: Vec<u8>| -> Result<(u64, pb::DiffDone), Status> {
+            let mut diff = volume::Diff::start(&backing, base)
                 .await
                 .map_err(io_status)?;
-                let bytes = tokio::fs::read(&out).await.map_err(io_status)?;
-                Ok::<_, Status>((frames(&bytes)?, result))
+            let mut bytes = 0u64;
+            loop {
+                match diff.next().await.map_err(io_status)? {
+                    volume::DiffItem::Frame(f) => {
+                        bytes += f.encoded_len() as u64;
+                        send(Chunk::Frame(f)).await?;
+                    }
+                    volume::DiffItem::Done(d) => return Ok((bytes, d)),
+                }
             }
         };
         // Live rounds while the app runs, until the rest fits the downtime
@@ -101,16 +93,12 @@ impl Edge {
             overhead: Duration::ZERO,
         };
         let mut throttle = volume::WriteThrottle::new(&backing);
-        let mut base = base;
+        // Round 1, live: what B lacks of the volume as it is now.
+        let mut base = req.held_manifest.clone();
         let mut n = 1u32;
         let held1 = loop {
             let t = Instant::now();
-            let (frames, held) = round(n, base).await?;
-            let mut bytes = 0u64;
-            for f in frames {
-                bytes += f.encoded_len() as u64;
-                send(Chunk::Frame(f)).await?;
-            }
+            let (bytes, done) = round(base).await?;
             // Timed by delivery when the puller acknowledges rounds: sent is
             // not yet there (socket and link buffers hold seconds), and the
             // final round must not queue behind a live one.
@@ -155,11 +143,7 @@ impl Edge {
                 }
             }
             let took = t.elapsed();
-            let left = volume::control(&backing, "status")
-                .await
-                .ok()
-                .and_then(|r| volume::field(&r, "bytes"))
-                .unwrap_or(0);
+            let left = volume::dirty_bytes(&backing).await;
             let r = converge::Round {
                 n,
                 sent: bytes,
@@ -210,9 +194,9 @@ impl Edge {
                         "live rounds done"
                     );
                 }
-                break held;
+                break done.result;
             }
-            base = held.display().to_string();
+            base = done.result;
             n += 1;
         };
         // Running ops finish at full speed; new calls are held from here.
@@ -243,11 +227,8 @@ impl Edge {
             held_micros: t.elapsed().as_micros() as u64,
         }))
         .await?;
-        // The final round: the instance is frozen, the control request flushes volfs.
-        let (f2, held2) = round(n + 1, held1.display().to_string()).await?;
-        for f in f2 {
-            send(Chunk::Frame(f)).await?;
-        }
+        // The final round: the instance is frozen; the diff flushes volfs first.
+        let (_, done2) = round(held1).await?;
         for (op_id, o) in s.journal.done_ops() {
             let op = match o {
                 Outcome::Ok(p) => pb::OpResult {
@@ -265,21 +246,16 @@ impl Edge {
             };
             send(Chunk::Op(op)).await?;
         }
-        let root = volfs::Manifest::from_bytes(&std::fs::read(&held2).map_err(io_status)?)
-            .map_err(io_status)?
-            .root();
+        let root = done2.root;
         // The machine waits for the release from here on, before B can ask.
         self.owner_event(s, OwnerEvent::FinalSent { attempt }).await;
         if s.owner.lock().await.attempt() != Some(attempt) {
             return Err(given_up());
         }
-        send(Chunk::Final(pb::Final {
-            root: root.to_vec(),
-        }))
-        .await?;
-        let _ = std::fs::remove_dir_all(&tmp);
+        let root_hex = root.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        send(Chunk::Final(pb::Final { root })).await?;
         drop(_precopy);
-        tracing::info!(root = %volfs::hex(&root), "final delta sent; owner until released");
+        tracing::info!(root = %root_hex, "final delta sent; owner until released");
         // The puller keeps the stream open until its release is answered: an
         // end before that (it died, or gave up) ends the attempt at once
         // (after a release, the event is stale and changes nothing).
@@ -294,12 +270,4 @@ impl Edge {
         .await;
         Ok(())
     }
-}
-
-/// A scratch directory inside the session directory.
-fn tempfile_dir(dir: &std::path::Path) -> Result<PathBuf, Status> {
-    let t = dir.join("handover");
-    let _ = std::fs::remove_dir_all(&t);
-    std::fs::create_dir_all(&t).map_err(io_status)?;
-    Ok(t)
 }
