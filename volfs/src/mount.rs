@@ -78,6 +78,8 @@ pub struct LiveVolume {
     dirty: Arc<DirtyMap>,
     tracked: Mutex<Tracked>,
     throttle: Arc<Throttle>,
+    /// Refreshes of the manifest so far (each takes the dirty marks).
+    refreshes: std::sync::atomic::AtomicU64,
 }
 
 impl LiveVolume {
@@ -125,7 +127,15 @@ impl LiveVolume {
             Trust::DirtyMarks,
         )?;
         *t = next;
+        self.refreshes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok((t.manifest.root(), stats))
+    }
+
+    /// Refreshes of the manifest since the mount: dirty counts seen after
+    /// a later refresh are new writes, even when they equal older ones.
+    pub fn refreshes(&self) -> u64 {
+        self.refreshes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The manifest as of the last refresh.
@@ -300,6 +310,7 @@ pub fn mount(
         dirty,
         tracked: Mutex::new(tracked),
         throttle,
+        refreshes: std::sync::atomic::AtomicU64::new(0),
     });
     Ok(MountHandle {
         live,

@@ -117,6 +117,7 @@ pub fn status_of(live: &LiveVolume) -> pb::VolumeStatus {
         metadata_changes: s.metadata_changes,
         block_size: live.block_size(),
         throttle_bytes_per_sec: live.throttle().rate(),
+        refreshes: live.refreshes(),
     }
 }
 

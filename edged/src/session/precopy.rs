@@ -2,9 +2,11 @@
 //! session's volume to the neighbour edges the client may move to next, so
 //! a handover sends only the last dirty delta.
 //!
-//! Every tick the owner asks each session's volfs how much is dirty; a
-//! session that changed gets a round once `interval` passed since its last
-//! one, or at once past `dirty_threshold`. A round is one delta per
+//! Each session's volfs pushes its dirty state when it changes
+//! (`Volume.Watch`, flushing the kernel's writeback cache every `interval`);
+//! every tick the owner looks at the latest, and a session that changed
+//! gets a round once `interval` passed since its last one, or at once past
+//! `dirty_threshold`. A round is one delta per
 //! candidate against the manifest that candidate holds (tracked per
 //! candidate; a full delta when unknown), pushed over `Peer.Precopy` under a
 //! bandwidth cap shared by every session of the edge. Candidates stage what
@@ -35,6 +37,66 @@ pub struct PrecopyState {
     last_round: Option<Instant>,
     /// Per candidate (edge id): the manifest file it holds.
     held: HashMap<String, PathBuf>,
+    /// The volume's refresh count when the last round began.
+    refreshes: Option<u64>,
+}
+
+/// A session's volume watched: the latest dirty state its volfs pushed
+/// (`Volume.Watch`; `None` until the first).
+#[derive(Debug)]
+struct Watched {
+    rx: tokio::sync::watch::Receiver<Option<pb::VolumeStatus>>,
+    task: AbortOnDrop,
+}
+
+/// A task aborted when its handle goes.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Watched {
+    /// Watches the volume of `s`; volfs flushes the kernel's writeback
+    /// cache every `flush` so buffered writes show. The task ends when the
+    /// shim does (a new one is started at the next tick).
+    fn start(s: &Session, flush: Duration) -> Watched {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let backing = s.layout().backing();
+        let task = tokio::spawn(async move {
+            let Ok(mut c) = volume::client(&backing).await else {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return;
+            };
+            let req = pb::WatchRequest {
+                interval_ms: 200,
+                flush_ms: u32::try_from(flush.as_millis()).unwrap_or(u32::MAX),
+            };
+            let Ok(stream) = c.watch(req).await else {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return;
+            };
+            let mut stream = stream.into_inner();
+            while let Ok(Some(st)) = stream.message().await {
+                if tx.send(Some(st)).is_err() {
+                    return;
+                }
+            }
+        });
+        Watched {
+            rx,
+            task: AbortOnDrop(task),
+        }
+    }
 }
 
 /// The longest a pre-copy round may send nothing before the staging edge
@@ -91,6 +153,9 @@ impl Edge {
         }
         let limiter = Arc::new(RateLimiter::new(self.cfg.precopy.bandwidth_mbit));
         let mut peers: HashMap<String, PeerClient<tonic::transport::Channel>> = HashMap::new();
+        // Each session's dirty state as its volfs pushes it: a tick reads
+        // memory, and an idle session costs no request at all.
+        let mut watched: HashMap<String, Watched> = HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             tick.tick().await;
@@ -101,6 +166,7 @@ impl Edge {
                 .values()
                 .cloned()
                 .collect();
+            watched.retain(|id, w| !w.task.is_finished() && sessions.iter().any(|s| &s.id == id));
             for s in sessions {
                 // Only sessions this edge serves with no handover under way.
                 let idle = s
@@ -110,7 +176,13 @@ impl Edge {
                 if s.state() != State::Serving || !idle || s.role() != super::Role::Serving {
                     continue;
                 }
-                if let Err(e) = self.maybe_round(&s, &limiter, &mut peers).await {
+                let w = watched
+                    .entry(s.id.clone())
+                    .or_insert_with(|| Watched::start(&s, self.cfg.precopy.interval));
+                let Some(status) = *w.rx.borrow() else {
+                    continue;
+                };
+                if let Err(e) = self.maybe_round(&s, &status, &limiter, &mut peers).await {
                     tracing::debug!(session = %s.id, error = %e, "pre-copy round failed");
                 }
             }
@@ -120,19 +192,16 @@ impl Edge {
     async fn maybe_round(
         &self,
         s: &Arc<Session>,
+        status: &pb::VolumeStatus,
         limiter: &Arc<RateLimiter>,
         peers: &mut HashMap<String, PeerClient<tonic::transport::Channel>>,
     ) -> Result<(), Status> {
         let mut st = s.precopy.lock().await;
         let since = st.last_round.map(|t| t.elapsed());
-        // Between rounds only the threshold can make one due: what volfs has
-        // seen is enough. Flushing the kernel's cache (syncfs) waits until
-        // the interval is up.
         let time_due = since.is_none_or(|d| d >= self.cfg.precopy.interval);
-        let status = volume::status(&s.layout().backing(), time_due)
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let changed = status.files > 0 || status.metadata_changes > 0;
+        // Counts from before the last round's own refresh say nothing new.
+        let fresh = st.refreshes.is_none_or(|r| status.refreshes > r);
+        let changed = fresh && (status.files > 0 || status.metadata_changes > 0);
         let targets = self.candidates_of(s);
         let missing = targets.iter().any(|n| !st.held.contains_key(&n.id));
         let due = since.is_none()
@@ -141,6 +210,7 @@ impl Edge {
         if !due {
             return Ok(());
         }
+        st.refreshes = Some(status.refreshes);
         for n in &targets {
             let t = Instant::now();
             match self.round(s, n, &mut st, limiter, peers).await {
