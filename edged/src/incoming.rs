@@ -16,8 +16,9 @@ use prost::Message;
 use tokio::sync::mpsc;
 use volfs::apply::{ApplyError, ApplyReport};
 
-/// Frames the receiver may be ahead of the apply thread.
-const QUEUE: usize = 16;
+/// Frames the receiver may be ahead of the apply thread (each at most
+/// [`volfs::delta::MAX_FRAME`]; 64 KiB at the default block size).
+const QUEUE: usize = 4;
 
 /// The result of an apply: the thread's own failure outside, apply's inside.
 pub type Applied = std::io::Result<Result<ApplyReport, ApplyError>>;
@@ -27,6 +28,7 @@ pub type Applied = std::io::Result<Result<ApplyReport, ApplyError>>;
 pub struct Incoming {
     tx: Option<mpsc::Sender<Vec<u8>>>,
     task: tokio::task::JoinHandle<Result<ApplyReport, ApplyError>>,
+    refused: Option<String>,
 }
 
 impl Incoming {
@@ -45,12 +47,26 @@ impl Incoming {
                 },
             )
         });
-        Incoming { tx: Some(tx), task }
+        Incoming {
+            tx: Some(tx),
+            task,
+            refused: None,
+        }
     }
 
     /// Hands the next frame to the apply. `false` when the apply ended
-    /// already (it failed: [`finish`](Self::finish) says why).
+    /// already, or the frame is past the delta format's limit (which ends
+    /// it): [`finish`](Self::finish) says why.
     pub async fn push(&mut self, f: &pb::DeltaFrame) -> bool {
+        let len = f.encoded_len();
+        if len > volfs::delta::MAX_FRAME {
+            self.refused = Some(format!(
+                "a delta frame of {len} bytes, past the limit of {}",
+                volfs::delta::MAX_FRAME
+            ));
+            self.tx = None;
+            return false;
+        }
         match &self.tx {
             Some(tx) => tx.send(f.encode_length_delimited_to_vec()).await.is_ok(),
             None => false,
@@ -60,7 +76,11 @@ impl Incoming {
     /// Ends the delta and waits for the apply.
     pub async fn finish(mut self) -> Applied {
         self.tx = None;
-        (&mut self.task).await.map_err(std::io::Error::other)
+        let r = (&mut self.task).await.map_err(std::io::Error::other)?;
+        match self.refused {
+            Some(why) => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why)),
+            None => Ok(r),
+        }
     }
 }
 

@@ -106,11 +106,14 @@ pub async fn status(backing: &Path, flush: bool) -> Result<pb::VolumeStatus, Vol
         .map_err(control_err)?
         .into_inner();
     if st.api_version != edge_proto::VOLUME_API_VERSION {
-        return Err(VolumeError::Control(format!(
-            "the volfs shim speaks version {} of the volume service, this edged {}",
-            st.api_version,
-            edge_proto::VOLUME_API_VERSION
-        )));
+        // Re-attached after an upgrade: it answers, which is what matters
+        // (fields it lacks read as zero); told once per call site.
+        tracing::debug!(
+            shim = st.api_version,
+            edged = edge_proto::VOLUME_API_VERSION,
+            backing = %backing.display(),
+            "the volfs shim speaks another version of the volume service"
+        );
     }
     Ok(st)
 }
@@ -124,6 +127,7 @@ pub async fn dirty_bytes(backing: &Path) -> u64 {
 #[derive(Debug)]
 pub struct Diff {
     stream: tonic::Streaming<pb::DiffChunk>,
+    result: Vec<u8>,
 }
 
 impl Diff {
@@ -139,26 +143,29 @@ impl Diff {
             .await
             .map_err(control_err)?
             .into_inner();
-        Ok(Diff { stream })
+        Ok(Diff {
+            stream,
+            result: Vec::new(),
+        })
     }
 
-    /// The next frame, or the summary (with the manifest the receiver then
-    /// holds) once the delta is whole.
+    /// The next frame, or the summary and the manifest the receiver then
+    /// holds (the base of the next round) once the delta is whole.
     pub async fn next(&mut self) -> Result<DiffItem, VolumeError> {
+        use pb::diff_chunk::Chunk;
         loop {
-            match self.stream.message().await.map_err(control_err)? {
-                Some(pb::DiffChunk {
-                    chunk: Some(pb::diff_chunk::Chunk::Frame(f)),
-                }) => return Ok(DiffItem::Frame(f)),
-                Some(pb::DiffChunk {
-                    chunk: Some(pb::diff_chunk::Chunk::Done(d)),
-                }) => return Ok(DiffItem::Done(d)),
-                Some(_) => {}
-                None => {
-                    return Err(VolumeError::Control(
-                        "the volume's delta ended before its summary".into(),
-                    ));
+            let Some(c) = self.stream.message().await.map_err(control_err)? else {
+                return Err(VolumeError::Control(
+                    "the volume's delta ended before its summary".into(),
+                ));
+            };
+            match c.chunk {
+                Some(Chunk::Frame(f)) => return Ok(DiffItem::Frame(f)),
+                Some(Chunk::ResultPart(p)) => self.result.extend_from_slice(&p),
+                Some(Chunk::Done(d)) => {
+                    return Ok(DiffItem::Done(d, std::mem::take(&mut self.result)));
                 }
+                None => {}
             }
         }
     }
@@ -169,8 +176,9 @@ impl Diff {
 pub enum DiffItem {
     /// A frame of the delta, in order.
     Frame(pb::DeltaFrame),
-    /// The delta is whole.
-    Done(pb::DiffDone),
+    /// The delta is whole: its summary, and the manifest the receiver
+    /// holds once it applied it (empty unless asked for).
+    Done(pb::DiffDone, Vec<u8>),
 }
 
 /// The write throttle of a live volume, as a handover's auto-converge sets
@@ -256,6 +264,37 @@ async fn throttle(backing: &Path, rate: u64, lease: Duration) -> Result<u64, Vol
         .await
         .map_err(control_err)?;
     Ok(r.into_inner().bytes_per_sec)
+}
+
+/// Unmounts the shim `pid` of a volume through the text control socket the
+/// shims of older edgeds answer (`BACKING/.volfs/control.sock`, one line
+/// `unmount`), and waits up to 10 s for it to exit; nothing when there is
+/// no such socket.
+pub async fn unmount_legacy(backing: &Path, pid: u32) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let sock = backing.join(volfs::scan::META_DIR).join("control.sock");
+    let Ok(mut c) = tokio::net::UnixStream::connect(&sock).await else {
+        return;
+    };
+    tracing::info!(pid, backing = %backing.display(), "unmounting the volfs shim of an older edged");
+    let asked = async {
+        c.write_all(b"unmount\n").await?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(&mut c)
+            .read_line(&mut line)
+            .await?;
+        Ok::<_, std::io::Error>(line)
+    };
+    if tokio::time::timeout(Duration::from_secs(5), asked)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Detaches whatever is mounted at `mountpoint` (a dead shim leaves a

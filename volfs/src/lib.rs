@@ -24,6 +24,7 @@
 //!   service it answers on its socket, and the client of it.
 //! - [`throttle`]: holding write replies while a handover catches up.
 //! - [`offline`]: the same operations on an unmounted volume.
+//! - [`wire`]: what a manifest from another edge would cost, counted before decoding.
 //! - [`fuzz`]: the delta reader and apply as one fuzz target.
 //! - `sys`: thin wrappers over the `*at` system calls.
 
@@ -44,6 +45,7 @@ pub mod scan;
 pub mod service;
 mod sys;
 pub mod throttle;
+pub mod wire;
 
 pub use manifest::{DEFAULT_BLOCK_SIZE, Hash, Manifest, hex};
 pub use mount::{LiveVolume, MountHandle, MountOptions, mount};

@@ -287,46 +287,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|b| offline::read_manifest_file(&b))
                 .transpose()
                 .map_err(anyhow::Error::msg)?;
-            if Backing::is_locked(&backing) || fs::exists(Backing::socket_path(&backing))? {
-                // Live: the frames come over the socket into the file.
-                let base_bytes = base.as_ref().map(|m| m.to_bytes()).unwrap_or_default();
-                let mut done = None;
-                write_whole(&out, |w| {
-                    let d = live(&backing, async |mut c| {
-                        let req = pb::DiffRequest {
-                            base: base_bytes,
-                            want_result: false,
-                        };
-                        let mut s = c.diff(req).await?.into_inner();
-                        while let Some(chunk) = s.message().await? {
-                            match chunk.chunk {
-                                Some(pb::diff_chunk::Chunk::Frame(f)) => w
-                                    .write_all(&f.encode_length_delimited_to_vec())
-                                    .map_err(|e| tonic::Status::internal(e.to_string()))?,
-                                Some(pb::diff_chunk::Chunk::Done(d)) => return Ok(d),
-                                None => {}
-                            }
-                        }
-                        Err(tonic::Status::data_loss("the delta ended early"))
-                    })?;
-                    done = d;
-                    anyhow::ensure!(
-                        done.is_some(),
-                        "volume {} is not mounted",
-                        backing.display()
-                    );
-                    Ok(())
-                })?;
-                println!("{}", summary(&done.expect("checked")));
-                return Ok(());
-            }
-            let mut s = None;
+            let base_bytes = base.as_ref().map(|m| m.to_bytes()).unwrap_or_default();
+            let mut said = String::new();
             write_whole(&out, |w| {
-                s = Some(offline::diff(&backing, base.as_ref(), w)?);
+                // Live: the frames come over the socket into the file.
+                let d = live(&backing, async |mut c| {
+                    let req = pb::DiffRequest {
+                        base: base_bytes,
+                        want_result: false,
+                    };
+                    let mut s = c.diff(req).await?.into_inner();
+                    while let Some(chunk) = s.message().await? {
+                        match chunk.chunk {
+                            Some(pb::diff_chunk::Chunk::Frame(f)) => w
+                                .write_all(&f.encode_length_delimited_to_vec())
+                                .map_err(|e| tonic::Status::internal(e.to_string()))?,
+                            Some(pb::diff_chunk::Chunk::Done(d)) => return Ok(d),
+                            _ => {}
+                        }
+                    }
+                    Err(tonic::Status::data_loss("the delta ended early"))
+                })?;
+                said = match d {
+                    Some(d) => summary(&d),
+                    // Not mounted: from the backing directory.
+                    None => summary(&service::done_of(&offline::diff(
+                        &backing,
+                        base.as_ref(),
+                        &mut *w,
+                    )?)),
+                };
                 Ok(())
             })?;
-            let s = s.expect("written");
-            println!("{}", summary(&service::done_of(&s, false)));
+            println!("{said}");
             Ok(())
         }
         Cmd::Apply { target, delta } => {

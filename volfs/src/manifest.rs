@@ -338,6 +338,15 @@ impl Manifest {
         let (m, _, _) = decode_persisted(b)?;
         Ok(m)
     }
+
+    /// [`Manifest::from_bytes`] for bytes from another edge: what they would
+    /// take decoded is counted first ([`crate::wire`]) and refused past the
+    /// entries and manifest bytes of `limits`.
+    pub fn from_untrusted(b: &[u8], limits: &crate::delta::Limits) -> Result<Self, ManifestError> {
+        crate::wire::manifest_cost(b, limits.max_entries, limits.max_manifest_bytes)
+            .map_err(|e| ManifestError::Corrupt(e.to_string()))?;
+        Self::from_bytes(b)
+    }
 }
 
 fn put_bytes(buf: &mut Vec<u8>, b: &[u8]) {

@@ -34,9 +34,13 @@ use crate::manifest::Manifest;
 use crate::mount::{LiveVolume, Unmounter};
 use crate::throttle::MAX_TTL;
 
-/// Largest message either side takes: a manifest (a `Diff`'s base or
-/// result) of a big volume, as the peer protocol bounds it.
-pub const MAX_MESSAGE: usize = 64 << 20;
+/// Largest message either side takes: a `Diff`'s base, the manifest of a
+/// volume of some 800 GiB at 64 KiB blocks (a base that came from another
+/// edge is bounded by the peer protocol's 64 MiB first).
+pub const MAX_MESSAGE: usize = 512 << 20;
+
+/// Largest part of a `Diff`'s result manifest.
+pub const RESULT_PART: usize = 4 << 20;
 
 /// How long a throttle holds when its request names no TTL.
 const DEFAULT_THROTTLE_TTL: Duration = Duration::from_secs(10);
@@ -122,7 +126,7 @@ pub fn status_of(live: &LiveVolume) -> pb::VolumeStatus {
 }
 
 /// The last message of a `Diff`.
-pub fn done_of(s: &DeltaSummary, want_result: bool) -> pb::DiffDone {
+pub fn done_of(s: &DeltaSummary) -> pb::DiffDone {
     pb::DiffDone {
         entries: s.entries,
         removed: s.removed,
@@ -131,11 +135,6 @@ pub fn done_of(s: &DeltaSummary, want_result: bool) -> pb::DiffDone {
         wire_bytes: s.wire_bytes,
         raced_blocks: s.raced_blocks,
         root: s.manifest.root().to_vec(),
-        result: if want_result {
-            s.manifest.to_bytes()
-        } else {
-            Vec::new()
-        },
     }
 }
 
@@ -241,30 +240,44 @@ impl Volume for Service {
         req: Request<pb::DiffRequest>,
     ) -> Result<Response<Self::DiffStream>, Status> {
         let r = req.into_inner();
-        let base = if r.base.is_empty() {
-            Manifest::empty(self.live.block_size())
-        } else {
-            Manifest::from_bytes(&r.base)
-                .map_err(|e| Status::invalid_argument(format!("base manifest: {e}")))?
-        };
+        // The base may come from another edge: counted before it is
+        // decoded, off this runtime (it serves the volume's other calls).
+        let block_size = self.live.block_size();
+        let base = tokio::task::spawn_blocking(move || {
+            if r.base.is_empty() {
+                Ok(Manifest::empty(block_size))
+            } else {
+                Manifest::from_untrusted(&r.base, &crate::delta::Limits::default())
+            }
+        })
+        .await
+        .map_err(internal)?
+        .map_err(|e| Status::invalid_argument(format!("base manifest: {e}")))?;
+        let want_result = r.want_result;
         let (tx, rx) = mpsc::channel::<Result<pb::DiffChunk, Status>>(DIFF_QUEUE);
         let live = self.live.clone();
         // The scan is synchronous (it reads and hashes files); each frame
         // waits for room in the channel, and a reader that went away ends it.
         tokio::task::spawn_blocking(move || {
-            let sink = |f: pb::DeltaFrame| {
-                tx.blocking_send(Ok(pb::DiffChunk {
-                    chunk: Some(pb::diff_chunk::Chunk::Frame(f)),
-                }))
-                .map_err(|_| std::io::Error::other("the reader of the delta went away"))
+            let send = |c: pb::diff_chunk::Chunk| {
+                tx.blocking_send(Ok(pb::DiffChunk { chunk: Some(c) }))
+                    .map_err(|_| std::io::Error::other("the reader of the delta went away"))
             };
-            let last = match live.delta_frames(&base, sink) {
-                Ok(s) => Ok(pb::DiffChunk {
-                    chunk: Some(pb::diff_chunk::Chunk::Done(done_of(&s, r.want_result))),
-                }),
-                Err(e) => Err(internal(e)),
+            let s = match live.delta_frames(&base, |f| send(pb::diff_chunk::Chunk::Frame(f))) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(internal(e)));
+                    return;
+                }
             };
-            let _ = tx.blocking_send(last);
+            if want_result {
+                for part in s.manifest.to_bytes().chunks(RESULT_PART) {
+                    if send(pb::diff_chunk::Chunk::ResultPart(part.to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+            let _ = send(pb::diff_chunk::Chunk::Done(done_of(&s)));
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

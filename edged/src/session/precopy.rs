@@ -99,6 +99,11 @@ impl Watched {
     }
 }
 
+/// Pre-copy rounds this edge stages at once.
+const MAX_STAGES: usize = 8;
+
+static STAGES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_STAGES);
+
 /// The longest a pre-copy round may send nothing before the staging edge
 /// gives it up (and the staging lock with it).
 const STAGE_IDLE: Duration = Duration::from_secs(30);
@@ -210,11 +215,13 @@ impl Edge {
         if !due {
             return Ok(());
         }
-        st.refreshes = Some(status.refreshes);
+        let mut refreshed = false;
         for n in &targets {
             let t = Instant::now();
             match self.round(s, n, &mut st, limiter, peers).await {
                 Ok(bytes) => {
+                    // The round's diff took the marks the status counted.
+                    refreshed = true;
                     tracing::debug!(session = %s.id, to = %n.id, bytes, ms = t.elapsed().as_millis() as u64, "pre-copy round")
                 }
                 // Refused before anything was applied: what it holds is
@@ -245,6 +252,9 @@ impl Edge {
                     }
                 }
             }
+        }
+        if refreshed {
+            st.refreshes = Some(status.refreshes);
         }
         st.last_round = Some(Instant::now());
         Ok(())
@@ -312,7 +322,7 @@ impl Edge {
                             return Ok((total, None));
                         }
                     }
-                    volume::DiffItem::Done(d) => return Ok::<_, Status>((total, Some(d))),
+                    volume::DiffItem::Done(_, held) => return Ok::<_, Status>((total, Some(held))),
                 }
             }
         };
@@ -322,10 +332,10 @@ impl Edge {
         let (fed, sent) = tokio::join!(feed, peer.precopy(ReceiverStream::new(rx)));
         sent?;
         let (total, done) = fed?;
-        let done = done.ok_or_else(|| Status::internal("the pre-copy stream closed early"))?;
+        let held_now = done.ok_or_else(|| Status::internal("the pre-copy stream closed early"))?;
         let next = dir.join(format!("{}.next", n.id));
         let held = dir.join(format!("{}.manifest", n.id));
-        tokio::fs::write(&next, &done.result)
+        tokio::fs::write(&next, &held_now)
             .await
             .map_err(|e| internal(&e))?;
         tokio::fs::rename(&next, &held)
@@ -337,9 +347,16 @@ impl Edge {
 
     /// Candidate side: stages one pre-copy round.
     pub async fn stage(
-        &self,
+        self: &Arc<Self>,
         mut stream: tonic::Streaming<pb::PrecopyChunk>,
     ) -> Result<pb::PrecopyAck, Status> {
+        // Each round holds a blocking thread for its apply: a bounded few
+        // at a time, whatever the neighbours send.
+        let Ok(permit) = STAGES.try_acquire() else {
+            return Err(Status::unavailable(format!(
+                "this edge stages {MAX_STAGES} pre-copy rounds already; try again"
+            )));
+        };
         let Some(pb::PrecopyChunk {
             chunk: Some(pb::precopy_chunk::Chunk::Meta(meta)),
         }) = stream.message().await?
@@ -366,18 +383,40 @@ impl Edge {
                 "this edge is still moving the released session's volume into staging; try again",
             ));
         }
-        let lock = self.staging_lock(&meta.session_id);
+        // A task of its own: should the caller go, the round still ends
+        // (its stream breaks, the apply finishes or fails) before the
+        // staging lock is let go.
+        let edge = self.clone();
+        tokio::spawn(async move {
+            let r = edge.stage_round(&meta.session_id, stream).await;
+            drop(permit);
+            r
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+    }
+
+    async fn stage_round(
+        &self,
+        id: &str,
+        mut stream: tonic::Streaming<pb::PrecopyChunk>,
+    ) -> Result<pb::PrecopyAck, Status> {
+        let internal = |e: &dyn std::fmt::Display| Status::internal(e.to_string());
+        let lock = self.staging_lock(id);
         let _g = lock.lock().await;
-        if self.is_pulling(&meta.session_id) {
+        if self.is_pulling(id) {
             return Err(Status::failed_precondition(
                 "a handover of this session is under way",
             ));
         }
-        let staged = self.staging_dir(&meta.session_id);
+        let staged = self.staging_dir(id);
         let vol = staged.join("volume");
+        // A full round (against nothing) goes to a fresh copy beside the
+        // staged one, which it replaces only once it applied whole.
+        let fresh = staged.join("volume.new");
         tokio::fs::create_dir_all(&vol)
             .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| internal(&e))?;
         // The round is applied as it arrives (crate::incoming: never whole
         // in memory, never spooled), within what is left of this edge's
         // staging budget.
@@ -387,7 +426,7 @@ impl Edge {
             .unwrap_or(0);
         let room = self.cfg.precopy.staging_budget.saturating_sub(used);
         let mut n = 0u64;
-        let mut applying: Option<Incoming> = None;
+        let mut applying: Option<(Incoming, bool)> = None;
         let received = async {
             // The staging lock is held while the round streams in: a
             // neighbour that stops sending loses it after STAGE_IDLE.
@@ -417,17 +456,21 @@ impl Edge {
                         Some(pb::delta_frame::Frame::Header(h))
                             if h.base_root == volfs::Manifest::empty(h.block_size).root()
                     );
-                    if full {
-                        // Against nothing: start the staged copy afresh.
-                        let _ = tokio::fs::remove_dir_all(&vol).await;
-                        tokio::fs::create_dir_all(&vol)
+                    let target = if full {
+                        let _ = tokio::fs::remove_dir_all(&fresh).await;
+                        tokio::fs::create_dir_all(&fresh)
                             .await
-                            .map_err(|e| Status::internal(e.to_string()))?;
-                    }
+                            .map_err(|e| internal(&e))?;
+                        &fresh
+                    } else {
+                        &vol
+                    };
+                    applying = Some((Incoming::start(target), full));
                 }
-                let inc = applying.get_or_insert_with(|| Incoming::start(&vol));
-                if !inc.push(&f).await {
-                    // The apply failed already: its error says why.
+                let trailer = matches!(f.frame, Some(pb::delta_frame::Frame::Trailer(_)));
+                let (inc, _) = applying.as_mut().expect("started above");
+                // A false push: the apply failed already; its error says why.
+                if !inc.push(&f).await || trailer {
                     break;
                 }
             }
@@ -436,15 +479,27 @@ impl Edge {
         .await;
         // Cut short (an error above): the apply sees a truncated delta and
         // changes nothing.
-        let Some(inc) = applying else {
+        let Some((inc, full)) = applying else {
             received?;
             return Err(Status::invalid_argument("the pre-copy round held no delta"));
         };
         let report = inc.finish().await;
-        received?;
-        let report = report
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::data_loss(e.to_string()))?;
+        let applied = received.and_then(|()| {
+            report
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::data_loss(e.to_string()))
+        });
+        if full {
+            if applied.is_ok() {
+                let _ = tokio::fs::remove_dir_all(&vol).await;
+                tokio::fs::rename(&fresh, &vol)
+                    .await
+                    .map_err(|e| internal(&e))?;
+            } else {
+                let _ = tokio::fs::remove_dir_all(&fresh).await;
+            }
+        }
+        let report = applied?;
         Ok(pb::PrecopyAck {
             root: report.root.to_vec(),
             bytes: n,

@@ -273,6 +273,14 @@ impl Edge {
                     }
                 }
                 Some(Chunk::Final(f)) => {
+                    if let Some(inc) = applying.take() {
+                        // A round without its trailer: nothing of it applies.
+                        let _ = inc.finish().await;
+                        return Err((
+                            Status::data_loss("the old edge ended the handover inside a round"),
+                            attempt_of(&meta),
+                        ));
+                    }
                     root = Some(f.root);
                     final_at = Instant::now();
                 }

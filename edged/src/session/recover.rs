@@ -206,8 +206,14 @@ impl Edge {
                     .volfs_pid
                     .filter(|p| crate::runtime::process::pid_alive(*p))
                 {
-                    // SAFETY: kill has no memory-safety preconditions.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    // A shim of an older edged (its text control socket):
+                    // asked to unmount, so it saves what it holds, before
+                    // anything harsher.
+                    volume::unmount_legacy(&layout.backing(), pid).await;
+                    if crate::runtime::process::pid_alive(pid) {
+                        // SAFETY: kill has no memory-safety preconditions.
+                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    }
                 }
                 volume::detach(&layout.mnt());
                 self.start_shim(&session).await?

@@ -67,7 +67,7 @@ impl Edge {
         // One round: the delta from what B holds, streamed out of volfs
         // frame by frame onto the handover stream (never a file, never whole
         // in memory). Returns its bytes and what B then holds.
-        let round = async |base: Vec<u8>| -> Result<(u64, pb::DiffDone), Status> {
+        let round = async |base: Vec<u8>| -> Result<(u64, pb::DiffDone, Vec<u8>), Status> {
             let mut diff = volume::Diff::start(&backing, base)
                 .await
                 .map_err(io_status)?;
@@ -78,7 +78,7 @@ impl Edge {
                         bytes += f.encoded_len() as u64;
                         send(Chunk::Frame(f)).await?;
                     }
-                    volume::DiffItem::Done(d) => return Ok((bytes, d)),
+                    volume::DiffItem::Done(d, held) => return Ok((bytes, d, held)),
                 }
             }
         };
@@ -98,7 +98,7 @@ impl Edge {
         let mut n = 1u32;
         let held1 = loop {
             let t = Instant::now();
-            let (bytes, done) = round(base).await?;
+            let (bytes, _, held) = round(base).await?;
             // Timed by delivery when the puller acknowledges rounds: sent is
             // not yet there (socket and link buffers hold seconds), and the
             // final round must not queue behind a live one.
@@ -194,9 +194,9 @@ impl Edge {
                         "live rounds done"
                     );
                 }
-                break done.result;
+                break held;
             }
-            base = done.result;
+            base = held;
             n += 1;
         };
         // Running ops finish at full speed; new calls are held from here.
@@ -228,7 +228,7 @@ impl Edge {
         }))
         .await?;
         // The final round: the instance is frozen; the diff flushes volfs first.
-        let (_, done2) = round(held1).await?;
+        let (_, done2, _) = round(held1).await?;
         for (op_id, o) in s.journal.done_ops() {
             let op = match o {
                 Outcome::Ok(p) => pb::OpResult {
