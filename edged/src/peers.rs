@@ -5,7 +5,16 @@
 //! "old edge" at an address a client named cannot answer; and this edge
 //! presents its own certificate, which the peer reads its id from. Without
 //! TLS (`insecure_plaintext`, loopback only) the id is not checked.
+//!
+//! Connections are pooled: one per (id, address), made on first use and
+//! kept (a tonic channel reconnects by itself, with the same identity
+//! check), so pre-copy rounds, handovers and releases to a neighbour share
+//! one HTTP/2 connection rather than a TLS handshake each. An entry is
+//! forgotten when a call on it finds the peer unreachable, and the pool
+//! holds at most [`MAX_POOLED`] entries.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use edge_proto::v1::peer_client::PeerClient;
@@ -17,16 +26,59 @@ use crate::tls::Material;
 /// Largest message of the peer protocol (a delta frame).
 pub const MAX_MESSAGE: usize = 64 << 20;
 
+/// Connections the pool keeps at most (neighbours and the edges sessions
+/// came from); past it, the pool starts over.
+pub const MAX_POOLED: usize = 256;
+
+/// Pooled connections by (edge id, address).
+type Pool = HashMap<(String, String), PeerClient<Channel>>;
+
 /// Dials peers (see the module docs).
 #[derive(Debug, Clone)]
 pub struct Peers {
     tls: Option<Material>,
+    pool: Arc<Mutex<Pool>>,
 }
 
 impl Peers {
     /// Dials with `tls`, or in plaintext when None.
     pub fn new(tls: Option<Material>) -> Peers {
-        Peers { tls }
+        Peers {
+            tls,
+            pool: Arc::default(),
+        }
+    }
+
+    fn key(id: &str, addr: &str) -> (String, String) {
+        let bare = addr
+            .trim_start_matches("https://")
+            .trim_start_matches("http://");
+        (id.to_string(), bare.to_string())
+    }
+
+    /// A client of the edge `id` at `addr`: the pooled connection, or a new
+    /// one ([`Peers::connect`]) kept for the next call.
+    pub async fn dial(&self, id: &str, addr: &str) -> Result<PeerClient<Channel>, Status> {
+        let key = Self::key(id, addr);
+        if let Some(c) = self.lock().get(&key) {
+            return Ok(c.clone());
+        }
+        let c = self.connect(id, addr).await?;
+        let mut pool = self.lock();
+        if pool.len() >= MAX_POOLED {
+            pool.clear();
+        }
+        Ok(pool.entry(key).or_insert(c).clone())
+    }
+
+    /// Drops the pooled connection to `id` at `addr` (the peer did not
+    /// answer): the next dial connects afresh.
+    pub fn forget(&self, id: &str, addr: &str) {
+        self.lock().remove(&Self::key(id, addr));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The certificates this edge serves with, under TLS.
@@ -39,9 +91,9 @@ impl Peers {
         self.tls.is_some()
     }
 
-    /// A client of the edge `id` at `addr` (`host:port`), with the limits
-    /// of a delta stream. `id` may be empty only without TLS.
-    pub async fn dial(&self, id: &str, addr: &str) -> Result<PeerClient<Channel>, Status> {
+    /// A new connection to the edge `id` at `addr` (`host:port`), with the
+    /// limits of a delta stream. `id` may be empty only without TLS.
+    pub async fn connect(&self, id: &str, addr: &str) -> Result<PeerClient<Channel>, Status> {
         let bare = addr
             .trim_start_matches("https://")
             .trim_start_matches("http://");

@@ -818,3 +818,67 @@ async fn a_candidate_past_its_staging_budget_refuses_pre_copy_but_still_takes_a_
     let r = s.invoke(ADD, add("on b")).await.unwrap();
     assert_eq!(edgeshift_tests::list::count_of(r), 101);
 }
+
+/// Inodes of the established TCP sockets process `pid` holds toward `to`.
+fn sockets_to(pid: u32, to: std::net::SocketAddr) -> Vec<u64> {
+    let std::net::SocketAddr::V4(to) = to else {
+        panic!("an IPv4 edge address")
+    };
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(to.ip().octets()),
+        to.port()
+    );
+    let mine: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect();
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // sl local rem st ... inode (the 10th field)
+            (f.get(2) == Some(&want.as_str()) && f.get(3) == Some(&"01"))
+                .then(|| f.get(9)?.parse().ok())
+                .flatten()
+        })
+        .filter(|i| mine.contains(i))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handovers_between_two_edges_reuse_one_pooled_connection() {
+    let bases = Bases::new();
+    let apps = bases.process_apps();
+    let (a, b) = (
+        Edge::start("a", "127.0.0.1", &apps, ""),
+        Edge::start("b", "127.0.0.2", &apps, ""),
+    );
+    let (ca, cb) = (a.client().await, b.client().await);
+    let s = ca.open_session("list", "pooled").await.unwrap();
+    s.invoke(ADD, add("one")).await.unwrap();
+    let pid_b = b.pid().unwrap();
+    assert!(sockets_to(pid_b, a.addr).is_empty());
+    // B pulls from A: it dials A, and keeps the connection.
+    s.handover_to(&cb, |_| {}).await.unwrap();
+    let first = sockets_to(pid_b, a.addr);
+    assert_eq!(first.len(), 1, "B holds one connection to A");
+    // Back to A, and to B again: the second pull from A goes over the same
+    // connection (no new handshake).
+    s.handover_to(&ca, |_| {}).await.unwrap();
+    s.handover_to(&cb, |_| {}).await.unwrap();
+    assert_eq!(
+        sockets_to(pid_b, a.addr),
+        first,
+        "the pull reused B's connection"
+    );
+    assert_eq!(sockets_to(a.pid().unwrap(), b.addr).len(), 1);
+    assert_eq!(items(&s).await, ["one"]);
+    s.close().await.unwrap();
+}

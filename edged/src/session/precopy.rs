@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edge_proto::v1 as pb;
-use edge_proto::v1::peer_client::PeerClient;
 use prost::Message;
 use tokio::sync::Mutex;
 use tokio_stream::wrappers::ReceiverStream;
@@ -157,7 +156,6 @@ impl Edge {
             return;
         }
         let limiter = Arc::new(RateLimiter::new(self.cfg.precopy.bandwidth_mbit));
-        let mut peers: HashMap<String, PeerClient<tonic::transport::Channel>> = HashMap::new();
         // Each session's dirty state as its volfs pushes it: a tick reads
         // memory, and an idle session costs no request at all.
         let mut watched: HashMap<String, Watched> = HashMap::new();
@@ -187,7 +185,7 @@ impl Edge {
                 let Some(status) = *w.rx.borrow() else {
                     continue;
                 };
-                if let Err(e) = self.maybe_round(&s, &status, &limiter, &mut peers).await {
+                if let Err(e) = self.maybe_round(&s, &status, &limiter).await {
                     tracing::debug!(session = %s.id, error = %e, "pre-copy round failed");
                 }
             }
@@ -199,7 +197,6 @@ impl Edge {
         s: &Arc<Session>,
         status: &pb::VolumeStatus,
         limiter: &Arc<RateLimiter>,
-        peers: &mut HashMap<String, PeerClient<tonic::transport::Channel>>,
     ) -> Result<(), Status> {
         let mut st = s.precopy.lock().await;
         let since = st.last_round.map(|t| t.elapsed());
@@ -218,7 +215,7 @@ impl Edge {
         let mut refreshed = false;
         for n in &targets {
             let t = Instant::now();
-            match self.round(s, n, &mut st, limiter, peers).await {
+            match self.round(s, n, &mut st, limiter).await {
                 Ok(bytes) => {
                     // The round's diff took the marks the status counted.
                     refreshed = true;
@@ -237,13 +234,13 @@ impl Edge {
                 {
                     tracing::debug!(session = %s.id, to = %n.id, error = %e.message(), "pre-copy round refused for now");
                     if e.code() == tonic::Code::Unavailable {
-                        peers.remove(&n.id);
+                        self.peers.forget(&n.id, &n.addr);
                     }
                 }
                 Err(e) => {
                     // Unknown state on the candidate: the next round sends everything.
                     st.held.remove(&n.id);
-                    peers.remove(&n.id);
+                    self.peers.forget(&n.id, &n.addr);
                     if e.code() == tonic::Code::PermissionDenied {
                         // A configuration to fix (neighbours are mutual), not a passing fault.
                         tracing::warn!(to = %n.id, error = %e.message(), "the neighbour refuses this edge's pre-copy: does it list this edge as a neighbour too?");
@@ -266,7 +263,6 @@ impl Edge {
         n: &Neighbour,
         st: &mut PrecopyState,
         limiter: &Arc<RateLimiter>,
-        peers: &mut HashMap<String, PeerClient<tonic::transport::Channel>>,
     ) -> Result<u64, Status> {
         let internal = |e: &dyn std::fmt::Display| Status::internal(e.to_string());
         let dir = s.dir.join("precopy");
@@ -277,14 +273,7 @@ impl Edge {
             Some(p) => tokio::fs::read(p).await.map_err(|e| internal(&e))?,
             None => Vec::new(),
         };
-        let peer = match peers.get(&n.id) {
-            Some(p) => p.clone(),
-            None => {
-                let p = self.peers.dial(&n.id, &n.addr).await?;
-                peers.insert(n.id.clone(), p.clone());
-                p
-            }
-        };
+        let peer = self.peers.dial(&n.id, &n.addr).await?;
         let meta = pb::SessionMeta {
             session_id: s.id.clone(),
             app: s.app.clone(),

@@ -216,6 +216,11 @@ impl Edge {
                             reason: st.message().to_string(),
                         },
                     );
+                    if st.code() == tonic::Code::Unavailable {
+                        // The old edge stopped answering: the next pull
+                        // from it connects afresh.
+                        self.peers.forget(&owner.edge_id, &owner.addr);
+                    }
                     if st.code() == tonic::Code::DataLoss && tries < PULL_ATTEMPTS {
                         tracing::warn!(error = %st.message(), tries, "damaged in transit; pulling again");
                         self.puller_step(
@@ -385,6 +390,7 @@ impl Edge {
                 }
                 Some(Err(st)) => {
                     tracing::warn!(session = %id, error = %st.message(), "release not answered; asking again");
+                    self.peers.forget(&owner.edge_id, &owner.addr);
                     peer = None;
                 }
                 None => {}
