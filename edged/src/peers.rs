@@ -26,6 +26,10 @@ use crate::tls::Material;
 /// Largest message of the peer protocol (a delta frame).
 pub const MAX_MESSAGE: usize = 64 << 20;
 
+/// Flow-control window of a whole connection between edges, several times
+/// a stream's, so one stalled stream leaves room for the others.
+pub const CONNECTION_WINDOW: u32 = 8 << 20;
+
 /// Connections the pool keeps at most (neighbours and the edges sessions
 /// came from); past it, the pool starts over.
 pub const MAX_POOLED: usize = 256;
@@ -106,7 +110,9 @@ impl Peers {
             // even while a stream waits on it.
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true);
+            .keep_alive_while_idle(true)
+            // Shared by bulk rounds and small calls (see server::run).
+            .initial_connection_window_size(CONNECTION_WINDOW);
         if self.tls.is_none() && !crate::config::loopback(bare) {
             return Err(Status::permission_denied(format!(
                 "this edge runs in insecure_plaintext and dials loopback addresses only, not {bare}"

@@ -377,7 +377,11 @@ pub async fn run(
             let _ = s.set_nodelay(true);
         })
     });
-    let mut builder = tonic::transport::Server::builder();
+    // One connection carries a peer's pre-copy rounds, pulls and releases
+    // (edged pools them): a stalled bulk stream must not take the whole
+    // connection's flow-control window from a release.
+    let mut builder = tonic::transport::Server::builder()
+        .initial_connection_window_size(crate::peers::CONNECTION_WINDOW);
     if let Some(tls) = edge.peers.material() {
         builder = builder.tls_config(tls.edge_port())?;
     }

@@ -26,6 +26,9 @@ pub enum VolumeError {
     /// A request to the shim failed.
     #[error("volfs control: {0}")]
     Control(String),
+    /// volfs refused the base of a delta.
+    #[error("volfs: {0}")]
+    BadBase(String),
 }
 
 /// Copies the contents of `base` into the empty directory `backing`,
@@ -141,7 +144,10 @@ impl Diff {
                 want_result: true,
             })
             .await
-            .map_err(control_err)?
+            .map_err(|st| match st.code() {
+                tonic::Code::InvalidArgument => VolumeError::BadBase(st.message().to_string()),
+                _ => control_err(st),
+            })?
             .into_inner();
         Ok(Diff {
             stream,

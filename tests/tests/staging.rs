@@ -1,6 +1,7 @@
 //! Pre-copy rounds a neighbour sends, as the staging edge takes them: a
-//! whole round is staged, and one cut short or carrying a frame past the
-//! delta format's limit changes nothing of the copy already staged.
+//! whole round is staged, and one cut short, carrying a frame past the
+//! delta format's limit, or anything but frames after its identity changes
+//! nothing of the copy already staged.
 
 use edge_proto::v1 as pb;
 use edge_proto::v1::peer_client::PeerClient;
@@ -91,6 +92,13 @@ async fn a_round_cut_short_or_past_the_frame_limit_leaves_the_staged_copy_as_it_
         !a.data_dir.join("staging/s1/volume.new").exists(),
         "a cut round left its fresh copy behind"
     );
+    // Anything but frames after the identity (which would hold the staging
+    // lock without counting against the budget) is refused.
+    let mut twice = round("s1", full_delta(b"other"));
+    twice.insert(1, twice[0].clone());
+    let st = peer.precopy(tokio_stream::iter(twice)).await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
+    assert_eq!(std::fs::read(&staged).unwrap(), b"good");
     // A whole round replaces the copy.
     peer.precopy(tokio_stream::iter(round("s1", full_delta(b"new"))))
         .await

@@ -36,7 +36,8 @@ use crate::throttle::MAX_TTL;
 
 /// Largest message either side takes: a `Diff`'s base, the manifest of a
 /// volume of some 800 GiB at 64 KiB blocks (a base that came from another
-/// edge is bounded by the peer protocol's 64 MiB first).
+/// edge is bounded by the peer protocol's 64 MiB first, and a puller whose
+/// staged copy's manifest is larger asks for everything).
 pub const MAX_MESSAGE: usize = 512 << 20;
 
 /// Largest part of a `Diff`'s result manifest.
@@ -123,6 +124,16 @@ pub fn status_of(live: &LiveVolume) -> pb::VolumeStatus {
         throttle_bytes_per_sec: live.throttle().rate(),
         refreshes: live.refreshes(),
     }
+}
+
+/// (entries, bytes) a manifest takes in memory, as [`crate::wire`] counts.
+fn cost_of(m: &Manifest) -> (u64, u64) {
+    let blocks: u64 = m.entries.values().map(|e| e.blocks.len() as u64).sum();
+    let n = m.entries.len() as u64;
+    (
+        n,
+        n * crate::wire::PER_ENTRY + blocks * (crate::wire::PER_ELEMENT + 34),
+    )
 }
 
 /// The last message of a `Diff`.
@@ -242,13 +253,23 @@ impl Volume for Service {
         let r = req.into_inner();
         // The base may come from another edge: counted before it is
         // decoded, off this runtime (it serves the volume's other calls).
-        let block_size = self.live.block_size();
+        let live = self.live.clone();
         let base = tokio::task::spawn_blocking(move || {
             if r.base.is_empty() {
-                Ok(Manifest::empty(block_size))
-            } else {
-                Manifest::from_untrusted(&r.base, &crate::delta::Limits::default())
+                return Ok(Manifest::empty(live.block_size()));
             }
+            // A base is an earlier state of this volume: up to twice what
+            // this volume's own manifest takes, or the delta format's
+            // budget when that is more. A base past it (a volume that
+            // shrank a lot) is refused; the client sends a full delta.
+            let own = cost_of(&live.manifest());
+            let d = crate::delta::Limits::default();
+            let limits = crate::delta::Limits {
+                max_entries: d.max_entries.max(2 * own.0),
+                max_manifest_bytes: d.max_manifest_bytes.max(2 * own.1),
+                ..d
+            };
+            Manifest::from_untrusted(&r.base, &limits)
         })
         .await
         .map_err(internal)?

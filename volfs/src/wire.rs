@@ -9,9 +9,10 @@
 //! manifest past a budget is refused before anything is built.
 
 /// Fixed cost charged per decoded entry (the struct and its map slot).
-const PER_ENTRY: u64 = 512;
-/// Per element of a repeated field inside an entry (a `Vec` and its slot).
-const PER_ELEMENT: u64 = 64;
+pub const PER_ENTRY: u64 = 256;
+/// Per element of a repeated field inside an entry (a `Vec` and its slot;
+/// a block hash is 24 + 32 bytes).
+pub const PER_ELEMENT: u64 = 56;
 
 /// Why the bytes are refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -233,14 +233,16 @@ impl Edge {
                     ) =>
                 {
                     tracing::debug!(session = %s.id, to = %n.id, error = %e.message(), "pre-copy round refused for now");
-                    if e.code() == tonic::Code::Unavailable {
+                    if edge_proto::lost_connection(&e) {
                         self.peers.forget(&n.id, &n.addr);
                     }
                 }
                 Err(e) => {
                     // Unknown state on the candidate: the next round sends everything.
                     st.held.remove(&n.id);
-                    self.peers.forget(&n.id, &n.addr);
+                    if edge_proto::lost_connection(&e) {
+                        self.peers.forget(&n.id, &n.addr);
+                    }
                     if e.code() == tonic::Code::PermissionDenied {
                         // A configuration to fix (neighbours are mutual), not a passing fault.
                         tracing::warn!(to = %n.id, error = %e.message(), "the neighbour refuses this edge's pre-copy: does it list this edge as a neighbour too?");
@@ -346,9 +348,12 @@ impl Edge {
                 "this edge stages {MAX_STAGES} pre-copy rounds already; try again"
             )));
         };
+        let first = tokio::time::timeout(STAGE_IDLE, stream.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("the pre-copy round sent nothing"))??;
         let Some(pb::PrecopyChunk {
             chunk: Some(pb::precopy_chunk::Chunk::Meta(meta)),
-        }) = stream.message().await?
+        }) = first
         else {
             return Err(Status::invalid_argument(
                 "a pre-copy stream starts with the session's identity",
@@ -403,6 +408,8 @@ impl Edge {
         // A full round (against nothing) goes to a fresh copy beside the
         // staged one, which it replaces only once it applied whole.
         let fresh = staged.join("volume.new");
+        // Left by a crash in the middle of a full round: not a copy.
+        let _ = tokio::fs::remove_dir_all(&fresh).await;
         tokio::fs::create_dir_all(&vol)
             .await
             .map_err(|e| internal(&e))?;
@@ -410,10 +417,11 @@ impl Edge {
         // in memory, never spooled), within what is left of this edge's
         // staging budget.
         let root = self.cfg.data_dir.join("staging");
-        let used = tokio::task::spawn_blocking(move || dir_bytes(&root))
+        let v = vol.clone();
+        let (used, own) = tokio::task::spawn_blocking(move || (dir_bytes(&root), dir_bytes(&v)))
             .await
-            .unwrap_or(0);
-        let room = self.cfg.precopy.staging_budget.saturating_sub(used);
+            .unwrap_or((0, 0));
+        let mut room = self.cfg.precopy.staging_budget.saturating_sub(used);
         let mut n = 0u64;
         let mut applying: Option<(Incoming, bool)> = None;
         let received = async {
@@ -428,8 +436,12 @@ impl Edge {
                     ))
                 })??
             {
+                // Frames only after the identity (anything else would keep
+                // the lock without counting against the budget).
                 let Some(pb::precopy_chunk::Chunk::Frame(f)) = c.chunk else {
-                    continue;
+                    return Err(Status::invalid_argument(
+                        "a pre-copy stream holds one identity, then delta frames",
+                    ));
                 };
                 let len = f.encoded_len();
                 n += (prost::length_delimiter_len(len) + len) as u64;
@@ -446,7 +458,9 @@ impl Edge {
                             if h.base_root == volfs::Manifest::empty(h.block_size).root()
                     );
                     let target = if full {
-                        let _ = tokio::fs::remove_dir_all(&fresh).await;
+                        // It replaces this session's copy: room for it is
+                        // what that copy takes, too.
+                        room = room.saturating_add(own);
                         tokio::fs::create_dir_all(&fresh)
                             .await
                             .map_err(|e| internal(&e))?;
@@ -480,13 +494,11 @@ impl Edge {
         });
         if full {
             if applied.is_ok() {
-                let _ = tokio::fs::remove_dir_all(&vol).await;
-                tokio::fs::rename(&fresh, &vol)
-                    .await
-                    .map_err(|e| internal(&e))?;
-            } else {
-                let _ = tokio::fs::remove_dir_all(&fresh).await;
+                // One step: the new copy takes the old one's place (a crash
+                // leaves one or the other, whole), then the old one goes.
+                exchange(&fresh, &vol).map_err(|e| internal(&e))?;
             }
+            let _ = tokio::fs::remove_dir_all(&fresh).await;
         }
         let report = applied?;
         Ok(pb::PrecopyAck {
@@ -641,6 +653,29 @@ impl PrecopyState {
     pub(super) fn assume_held(&mut self, edge: &str, file: PathBuf) {
         self.held.insert(edge.to_string(), file);
     }
+}
+
+/// Swaps directories `a` and `b` atomically (`renameat2(RENAME_EXCHANGE)`).
+fn exchange(a: &std::path::Path, b: &std::path::Path) -> std::io::Result<()> {
+    let c = |p: &std::path::Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: valid C strings; AT_FDCWD for relative paths.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn dir_bytes(dir: &std::path::Path) -> u64 {

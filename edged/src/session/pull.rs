@@ -71,6 +71,8 @@ impl Edge {
         let held = {
             let lock = self.staging_lock(id);
             let _g = lock.lock().await;
+            // A full pre-copy round a crash cut short left its copy here.
+            let _ = tokio::fs::remove_dir_all(staging.join("volume.new")).await;
             if vol.join(".volfs/manifest.pb").exists() {
                 let v = vol.clone();
                 tokio::task::spawn_blocking(move || volfs::offline::manifest(&v))
@@ -81,6 +83,16 @@ impl Edge {
             } else {
                 Vec::new()
             }
+        };
+        // A manifest the peer link cannot carry: everything, against nothing.
+        let held = if held.len() + 4096 > crate::peers::MAX_MESSAGE {
+            tracing::warn!(
+                bytes = held.len(),
+                "the staged copy's manifest is too large to send; pulling everything"
+            );
+            Vec::new()
+        } else {
+            held
         };
         let mut stream = peer
             .handover(pb::PeerHandoverRequest {

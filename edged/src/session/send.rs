@@ -68,9 +68,18 @@ impl Edge {
         // frame by frame onto the handover stream (never a file, never whole
         // in memory). Returns its bytes and what B then holds.
         let round = async |base: Vec<u8>| -> Result<(u64, pb::DiffDone, Vec<u8>), Status> {
-            let mut diff = volume::Diff::start(&backing, base)
-                .await
-                .map_err(io_status)?;
+            let mut diff = match volume::Diff::start(&backing, base).await {
+                Ok(d) => d,
+                // A base volfs will not take (what B says it holds is far
+                // larger than this volume): everything, against nothing.
+                Err(volume::VolumeError::BadBase(why)) => {
+                    tracing::warn!(error = %why, "the new edge's base is refused; sending the whole volume");
+                    volume::Diff::start(&backing, Vec::new())
+                        .await
+                        .map_err(io_status)?
+                }
+                Err(e) => return Err(io_status(e)),
+            };
             let mut bytes = 0u64;
             loop {
                 match diff.next().await.map_err(io_status)? {
