@@ -135,14 +135,17 @@ pub struct Diff {
 
 impl Diff {
     /// Starts the delta from `base` (manifest bytes; empty: from an empty
-    /// volume). The shim flushes and refreshes first.
-    pub async fn start(backing: &Path, base: Vec<u8>) -> Result<Diff, VolumeError> {
+    /// volume). The shim flushes and refreshes first. `want_result`: also
+    /// the manifest the receiver then holds (the base of a next round; not
+    /// worth its bytes after the last one).
+    pub async fn start(
+        backing: &Path,
+        base: Vec<u8>,
+        want_result: bool,
+    ) -> Result<Diff, VolumeError> {
         let mut c = client(backing).await?;
         let stream = c
-            .diff(pb::DiffRequest {
-                base,
-                want_result: true,
-            })
+            .diff(pb::DiffRequest { base, want_result })
             .await
             .map_err(|st| match st.code() {
                 tonic::Code::InvalidArgument => VolumeError::BadBase(st.message().to_string()),

@@ -288,7 +288,7 @@ impl Edge {
         };
         // The delta streams out of volfs onto the wire frame by frame (no
         // file, never whole in memory); the cap is taken as each frame goes.
-        let mut diff = volume::Diff::start(&s.layout().backing(), base)
+        let mut diff = volume::Diff::start(&s.layout().backing(), base, true)
             .await
             .map_err(|e| internal(&e))?;
         let (tx, rx) = tokio::sync::mpsc::channel::<pb::PrecopyChunk>(4);

@@ -67,14 +67,16 @@ impl Edge {
         // One round: the delta from what B holds, streamed out of volfs
         // frame by frame onto the handover stream (never a file, never whole
         // in memory). Returns its bytes and what B then holds.
-        let round = async |base: Vec<u8>| -> Result<(u64, pb::DiffDone, Vec<u8>), Status> {
-            let mut diff = match volume::Diff::start(&backing, base).await {
+        let round = async |base: Vec<u8>,
+                           next: bool|
+               -> Result<(u64, pb::DiffDone, Vec<u8>), Status> {
+            let mut diff = match volume::Diff::start(&backing, base, next).await {
                 Ok(d) => d,
                 // A base volfs will not take (what B says it holds is far
                 // larger than this volume): everything, against nothing.
                 Err(volume::VolumeError::BadBase(why)) => {
                     tracing::warn!(error = %why, "the new edge's base is refused; sending the whole volume");
-                    volume::Diff::start(&backing, Vec::new())
+                    volume::Diff::start(&backing, Vec::new(), next)
                         .await
                         .map_err(io_status)?
                 }
@@ -107,7 +109,7 @@ impl Edge {
         let mut n = 1u32;
         let held1 = loop {
             let t = Instant::now();
-            let (bytes, _, held) = round(base).await?;
+            let (bytes, _, held) = round(base, true).await?;
             // Timed by delivery when the puller acknowledges rounds: sent is
             // not yet there (socket and link buffers hold seconds), and the
             // final round must not queue behind a live one.
@@ -236,8 +238,10 @@ impl Edge {
             held_micros: t.elapsed().as_micros() as u64,
         }))
         .await?;
-        // The final round: the instance is frozen; the diff flushes volfs first.
-        let (_, done2, _) = round(held1).await?;
+        // The final round: the instance is frozen; the diff flushes volfs
+        // first. What B then holds is not asked for: on the downtime path,
+        // it would be the whole manifest's bytes.
+        let (_, done2, _) = round(held1, false).await?;
         for (op_id, o) in s.journal.done_ops() {
             let op = match o {
                 Outcome::Ok(p) => pb::OpResult {
