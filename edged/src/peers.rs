@@ -30,6 +30,9 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 /// a stream's, so one stalled stream leaves room for the others.
 pub const CONNECTION_WINDOW: u32 = 8 << 20;
 
+/// Longest a new connection to a peer may take, handshake included.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Connections the pool keeps at most (neighbours and the edges sessions
 /// came from); past it, the pool starts over.
 pub const MAX_POOLED: usize = 256;
@@ -128,27 +131,73 @@ impl Peers {
                 .tls_config(tls.dial_peer(id))
                 .map_err(|e| Status::internal(format!("TLS setup: {e}")))?;
         }
-        let ch = ep.connect().await.map_err(|e| {
-            let detail = std::error::Error::source(&e)
-                .map(|s| s.to_string())
-                .unwrap_or_default();
-            let who = if id.is_empty() {
-                format!("the edge at {bare}")
-            } else {
-                format!("edge {id} at {bare}")
-            };
-            if detail.contains("certificate") || detail.contains("Certificate") {
-                Status::permission_denied(format!(
-                    "{who} did not prove it is edge {id:?} of this fleet: {detail}"
-                ))
-            } else {
+        // `connect_timeout` bounds TCP only: a peer that accepts and then
+        // stalls the TLS handshake must not hold a dialer (the pre-copy loop
+        // serves every session) for ever.
+        let ch = tokio::time::timeout(DIAL_TIMEOUT, ep.connect())
+            .await
+            .map_err(|_| {
                 Status::unavailable(format!(
-                    "{who} does not answer ({e}: {detail}); is it running?"
+                    "the edge at {bare} did not finish its handshake within {} s",
+                    DIAL_TIMEOUT.as_secs()
                 ))
-            }
-        })?;
+            })?
+            .map_err(|e| {
+                let detail = std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                let who = if id.is_empty() {
+                    format!("the edge at {bare}")
+                } else {
+                    format!("edge {id} at {bare}")
+                };
+                if detail.contains("certificate") || detail.contains("Certificate") {
+                    Status::permission_denied(format!(
+                        "{who} did not prove it is edge {id:?} of this fleet: {detail}"
+                    ))
+                } else {
+                    Status::unavailable(format!(
+                        "{who} does not answer ({e}: {detail}); is it running?"
+                    ))
+                }
+            })?;
         Ok(PeerClient::new(ch)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_peer_that_stalls_its_handshake_is_given_up_and_not_pooled() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::pki::Ca::generate().unwrap();
+        ca.save(dir.path()).unwrap();
+        let (cert, key) = ca
+            .issue_edge("a", &["127.0.0.1".into()], 1)
+            .unwrap()
+            .save(dir.path(), "a")
+            .unwrap();
+        let tls = Material::load(&crate::config::TlsConfig {
+            ca: dir.path().join(crate::pki::CA_CERT),
+            cert,
+            key,
+        })
+        .unwrap();
+        // Accepts TCP, never answers the TLS hello.
+        let stall = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = stall.local_addr().unwrap().to_string();
+        let held = std::thread::spawn(move || stall.accept());
+        let peers = Peers::new(Some(tls));
+        let t = std::time::Instant::now();
+        let st = peers.dial("b", &addr).await.unwrap_err();
+        assert_eq!(st.code(), tonic::Code::Unavailable, "{st:?}");
+        assert!(st.message().contains("handshake"), "{st:?}");
+        assert!(t.elapsed() < DIAL_TIMEOUT + Duration::from_secs(5));
+        assert!(peers.lock().is_empty(), "a failed dial was pooled");
+        drop(held);
     }
 }
