@@ -110,7 +110,7 @@ pub async fn status(backing: &Path, flush: bool) -> Result<pb::VolumeStatus, Vol
         .into_inner();
     if st.api_version != edge_proto::VOLUME_API_VERSION {
         // Re-attached after an upgrade: it answers, which is what matters
-        // (fields it lacks read as zero); told once per call site.
+        // (fields it lacks read as zero).
         tracing::debug!(
             shim = st.api_version,
             edged = edge_proto::VOLUME_API_VERSION,
@@ -309,7 +309,7 @@ pub async fn unmount_legacy(backing: &Path, pid: u32) {
 /// Detaches whatever is mounted at `mountpoint` (a dead shim leaves a
 /// mount whose every access fails with ENOTCONN).
 pub fn detach(mountpoint: &Path) {
-    if let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) {
+    if let Ok(c) = c_path(mountpoint) {
         // SAFETY: valid C string.
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     }
@@ -317,7 +317,7 @@ pub fn detach(mountpoint: &Path) {
 
 /// Detaches every mount stacked at `mountpoint` (a bind on a bind).
 pub fn detach_all(mountpoint: &Path) {
-    let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) else {
+    let Ok(c) = c_path(mountpoint) else {
         return;
     };
     // The count bounds a path something keeps mounting on.
@@ -329,13 +329,34 @@ pub fn detach_all(mountpoint: &Path) {
     }
 }
 
-fn mount_call(src: Option<&Path>, target: &Path, flags: libc::c_ulong) -> std::io::Result<()> {
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+/// `p` as the C string a system call takes (EINVAL for an inner NUL).
+fn c_path(p: &Path) -> std::io::Result<std::ffi::CString> {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Swaps directories `a` and `b` atomically (`renameat2(RENAME_EXCHANGE)`).
+pub fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    let (a, b) = (c_path(a)?, c_path(b)?);
+    // SAFETY: valid C strings; AT_FDCWD for relative paths.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
     };
-    let target = c(target)?;
-    let src = src.map(c).transpose()?;
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn mount_call(src: Option<&Path>, target: &Path, flags: libc::c_ulong) -> std::io::Result<()> {
+    let target = c_path(target)?;
+    let src = src.map(c_path).transpose()?;
     // SAFETY: valid C strings or null, as mount(2) takes them.
     let r = unsafe {
         libc::mount(

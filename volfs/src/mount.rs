@@ -138,6 +138,15 @@ impl LiveVolume {
         self.refreshes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Entries and blocks of the manifest as of the last refresh (counted
+    /// in place, no copy).
+    pub fn manifest_counts(&self) -> (u64, u64) {
+        let t = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        let m = &t.manifest;
+        let blocks = m.entries.values().map(|e| e.blocks.len() as u64).sum();
+        (m.entries.len() as u64, blocks)
+    }
+
     /// The manifest as of the last refresh.
     pub fn manifest(&self) -> Manifest {
         self.tracked

@@ -53,9 +53,13 @@ const DIFF_QUEUE: usize = 8;
 /// of its own (with its own small runtime). Returns the socket's path.
 pub fn serve(live: Arc<LiveVolume>, unmounter: Unmounter) -> std::io::Result<PathBuf> {
     let path = Backing::socket_path(live.backing_dir());
-    let _ = std::fs::remove_file(&path);
-    let listener = std::os::unix::net::UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    // Bound under a private name, made 0600, then given its name: no
+    // moment where the socket answers at its path with a looser mode.
+    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, &path)?;
     listener.set_nonblocking(true)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -126,10 +130,9 @@ pub fn status_of(live: &LiveVolume) -> pb::VolumeStatus {
     }
 }
 
-/// (entries, bytes) a manifest takes in memory, as [`crate::wire`] counts.
-fn cost_of(m: &Manifest) -> (u64, u64) {
-    let blocks: u64 = m.entries.values().map(|e| e.blocks.len() as u64).sum();
-    let n = m.entries.len() as u64;
+/// (entries, bytes) a manifest of `(entries, blocks)` takes in memory, as
+/// [`crate::wire`] counts.
+fn cost_of((n, blocks): (u64, u64)) -> (u64, u64) {
     (
         n,
         n * crate::wire::PER_ENTRY + blocks * (crate::wire::PER_ELEMENT + 34),
@@ -262,7 +265,7 @@ impl Volume for Service {
             // this volume's own manifest takes, or the delta format's
             // budget when that is more. A base past it (a volume that
             // shrank a lot) is refused; the client sends a full delta.
-            let own = cost_of(&live.manifest());
+            let own = cost_of(live.manifest_counts());
             let d = crate::delta::Limits::default();
             let limits = crate::delta::Limits {
                 max_entries: d.max_entries.max(2 * own.0),
@@ -344,9 +347,10 @@ impl Volume for Service {
 /// when no shim listens there.
 pub async fn connect(backing_dir: &Path) -> std::io::Result<Option<VolumeClient<Channel>>> {
     let path = Backing::socket_path(backing_dir);
-    // Asked first, so "not mounted" is told from a shim that fails.
-    match tokio::net::UnixStream::connect(&path).await {
-        Ok(_) => {}
+    // Connected here, so "not mounted" is told from a shim that fails; the
+    // channel takes this stream, and dials again only to reconnect.
+    let first = match tokio::net::UnixStream::connect(&path).await {
+        Ok(s) => std::sync::Mutex::new(Some(s)),
         Err(e)
             if matches!(
                 e.kind(),
@@ -356,15 +360,19 @@ pub async fn connect(backing_dir: &Path) -> std::io::Result<Option<VolumeClient<
             return Ok(None);
         }
         Err(e) => return Err(e),
-    }
+    };
+    let first = Arc::new(first);
     let channel = Endpoint::from_static("http://volfs.invalid")
         .connect_timeout(Duration::from_secs(5))
         .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
+            let (p, first) = (path.clone(), first.clone());
             async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
+                let taken = first.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let s = match taken {
+                    Some(s) => s,
+                    None => tokio::net::UnixStream::connect(p).await?,
+                };
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
             }
         }))
         .await

@@ -169,7 +169,9 @@ impl Edge {
                 .values()
                 .cloned()
                 .collect();
-            watched.retain(|id, w| !w.task.is_finished() && sessions.iter().any(|s| &s.id == id));
+            let live: std::collections::HashSet<&str> =
+                sessions.iter().map(|s| s.id.as_str()).collect();
+            watched.retain(|id, w| !w.task.is_finished() && live.contains(id.as_str()));
             for s in sessions {
                 // Only sessions this edge serves with no handover under way.
                 let idle = s
@@ -496,7 +498,7 @@ impl Edge {
             if applied.is_ok() {
                 // One step: the new copy takes the old one's place (a crash
                 // leaves one or the other, whole), then the old one goes.
-                exchange(&fresh, &vol).map_err(|e| internal(&e))?;
+                volume::exchange(&fresh, &vol).map_err(|e| internal(&e))?;
             }
             let _ = tokio::fs::remove_dir_all(&fresh).await;
         }
@@ -653,29 +655,6 @@ impl PrecopyState {
     pub(super) fn assume_held(&mut self, edge: &str, file: PathBuf) {
         self.held.insert(edge.to_string(), file);
     }
-}
-
-/// Swaps directories `a` and `b` atomically (`renameat2(RENAME_EXCHANGE)`).
-fn exchange(a: &std::path::Path, b: &std::path::Path) -> std::io::Result<()> {
-    let c = |p: &std::path::Path| {
-        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
-    };
-    let (a, b) = (c(a)?, c(b)?);
-    // SAFETY: valid C strings; AT_FDCWD for relative paths.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            a.as_ptr(),
-            libc::AT_FDCWD,
-            b.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn dir_bytes(dir: &std::path::Path) -> u64 {
