@@ -175,6 +175,11 @@ impl PeerService {
     /// field never counts); in plaintext, `claimed`.
     fn caller<T>(&self, req: &Request<T>, claimed: &str) -> Result<String, Status> {
         if !self.0.peers.authenticated() {
+            // A name from a request field: bounded like any id before it is
+            // kept or echoed in an answer.
+            if !claimed.is_empty() && !crate::config::valid_name(claimed) {
+                return Err(Status::invalid_argument("bad edge id"));
+            }
             return Ok(claimed.to_string());
         }
         match crate::tls::caller(req) {
@@ -283,6 +288,7 @@ impl Peer for PeerService {
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let from = self.caller(&req, &req.get_ref().from_edge)?;
         let r = req.into_inner();
+        session_named(&r.session_id)?;
         let held = self
             .0
             .release(&r.session_id, r.attempt, &from)
@@ -299,6 +305,7 @@ impl Peer for PeerService {
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let from = self.caller(&req, &req.get_ref().from_edge)?;
         let r = req.into_inner();
+        session_named(&r.session_id)?;
         self.0
             .round_applied(
                 &r.session_id,
@@ -318,6 +325,7 @@ impl Peer for PeerService {
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let from = self.caller(&req, &req.get_ref().from_edge)?;
         let r = req.into_inner();
+        session_named(&r.session_id)?;
         self.0
             .abort_handover(&r.session_id, r.attempt, &from)
             .await
@@ -429,6 +437,16 @@ pub async fn run(
 
 /// The Admin TCP port serves operator certificates only (an edge's
 /// certificate is the fleet's too, but an edge is no operator).
+/// A session id from another edge, checked before it is looked up or
+/// echoed in an answer.
+fn session_named(id: &str) -> Result<(), Status> {
+    if crate::config::valid_name(id) {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument("bad session id"))
+    }
+}
+
 fn operators_only(req: Request<()>) -> Result<Request<()>, Status> {
     match crate::tls::caller(&req) {
         Some(Identity::Operator(_)) => Ok(req),
