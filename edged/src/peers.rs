@@ -9,7 +9,9 @@
 //! Connections are pooled: one per (id, address), made on first use and
 //! kept (a tonic channel reconnects by itself, with the same identity
 //! check), so pre-copy rounds, handovers and releases to a neighbour share
-//! one HTTP/2 connection rather than a TLS handshake each. An entry is
+//! one HTTP/2 connection rather than a TLS handshake each. Every connect,
+//! the first and each reconnect, ends within [`DIAL_TIMEOUT`], TLS
+//! handshake included. An entry is
 //! forgotten when a call on it finds the peer unreachable, and the pool
 //! holds at most [`MAX_POOLED`] entries.
 
@@ -107,8 +109,13 @@ impl Peers {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let mut ep = Endpoint::from_shared(format!("{scheme}://{bare}"))
             .map_err(|e| Status::invalid_argument(format!("bad edge address {addr:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
+            // With a connector of our own, tonic bounds the whole connect by
+            // this, TLS handshake included, for the first connection and for
+            // every reconnect of the pooled channel alike (with its built-in
+            // connector it bounds TCP only: a peer that accepts and then
+            // stalls the handshake would hold a dialer, and the pre-copy loop
+            // serves every session).
+            .connect_timeout(DIAL_TIMEOUT)
             // A peer that stops answering (stopped, partitioned) is noticed
             // even while a stream waits on it.
             .http2_keep_alive_interval(Duration::from_secs(5))
@@ -131,40 +138,58 @@ impl Peers {
                 .tls_config(tls.dial_peer(id))
                 .map_err(|e| Status::internal(format!("TLS setup: {e}")))?;
         }
-        // `connect_timeout` bounds TCP only: a peer that accepts and then
-        // stalls the TLS handshake must not hold a dialer (the pre-copy loop
-        // serves every session) for ever.
-        let ch = tokio::time::timeout(DIAL_TIMEOUT, ep.connect())
-            .await
-            .map_err(|_| {
+        let target = bare.to_string();
+        let tcp = tower::service_fn(move |_: http::Uri| {
+            let target = target.clone();
+            async move {
+                let s = tokio::net::TcpStream::connect(&target).await?;
+                s.set_nodelay(true)?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        });
+        let ch = ep.connect_with_connector(tcp).await.map_err(|e| {
+            let detail = std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            let who = if id.is_empty() {
+                format!("the edge at {bare}")
+            } else {
+                format!("edge {id} at {bare}")
+            };
+            if detail.contains("certificate") || detail.contains("Certificate") {
+                Status::permission_denied(format!(
+                    "{who} did not prove it is edge {id:?} of this fleet: {detail}"
+                ))
+            } else if timed_out(&e) {
                 Status::unavailable(format!(
-                    "the edge at {bare} did not finish its handshake within {} s",
+                    "{who} did not finish connecting, TLS handshake included, within {} s",
                     DIAL_TIMEOUT.as_secs()
                 ))
-            })?
-            .map_err(|e| {
-                let detail = std::error::Error::source(&e)
-                    .map(|s| s.to_string())
-                    .unwrap_or_default();
-                let who = if id.is_empty() {
-                    format!("the edge at {bare}")
-                } else {
-                    format!("edge {id} at {bare}")
-                };
-                if detail.contains("certificate") || detail.contains("Certificate") {
-                    Status::permission_denied(format!(
-                        "{who} did not prove it is edge {id:?} of this fleet: {detail}"
-                    ))
-                } else {
-                    Status::unavailable(format!(
-                        "{who} does not answer ({e}: {detail}); is it running?"
-                    ))
-                }
-            })?;
+            } else {
+                Status::unavailable(format!(
+                    "{who} does not answer ({e}: {detail}); is it running?"
+                ))
+            }
+        })?;
         Ok(PeerClient::new(ch)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE))
     }
+}
+
+/// Whether an io::Error of kind TimedOut is somewhere in `e`'s chain (the
+/// connect timeout).
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(x) = cur {
+        if x.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cur = x.source();
+    }
+    false
 }
 
 #[cfg(test)]

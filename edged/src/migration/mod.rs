@@ -13,7 +13,7 @@
 //! ```text
 //! owner:  Serving ─Pull→ Giving{attempt,to} ─LiveSent→ Quiescing ─OpsDrained→ Frozen ─FinalSent→ FinalSent ─Release→ Released{to}
 //!                           └──────────────── Abort / Failed / Timer (same attempt) ────────────────┘ → Serving (thawed)
-//! puller: Idle ─Accepted→ Rounds ─FinalReceived→ Verifying ─Verified→ Starting ─Started→ AwaitingRelease ─Released→ Serving
+//! puller: Idle ─Accepted→ Rounds ─FinalReceived→ Verifying ─Verified→ Starting ─Started, Persisted→ AwaitingRelease ─Released→ Serving
 //!                └───────────── Failed ─────────────┘→ Staged        Refused → Staged (instance stopped, volume kept)
 //! ```
 //!

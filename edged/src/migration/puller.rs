@@ -70,6 +70,8 @@ pub enum PullerEvent {
     Verified,
     /// The instance runs and answers on its socket.
     Started,
+    /// `AwaitingRelease` is on disk.
+    AwaitingPersisted,
     /// The owner answered the Release.
     ReleaseAnswered {
         /// Released (true) or refused (false: it aborted the attempt).
@@ -97,9 +99,12 @@ pub enum PullerAction {
     AskOwner,
     /// Hash the staged copy; report `Verified` or `Failed`.
     Verify,
-    /// Make the staged copy the session directory and persist `Starting`.
+    /// Make the staged copy the session directory (persisted `Starting`
+    /// before it moves), mount it and start the instance with its calls
+    /// held; report `Started` or `Failed`.
     Promote,
-    /// Mount the volume and start the instance (calls held); report `Started`.
+    /// After a restart: the recovered session's instance runs again (calls
+    /// held).
     StartInstance,
     /// Persist `AwaitingRelease`.
     PersistAwaiting,
@@ -173,14 +178,17 @@ impl PullerState {
                     from: from.clone(),
                     attempt: *attempt,
                 };
-                vec![A::Promote, A::StartInstance]
+                vec![A::Promote]
             }
-            (S::Starting { from, attempt }, E::Started) => {
+            // Persisted before it takes effect: the release is asked only
+            // once a restart would ask it again.
+            (S::Starting { .. }, E::Started) => vec![A::PersistAwaiting],
+            (S::Starting { from, attempt }, E::AwaitingPersisted) => {
                 *self = S::AwaitingRelease {
                     from: from.clone(),
                     attempt: *attempt,
                 };
-                vec![A::PersistAwaiting, A::AskRelease]
+                vec![A::AskRelease]
             }
             (S::AwaitingRelease { .. }, E::ReleaseAnswered { released: true }) => {
                 *self = S::Serving;
@@ -254,10 +262,12 @@ mod tests {
         assert_eq!(s.step(E::Begin { from: owner() }), vec![A::AskOwner]);
         assert!(s.step(E::Accepted { attempt: 5 }).is_empty());
         assert_eq!(s.step(E::FinalReceived), vec![A::Verify]);
-        assert_eq!(s.step(E::Verified), vec![A::Promote, A::StartInstance]);
+        assert_eq!(s.step(E::Verified), vec![A::Promote]);
+        assert_eq!(s.step(E::Started), vec![A::PersistAwaiting]);
+        assert!(matches!(s, PullerState::Starting { .. }), "not yet on disk");
         assert_eq!(
-            s.step(E::Started),
-            vec![A::PersistAwaiting, A::AskRelease],
+            s.step(E::AwaitingPersisted),
+            vec![A::AskRelease],
             "persisted before asking"
         );
     }
@@ -324,6 +334,24 @@ mod tests {
             ]
         );
         assert_eq!(s, PullerState::Idle);
+    }
+
+    #[test]
+    fn a_copy_whose_waiting_state_cannot_be_persisted_never_asks_for_the_release() {
+        let mut s = PullerState::Idle;
+        s.step(E::Begin { from: owner() });
+        s.step(E::Accepted { attempt: 9 });
+        s.step(E::FinalReceived);
+        s.step(E::Verified);
+        assert_eq!(s.step(E::Started), vec![A::PersistAwaiting]);
+        let a = s.step(E::Failed {
+            reason: "disk full".into(),
+        });
+        assert_eq!(
+            a,
+            vec![A::Demote, A::AskAbort(9), A::Fail("disk full".into())]
+        );
+        assert!(!a.contains(&A::AskRelease));
     }
 
     #[test]

@@ -27,10 +27,13 @@ pub(super) const MAX_HELD_BEFORE_QUIESCED: Duration = Duration::from_secs(60);
 pub(super) struct Pulled {
     /// The handover stream, kept open until the release is answered: the
     /// owner takes its end as the puller giving up.
-    pub(super) stream: tonic::Streaming<pb::HandoverChunk>,
+    pub(super) stream: Option<tonic::Streaming<pb::HandoverChunk>>,
     pub(super) meta: pb::SessionMeta,
     pub(super) ops: std::collections::VecDeque<pb::OpResult>,
     pub(super) attempt: Attempt,
+    /// The root hash the owner sent with the final round: what the staged
+    /// copy must hash to.
+    pub(super) root: Vec<u8>,
     pub(super) quiesced: Instant,
     /// When the final chunk arrived.
     pub(super) final_at: Instant,
@@ -309,36 +312,12 @@ impl Edge {
                 attempt,
             ));
         };
-        self.puller_step(id, PullerEvent::FinalReceived);
-        // The staged volume must be what the old edge sent.
-        let v = vol.clone();
-        let have = tokio::task::spawn_blocking(move || volfs::offline::hash(&v, None))
-            .await
-            .map_err(|e| (io_status(e), attempt))?
-            .map_err(|e| (io_status(e), attempt))?
-            .0;
-        if have.as_slice() != root.as_slice() {
-            return Err((
-                Status::data_loss(format!(
-                    "staged volume hashes to {}, the old edge sent {}",
-                    volfs::hex(&have),
-                    volfs::hex(&root)
-                )),
-                attempt,
-            ));
-        }
-        report(
-            pb::HandoverPhase::Apply,
-            round,
-            bytes.load(Ordering::Relaxed),
-            t_q.elapsed().as_micros() as u64,
-        )
-        .await;
         Ok(Pulled {
-            stream,
+            stream: Some(stream),
             attempt: meta.attempt,
             meta,
             ops,
+            root,
             quiesced: t_q,
             final_at,
             bytes: bytes.load(Ordering::Relaxed),

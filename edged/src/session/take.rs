@@ -9,6 +9,7 @@
 //! answer. Released: it serves. Refused: the instance stops and the copy
 //! is staged again.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,10 +20,34 @@ use tonic::Status;
 use tracing::Instrument;
 
 use super::migrate::{PULL_ATTEMPTS, RELEASE_ANSWER_WAIT, io_status, progress_event};
+use super::pull::Pulled;
 use super::standby::Standby;
-use super::{Edge, Gate, Role, State, peer_status};
+use super::{Edge, Gate, Role, Session, State, peer_status};
 use crate::migration::puller::{PullerAction, PullerEvent, PullerState};
 use crate::migration::{Attempt, Peer};
+
+/// What one pull carries from one action of the machine to the next.
+struct Taking<'a> {
+    id: &'a str,
+    token: &'a [u8],
+    progress: &'a mpsc::Sender<Result<pb::HandoverProgress, Status>>,
+    /// The owner, its id as it said in Hello.
+    owner: Peer,
+    peer: PeerClient<tonic::transport::Channel>,
+    /// The app's standby instance, until `Promote` adopts it.
+    standby: &'a mut Option<Standby>,
+    /// What the last `AskOwner` pulled.
+    pulled: Option<Pulled>,
+    /// The promoted session, from `Promote`.
+    session: Option<Arc<Session>>,
+    /// Why the last step failed, with its status code (the machine's
+    /// `Fail` carries the words only).
+    failure: Option<Status>,
+    /// Pulls asked so far.
+    tries: u32,
+    /// The downtime the owner reported with its release.
+    seen: Option<Duration>,
+}
 
 impl Edge {
     // ---- The puller's side ----
@@ -105,21 +130,19 @@ impl Edge {
             edge_id: from_edge.to_string(),
             addr: from.to_string(),
         };
-        if let Some(PullerAction::Refuse(m)) = self
-            .puller_step(
-                id,
-                PullerEvent::Begin {
-                    from: owner.clone(),
-                },
-            )
-            .first()
-        {
+        let plan = self.puller_step(
+            id,
+            PullerEvent::Begin {
+                from: owner.clone(),
+            },
+        );
+        if let Some(PullerAction::Refuse(m)) = plan.first() {
             return Err(Status::aborted(*m));
         }
         let span = tracing::info_span!("take", session = %id, from = %from);
         let mut standby = None;
         let r = self
-            .take_inner(id, token, &owner, progress, &mut standby)
+            .take_inner(id, token, &owner, plan, progress, &mut standby)
             .instrument(span.clone())
             .await;
         // Not adopted (the handover failed before): gone before another
@@ -143,6 +166,7 @@ impl Edge {
         id: &str,
         token: &[u8],
         claimed: &Peer,
+        plan: Vec<PullerAction>,
         progress: &mpsc::Sender<Result<pb::HandoverProgress, Status>>,
         standby: &mut Option<Standby>,
     ) -> Result<(), Status> {
@@ -198,136 +222,229 @@ impl Edge {
         if crate::config::valid_name(&named) {
             *standby = self.standby_ready(id, &named).await;
         }
-        // A block that does not hash to its name (damaged in transit) fails
-        // its round; the old edge serves on (abort) and the pull starts again
-        // from what is staged, so the damaged blocks are sent again.
-        let mut tries = 0;
-        let pulled = loop {
-            tries += 1;
-            match self.pull(&mut peer, id, token, &owner, progress).await {
-                Ok(p) => break p,
-                Err((st, attempt)) => {
-                    if let Some(attempt) = attempt {
-                        self.ask_abort(&mut peer, id, token, attempt).await;
-                    }
-                    self.puller_step(
-                        id,
-                        PullerEvent::Failed {
-                            reason: st.message().to_string(),
-                        },
-                    );
-                    if st.code() == tonic::Code::Unavailable {
-                        // The old edge stopped answering: the next pull
-                        // from it connects afresh.
-                        self.peers.forget(&owner.edge_id, &owner.addr);
-                    }
-                    if st.code() == tonic::Code::DataLoss && tries < PULL_ATTEMPTS {
-                        tracing::warn!(error = %st.message(), tries, "damaged in transit; pulling again");
-                        self.puller_step(
-                            id,
-                            PullerEvent::Begin {
-                                from: owner.clone(),
-                            },
-                        );
-                        continue;
-                    }
-                    return Err(st);
-                }
-            }
+        // From here the machine leads: each action it returns is performed
+        // (`perform`), and what came of it is its next event.
+        let mut t = Taking {
+            id,
+            token,
+            progress,
+            owner,
+            peer,
+            standby,
+            pulled: None,
+            session: None,
+            failure: None,
+            tries: 0,
+            seen: None,
         };
-        self.puller_step(id, PullerEvent::Verified);
-        let (round, bytes, quiesced, final_at) =
-            (pulled.round, pulled.bytes, pulled.quiesced, pulled.final_at);
-        let report = |phase| {
-            let msg = progress_event(
-                phase,
-                round,
-                bytes,
-                quiesced.elapsed().as_micros() as u64,
-                &self.cfg.edge_id,
-            );
-            let tx = progress.clone();
-            async move {
-                let _ = tx.send(Ok(msg)).await;
+        let mut todo = VecDeque::from(plan);
+        while let Some(a) = todo.pop_front() {
+            let events = self.perform(&mut t, a).await?;
+            if !events.is_empty() {
+                // What the machine says to the outcome replaces what was
+                // left of its last plan (a failed step ends that plan).
+                todo.clear();
             }
-        };
-        // Become the owner in waiting: session directory (persisted
-        // `Starting`), journal, shim, instance with its calls held.
-        report(pb::HandoverPhase::Start).await;
-        let standby = standby.take();
-        let session = match self.promote_and_start(id, &pulled, &owner, standby).await {
-            Ok(s) => s,
-            Err(e) => {
-                self.puller_step(
-                    id,
-                    PullerEvent::Failed {
-                        reason: e.to_string(),
-                    },
-                );
-                self.demote(id).await;
-                self.ask_abort(&mut peer, id, token, pulled.attempt).await;
-                return Err(e.status());
+            for ev in events {
+                todo.extend(self.puller_step(id, ev));
             }
-        };
-        self.puller_step(id, PullerEvent::Started);
-        // Persisted before asking: after a crash this edge asks again.
-        if let Err(e) = session
-            .set_role(Role::AwaitingRelease {
-                attempt: pulled.attempt,
-                from: owner.clone(),
-            })
-            .await
-        {
-            self.puller_step(id, PullerEvent::ReleaseAnswered { released: false });
-            self.demote(id).await;
-            self.ask_abort(&mut peer, id, token, pulled.attempt).await;
-            return Err(e.status());
         }
-        let asking = tokio::spawn({
-            let edge = self.clone();
-            let (id, token, owner) = (id.to_string(), token.to_vec(), owner.clone());
-            let attempt = pulled.attempt;
-            let stream = pulled.stream;
-            async move {
-                let r = edge
-                    .ask_release(&id, &token, &owner, attempt, Some(peer))
-                    .await;
-                drop(stream);
-                r
-            }
-        });
-        let t_ask = Instant::now();
-        let seen = match tokio::time::timeout(RELEASE_ANSWER_WAIT, asking).await {
-            Ok(Ok(Ok(seen))) => seen,
-            Ok(Ok(Err(st))) => return Err(st),
-            Ok(Err(e)) => return Err(io_status(e)),
-            Err(_) => {
-                return Err(Status::unavailable(format!(
-                    "the old edge {} has not answered the release for {}s; this edge keeps asking and serves the session once it does",
-                    owner.edge_id,
-                    RELEASE_ANSWER_WAIT.as_secs()
-                )));
-            }
+        let Some(pulled) = t.pulled else {
+            return Err(Status::internal("the pull ended without the session"));
         };
         // The larger of the two views: from the Quiesced chunk (which may wait
         // behind the live round it follows) and from the owner's hold.
-        let down = quiesced.elapsed().max(seen.unwrap_or_default());
-        *self.last_finish.lock().unwrap_or_else(|p| p.into_inner()) = Some(final_at.elapsed());
-        tracing::debug!(session = %id, ms = t_ask.elapsed().as_secs_f64() * 1e3, "release answered");
+        let down = pulled.quiesced.elapsed().max(t.seen.unwrap_or_default());
+        *self.last_finish.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(pulled.final_at.elapsed());
         tracing::info!(
             downtime_ms = down.as_secs_f64() * 1e3,
-            bytes,
+            bytes = pulled.bytes,
             "session taken over"
         );
         let ready = progress_event(
             pb::HandoverPhase::Ready,
-            round,
-            bytes,
+            pulled.round,
+            pulled.bytes,
             down.as_micros() as u64,
             &self.cfg.edge_id,
         );
         let _ = progress.send(Ok(ready)).await;
         Ok(())
+    }
+
+    /// Performs one action of the puller machine for the pull `t`, and
+    /// returns the events it led to. An error ends the pull (`Refuse`,
+    /// `Fail`, or the release not answered in time).
+    async fn perform(
+        self: &Arc<Self>,
+        t: &mut Taking<'_>,
+        a: PullerAction,
+    ) -> Result<Vec<PullerEvent>, Status> {
+        use PullerAction as A;
+        use PullerEvent as E;
+        let id = t.id;
+        let failed = |t: &mut Taking<'_>, st: Status| {
+            let reason = st.message().to_string();
+            t.failure = Some(st);
+            vec![E::Failed { reason }]
+        };
+        match a {
+            A::AskOwner => {
+                t.tries += 1;
+                match self
+                    .pull(&mut t.peer, id, t.token, &t.owner, t.progress)
+                    .await
+                {
+                    Ok(p) => {
+                        t.pulled = Some(p);
+                        Ok(vec![E::FinalReceived])
+                    }
+                    Err((st, attempt)) => {
+                        if st.code() == tonic::Code::Unavailable {
+                            // The old edge stopped answering: the next pull
+                            // from it connects afresh.
+                            self.peers.forget(&t.owner.edge_id, &t.owner.addr);
+                        }
+                        // An attempt it had accepted is aborted, known or
+                        // not to the machine yet (a malformed identity).
+                        let mut evs: Vec<_> = attempt
+                            .map(|a| E::Accepted { attempt: a })
+                            .into_iter()
+                            .collect();
+                        evs.extend(failed(t, st));
+                        Ok(evs)
+                    }
+                }
+            }
+            A::Verify => {
+                let p = t.pulled.as_ref().expect("verified after the pull");
+                // The staged volume must be what the old edge sent.
+                let vol = self.staging_dir(id).join("volume");
+                let have = tokio::task::spawn_blocking(move || volfs::offline::hash(&vol, None))
+                    .await
+                    .map_err(io_status)
+                    .and_then(|r| r.map_err(io_status));
+                match have {
+                    Ok((have, _)) if have.as_slice() == p.root.as_slice() => {
+                        let msg = progress_event(
+                            pb::HandoverPhase::Apply,
+                            p.round,
+                            p.bytes,
+                            p.quiesced.elapsed().as_micros() as u64,
+                            &self.cfg.edge_id,
+                        );
+                        let _ = t.progress.send(Ok(msg)).await;
+                        Ok(vec![E::Verified])
+                    }
+                    Ok((have, _)) => {
+                        let st = Status::data_loss(format!(
+                            "staged volume hashes to {}, the old edge sent {}",
+                            volfs::hex(&have),
+                            volfs::hex(&p.root)
+                        ));
+                        Ok(failed(t, st))
+                    }
+                    Err(st) => Ok(failed(t, st)),
+                }
+            }
+            A::Promote => {
+                let p = t.pulled.as_ref().expect("promoted after the pull");
+                let msg = progress_event(
+                    pb::HandoverPhase::Start,
+                    p.round,
+                    p.bytes,
+                    p.quiesced.elapsed().as_micros() as u64,
+                    &self.cfg.edge_id,
+                );
+                let _ = t.progress.send(Ok(msg)).await;
+                // Become the owner in waiting: session directory (persisted
+                // `Starting`), journal, shim, instance with its calls held.
+                let standby = t.standby.take();
+                match self.promote_and_start(id, p, &t.owner, standby).await {
+                    Ok(s) => {
+                        t.session = Some(s);
+                        Ok(vec![E::Started])
+                    }
+                    Err(e) => Ok(failed(t, e.status())),
+                }
+            }
+            A::PersistAwaiting => {
+                let (Some(s), Some(p)) = (&t.session, &t.pulled) else {
+                    return Err(Status::internal("no started session to persist"));
+                };
+                // Persisted before asking: after a crash this edge asks again.
+                let role = Role::AwaitingRelease {
+                    attempt: p.attempt,
+                    from: t.owner.clone(),
+                };
+                match s.set_role(role).await {
+                    Ok(()) => Ok(vec![E::AwaitingPersisted]),
+                    // Not asked, so not released: the owner serves on.
+                    Err(e) => Ok(failed(t, e.status())),
+                }
+            }
+            A::AskRelease => {
+                let p = t.pulled.as_mut().expect("released after the pull");
+                let attempt = p.attempt;
+                // The handover stream stays open until the answer: the owner
+                // takes its end as this edge giving up.
+                let stream = p.stream.take();
+                let asking = tokio::spawn({
+                    let edge = self.clone();
+                    let (id, token, owner) = (id.to_string(), t.token.to_vec(), t.owner.clone());
+                    let peer = t.peer.clone();
+                    async move {
+                        let r = edge
+                            .ask_release(&id, &token, &owner, attempt, Some(peer))
+                            .await;
+                        drop(stream);
+                        r
+                    }
+                });
+                // Released, it serves; refused, the copy is staged again —
+                // both done by `ask_release` as the machine says.
+                t.seen = match tokio::time::timeout(RELEASE_ANSWER_WAIT, asking).await {
+                    Ok(Ok(r)) => r?,
+                    Ok(Err(e)) => return Err(io_status(e)),
+                    Err(_) => {
+                        return Err(Status::unavailable(format!(
+                            "the old edge {} has not answered the release for {}s; this edge keeps asking and serves the session once it does",
+                            t.owner.edge_id,
+                            RELEASE_ANSWER_WAIT.as_secs()
+                        )));
+                    }
+                };
+                Ok(vec![])
+            }
+            A::Demote => {
+                self.demote(id).await;
+                Ok(vec![])
+            }
+            A::AskAbort(attempt) => {
+                self.ask_abort(&mut t.peer, id, t.token, attempt).await;
+                Ok(vec![])
+            }
+            A::Fail(reason) => {
+                let st = t.failure.take().unwrap_or_else(|| Status::aborted(reason));
+                // A block that does not hash to its name (damaged in
+                // transit): the old edge serves on (aborted above) and the
+                // pull starts again from what is staged, so the damaged
+                // blocks are sent again.
+                if st.code() == tonic::Code::DataLoss && t.tries < PULL_ATTEMPTS {
+                    tracing::warn!(error = %st.message(), tries = t.tries, "damaged in transit; pulling again");
+                    t.pulled = None;
+                    return Ok(vec![E::Begin {
+                        from: t.owner.clone(),
+                    }]);
+                }
+                Err(st)
+            }
+            A::Refuse(m) => Err(Status::aborted(m)),
+            // Only after a restart (see `recover`); a running pull has
+            // started its instance in `Promote`.
+            A::StartInstance | A::AskReleaseLater | A::Serve => Ok(vec![]),
+        }
     }
 
     /// Asks the old owner to release attempt `attempt` until it answers:
@@ -361,15 +478,14 @@ impl Edge {
                 ),
                 None => None,
             };
-            match answer {
+            let (event, held, refusal) = match answer {
                 Some(Ok(r)) => {
                     let answered = Instant::now();
                     let held = Duration::from_micros(r.into_inner().held_micros)
                         .min(super::pull::MAX_HELD_BEFORE_QUIESCED);
-                    self.puller_step(id, PullerEvent::ReleaseAnswered { released: true });
-                    self.serve_pulled(id).await?;
-                    return Ok((!held.is_zero())
-                        .then(|| held + (answered - asked) / 2 + answered.elapsed()));
+                    let seen = (!held.is_zero())
+                        .then(|| held + (answered - asked) / 2 + answered.elapsed());
+                    (PullerEvent::ReleaseAnswered { released: true }, seen, None)
                 }
                 Some(Err(st))
                     if matches!(
@@ -379,25 +495,54 @@ impl Edge {
                             | tonic::Code::PermissionDenied
                     ) =>
                 {
-                    self.puller_step(id, PullerEvent::ReleaseAnswered { released: false });
                     tracing::warn!(session = %id, error = %st.message(), "the old edge refused the release; staging the copy again");
-                    self.demote(id).await;
-                    return Err(Status::aborted(format!(
-                        "the old edge {} gave up the handover and serves the session: {}",
-                        owner.edge_id,
-                        st.message()
-                    )));
+                    (
+                        PullerEvent::ReleaseAnswered { released: false },
+                        None,
+                        Some(st),
+                    )
                 }
                 Some(Err(st)) => {
                     tracing::warn!(session = %id, error = %st.message(), "release not answered; asking again");
                     self.peers.forget(&owner.edge_id, &owner.addr);
                     peer = None;
+                    (PullerEvent::ReleaseUnanswered, None, None)
                 }
-                None => {}
+                None => (PullerEvent::ReleaseUnanswered, None, None),
+            };
+            // What the machine says to the answer, done in order.
+            for a in self.puller_step(id, event) {
+                match a {
+                    PullerAction::Serve => {
+                        self.serve_pulled(id).await?;
+                        return Ok(held);
+                    }
+                    PullerAction::Demote => self.demote(id).await,
+                    PullerAction::Fail(reason) => {
+                        let why = refusal
+                            .as_ref()
+                            .map_or(reason, |st| st.message().to_string());
+                        return Err(Status::aborted(format!(
+                            "the old edge {} gave up the handover and serves the session: {why}",
+                            owner.edge_id
+                        )));
+                    }
+                    PullerAction::AskReleaseLater => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
+                    other => {
+                        // No longer awaiting this release (another path
+                        // ended the pull): nothing more to ask.
+                        tracing::debug!(session = %id, action = ?other, "release answer out of place");
+                    }
+                }
             }
-            self.puller_step(id, PullerEvent::ReleaseUnanswered);
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(2));
+            if !self.is_pulling(id) {
+                return Err(Status::aborted(
+                    "the pull of this session ended while its release was being asked",
+                ));
+            }
         }
     }
 
