@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use edgeshift_tests::list::{ITEMS, add, items_of, items_req};
 use edgeshift_tests::{
-    Bases, Edge, Faults, Relay, Writer, check_items, instance_pid, instances_of, noise, pid_alive,
-    proc_state, sole_owner,
+    Bases, Edge, Faults, Pair, Relay, Writer, check_items, instance_pid, instances_of, noise,
+    pid_alive, proc_state, sole_owner,
 };
 
 async fn items(s: &edge_client::Session) -> Vec<String> {
@@ -31,21 +31,15 @@ async fn through(s: &edge_client::Session, via: &Relay, edge_id: &str) -> edge_c
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_old_edge_killed_while_frozen_thaws_its_instance_and_serves_on() {
-    let bases = Bases::new();
-    let apps = bases.process_apps();
-    let mut a = Edge::start("a", "127.0.0.1", &apps, "");
-    let b = Edge::start("b", "127.0.0.2", &apps, "");
-    let s = client(&a)
-        .await
-        .open_session("list", "walker")
-        .await
-        .unwrap();
+    let mut t = Pair::strangers("").await;
+    let s = t.open("walker").await;
+    let Pair { a, b, .. } = &mut t;
     for i in 0..60 {
         s.invoke(edgeshift_tests::list::ADD, add(&noise(i, 3000)))
             .await
             .unwrap();
     }
-    let pid = instance_pid(&a, s.id()).await;
+    let pid = instance_pid(a, s.id()).await;
     let writer = Writer::start(s.clone(), "w");
     // B pulls over a slow link, so A stays frozen for a while.
     let relay = Relay::start(
@@ -57,7 +51,7 @@ async fn the_old_edge_killed_while_frozen_thaws_its_instance_and_serves_on() {
     )
     .await;
     let moving = through(&s, &relay, "a").await;
-    let cb = client(&b).await;
+    let cb = client(b).await;
     let mv = tokio::spawn(async move { moving.handover_to(&cb, |_| {}).await });
     let deadline = Instant::now() + Duration::from_secs(60);
     while proc_state(pid) != Some('T') {
@@ -76,7 +70,7 @@ async fn the_old_edge_killed_while_frozen_thaws_its_instance_and_serves_on() {
     );
     a.restart();
     // The same instance, thawed, with its state; B kept nothing.
-    let now = instance_pid(&a, s.id()).await;
+    let now = instance_pid(a, s.id()).await;
     assert_eq!(
         now,
         pid,
@@ -97,7 +91,7 @@ async fn the_old_edge_killed_while_frozen_thaws_its_instance_and_serves_on() {
     );
     assert_ne!(proc_state(pid), Some('T'), "the instance was thawed");
     assert_eq!(
-        sole_owner(&[&a, &b], s.id(), Duration::from_secs(20)).await,
+        sole_owner(&[a, b], s.id(), Duration::from_secs(20)).await,
         0
     );
     let (acked, unsure) = writer.finish().await;
@@ -106,28 +100,22 @@ async fn the_old_edge_killed_while_frozen_thaws_its_instance_and_serves_on() {
     check_items(&got[60..], &acked, &unsure);
     assert!(b.session_dirs().is_empty(), "B holds no session");
     // And the session still moves.
-    s.handover_to(&client(&b).await, |_| {}).await.unwrap();
+    s.handover_to(&client(b).await, |_| {}).await.unwrap();
     assert_eq!(
-        sole_owner(&[&a, &b], s.id(), Duration::from_secs(10)).await,
+        sole_owner(&[a, b], s.id(), Duration::from_secs(10)).await,
         1
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_old_edge_killed_just_after_releasing_never_serves_the_session_again() {
-    let bases = Bases::new();
-    let apps = bases.process_apps();
-    let mut a = Edge::start("a", "127.0.0.1", &apps, "");
-    let b = Edge::start("b", "127.0.0.2", &apps, "");
-    let s = client(&a)
-        .await
-        .open_session("list", "walker")
-        .await
-        .unwrap();
-    let pid = instance_pid(&a, s.id()).await;
+    let mut t = Pair::strangers("").await;
+    let s = t.open("walker").await;
+    let Pair { a, b, .. } = &mut t;
+    let pid = instance_pid(a, s.id()).await;
     let writer = Writer::start(s.clone(), "w");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let (s2, cb) = (s.clone(), client(&b).await);
+    let (s2, cb) = (s.clone(), client(b).await);
     let mv = tokio::spawn(async move { s2.handover_to(&cb, |_| {}).await });
     let stone = a.tombstone(s.id());
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -142,14 +130,14 @@ async fn the_old_edge_killed_just_after_releasing_never_serves_the_session_again
         .unwrap()
         .expect("B owns the session: the release was persisted before A died");
     assert_eq!(
-        sole_owner(&[&a, &b], s.id(), Duration::from_secs(20)).await,
+        sole_owner(&[a, b], s.id(), Duration::from_secs(20)).await,
         1
     );
     a.wait_empty().await;
     assert!(!pid_alive(pid), "A's instance is gone");
     // A handle still pointing at A is sent to B, after A's restart too.
     let stale = edge_client::Session::attach(
-        &client(&a).await,
+        &client(a).await,
         s.id().into(),
         s.token().clone(),
         "a".into(),

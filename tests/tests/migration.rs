@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use edge_client::{FileLocator, Follower, locator::FollowEvent};
 use edgeshift_tests::{
-    App, Bases, Cluster, Edge, Faults, Relay, Runtime, bin, free_addr, neighbour, noise,
+    App, Bases, Cluster, Edge, Faults, Pair, Relay, Runtime, bin, free_addr, neighbour, noise,
 };
 use tonic::Code;
 
@@ -65,14 +65,9 @@ async fn futures_join(edges: &[Edge]) -> Vec<edge_client::EdgeClient> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_call_finishes_and_its_result_is_had_through_the_new_edge() {
-    let bases = Bases::new();
-    let apps = bases.process_apps();
-    let (a, b) = (
-        Edge::start("a", "127.0.0.1", &apps, ""),
-        Edge::start("b", "127.0.0.2", &apps, ""),
-    );
-    let (ca, cb) = (a.client().await, b.client().await);
-    let s = ca.open_session("list", "walker").await.unwrap();
+    let t = Pair::strangers("").await;
+    let Pair { a, cb, .. } = &t;
+    let s = t.open("walker").await;
     for i in 0..5 {
         s.invoke(ADD, add(&format!("item {i}"))).await.unwrap();
     }
@@ -83,7 +78,7 @@ async fn a_running_call_finishes_and_its_result_is_had_through_the_new_edge() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     lost.abort();
     let mut downtime = 0;
-    s.handover_to(&cb, |p| downtime = p.downtime_micros)
+    s.handover_to(cb, |p| downtime = p.downtime_micros)
         .await
         .unwrap();
     assert_eq!(s.edge_id(), "b");
@@ -101,14 +96,9 @@ async fn a_running_call_finishes_and_its_result_is_had_through_the_new_edge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn calls_made_during_the_move_are_served_once() {
-    let bases = Bases::new();
-    let apps = bases.process_apps();
-    let (a, b) = (
-        Edge::start("a", "127.0.0.1", &apps, ""),
-        Edge::start("b", "127.0.0.2", &apps, ""),
-    );
-    let (ca, cb) = (a.client().await, b.client().await);
-    let s = ca.open_session("list", "walker").await.unwrap();
+    let t = Pair::strangers("").await;
+    let Pair { cb, .. } = &t;
+    let s = t.open("walker").await;
     let done = Arc::new(AtomicUsize::new(0));
     let writer = {
         let (s, done) = (s.clone(), done.clone());
@@ -121,7 +111,7 @@ async fn calls_made_during_the_move_are_served_once() {
         })
     };
     tokio::time::sleep(Duration::from_millis(60)).await;
-    s.handover_to(&cb, |_| {}).await.unwrap();
+    s.handover_to(cb, |_| {}).await.unwrap();
     writer.await.unwrap();
     assert_eq!(done.load(Ordering::SeqCst), 60);
     let got = items(&s).await;
@@ -145,13 +135,9 @@ fn peak_rss(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_round_streams_through_both_edges_and_moves_whole() {
-    let bases = Bases::new();
-    let apps = bases.process_apps();
-    let (a, b) = (
-        Edge::start("a", "127.0.0.1", &apps, ""),
-        Edge::start("b", "127.0.0.2", &apps, ""),
-    );
-    let s = a.client().await.open_session("list", "big").await.unwrap();
+    let t = Pair::strangers("").await;
+    let Pair { a, b, .. } = &t;
+    let s = t.open("big").await;
     s.invoke(ADD, add("kept")).await.unwrap();
     // 48 MiB no pre-copy sent: the first round carries all of it, from
     // volfs on A to the staged copy on B.
@@ -236,14 +222,9 @@ async fn a_failed_move_leaves_the_session_whole_on_the_old_edge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_moves_the_session_when_the_location_file_changes() {
-    let bases = Bases::new();
-    let apps = bases.process_apps();
-    let (a, b) = (
-        Edge::start("a", "127.0.0.1", &apps, ""),
-        Edge::start("b", "127.0.0.2", &apps, ""),
-    );
-    let ca = a.client().await;
-    let s = ca.open_session("list", "walker").await.unwrap();
+    let t = Pair::strangers("").await;
+    let Pair { a, b, .. } = &t;
+    let s = t.open("walker").await;
     s.invoke(ADD, add("x")).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("nearest");
@@ -285,17 +266,9 @@ fn dir_bytes(p: &std::path::Path) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pre_copy_leaves_only_the_last_changes_for_the_handover() {
-    let bases = Bases::new();
-    let apps = bases.process_apps();
-    let a_addr = free_addr("127.0.0.1");
-    let b = Edge::start("b", "127.0.0.2", &apps, &neighbour("a", a_addr));
-    let extra = format!(
-        "[[neighbours]]\nid = \"b\"\naddr = \"{}\"\n[precopy]\ninterval = 0.3\n",
-        b.addr
-    );
-    let a = Edge::start_at("a", a_addr, &apps, &extra);
-    let (ca, cb) = (a.client().await, b.client().await);
-    let s = ca.open_session("list", "walker").await.unwrap();
+    let t = Pair::neighbours("[precopy]\ninterval = 0.3\n", "").await;
+    let Pair { a, b, cb, .. } = &t;
+    let s = t.open("walker").await;
     let big = "x".repeat(4000);
     for i in 0..300 {
         s.invoke(ADD, add(&format!("{i} {big}"))).await.unwrap();
@@ -314,7 +287,7 @@ async fn pre_copy_leaves_only_the_last_changes_for_the_handover() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     s.invoke(ADD, add("the last change")).await.unwrap();
     let mut received = 0;
-    s.handover_to(&cb, |p| received = p.bytes_received)
+    s.handover_to(cb, |p| received = p.bytes_received)
         .await
         .unwrap();
     let total = dir_bytes(&b.session_dirs()[0].join("volume"));
@@ -335,15 +308,9 @@ async fn pre_copy_leaves_only_the_last_changes_for_the_handover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_or_tampered_link_leaves_one_owner() {
-    let bases = Bases::new();
-    let apps = bases.process_apps();
-    let (a, b) = (
-        Edge::start("a", "127.0.0.1", &apps, ""),
-        Edge::start("b", "127.0.0.2", &apps, ""),
-    );
-    let cb = b.client().await;
-    let direct = a.client().await;
-    let s = direct.open_session("list", "walker").await.unwrap();
+    let t = Pair::strangers("").await;
+    let Pair { a, b, cb, .. } = &t;
+    let s = t.open("walker").await;
     for i in 0..200 {
         s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
     }
@@ -371,7 +338,7 @@ async fn a_cut_or_tampered_link_leaves_one_owner() {
             "a".into(),
             vec![],
         );
-        let err = moving.handover_to(&cb, |_| {}).await.unwrap_err();
+        let err = moving.handover_to(cb, |_| {}).await.unwrap_err();
         assert!(
             matches!(
                 err.code(),
@@ -387,7 +354,7 @@ async fn a_cut_or_tampered_link_leaves_one_owner() {
     assert_eq!(s.edge_id(), "a");
     assert_eq!(n, 201);
     // The link heals: the move succeeds.
-    s.handover_to(&cb, |_| {}).await.unwrap();
+    s.handover_to(cb, |_| {}).await.unwrap();
     assert_eq!(count(s.invoke(ADD, add("on b")).await.unwrap()), n + 1);
     a.wait_empty().await;
 }
@@ -396,21 +363,10 @@ async fn a_cut_or_tampered_link_leaves_one_owner() {
 async fn without_tls_a_damaged_block_is_refused_and_sent_again() {
     // In plaintext nothing but the block hashes catches a flipped byte: B
     // refuses the block, pulls again, and the block is sent again.
-    let bases = Bases::new();
-    let apps = bases.process_apps();
-    let plain = "insecure_plaintext = true";
-    let (a, b) = (
-        Edge::start("a", "127.0.0.1", &apps, plain),
-        Edge::start("b", "127.0.0.2", &apps, plain),
-    );
+    let t = Pair::strangers("insecure_plaintext = true").await;
+    let Pair { a, b, cb, .. } = &t;
     assert!(a.url().starts_with("http://"));
-    let cb = b.client().await;
-    let s = a
-        .client()
-        .await
-        .open_session("list", "walker")
-        .await
-        .unwrap();
+    let s = t.ca.open_session("list", "walker").await.unwrap();
     for i in 0..200 {
         s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
     }
@@ -425,7 +381,7 @@ async fn without_tls_a_damaged_block_is_refused_and_sent_again() {
     let via = edge_client::connect(&relay.addr.to_string()).await.unwrap();
     let moving =
         edge_client::Session::attach(&via, s.id().into(), s.token().clone(), "a".into(), vec![]);
-    moving.handover_to(&cb, |_| {}).await.unwrap();
+    moving.handover_to(cb, |_| {}).await.unwrap();
     assert!(
         b.log().contains("damaged in transit"),
         "B saw the damage: {}",
@@ -556,18 +512,9 @@ async fn twenty_clients_moving_among_three_edges_lose_no_call_and_run_none_twice
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_moves_a_session_and_the_client_follows() {
-    let bases = Bases::new();
-    let apps = bases.process_apps();
-    let a_addr = free_addr("127.0.0.1");
-    let b = Edge::start("b", "127.0.0.2", &apps, &neighbour("a", a_addr));
-    let a = Edge::start_at(
-        "a",
-        a_addr,
-        &apps,
-        &format!("[[neighbours]]\nid = \"b\"\naddr = \"{}\"\n", b.addr),
-    );
-    let ca = a.client().await;
-    let s = ca.open_session("list", "walker").await.unwrap();
+    let t = Pair::neighbours("", "").await;
+    let Pair { a, .. } = &t;
+    let s = t.open("walker").await;
     s.invoke(ADD, add("before")).await.unwrap();
     // The operator's door is a Unix socket; the Edge port does not serve Admin.
     let mut public = edge_proto::v1::admin_client::AdminClient::new(
@@ -663,17 +610,9 @@ async fn pre_copy_goes_to_the_candidates_the_client_names() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_of_the_old_edge_during_pre_copy_loses_nothing() {
-    let bases = Bases::new();
-    let apps = bases.process_apps();
-    let a_addr = free_addr("127.0.0.1");
-    let b = Edge::start("b", "127.0.0.2", &apps, &neighbour("a", a_addr));
-    let extra = format!(
-        "[[neighbours]]\nid = \"b\"\naddr = \"{}\"\n[precopy]\ninterval = 0.3\n",
-        b.addr
-    );
-    let mut a = Edge::start_at("a", a_addr, &apps, &extra);
-    let ca = a.client().await;
-    let s = ca.open_session("list", "walker").await.unwrap();
+    let mut t = Pair::neighbours("[precopy]\ninterval = 0.3\n", "").await;
+    let s = t.open("walker").await;
+    let Pair { a, b, .. } = &mut t;
     for i in 0..50 {
         s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
     }
@@ -703,12 +642,9 @@ async fn a_restart_of_the_old_edge_during_pre_copy_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_new_edge_mid_handover_leaves_the_session_on_the_old_one() {
-    let bases = Bases::new();
-    let apps = bases.process_apps();
-    let a = Edge::start("a", "127.0.0.1", &apps, "");
-    let mut b = Edge::start("b", "127.0.0.2", &apps, "");
-    let ca = a.client().await;
-    let s = ca.open_session("list", "walker").await.unwrap();
+    let mut t = Pair::strangers("").await;
+    let s = t.open("walker").await;
+    let Pair { a, b, .. } = &mut t;
     for i in 0..200 {
         s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
     }
@@ -749,17 +685,9 @@ async fn killing_the_new_edge_mid_handover_leaves_the_session_on_the_old_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_candidate_during_pre_copy_loses_nothing() {
-    let bases = Bases::new();
-    let apps = bases.process_apps();
-    let a_addr = free_addr("127.0.0.1");
-    let mut b = Edge::start("b", "127.0.0.2", &apps, &neighbour("a", a_addr));
-    let extra = format!(
-        "[[neighbours]]\nid = \"b\"\naddr = \"{}\"\n[precopy]\ninterval = 0.2\n",
-        b.addr
-    );
-    let a = Edge::start_at("a", a_addr, &apps, &extra);
-    let ca = a.client().await;
-    let s = ca.open_session("list", "walker").await.unwrap();
+    let mut t = Pair::neighbours("[precopy]\ninterval = 0.2\n", "").await;
+    let s = t.open("walker").await;
+    let Pair { a, b, .. } = &mut t;
     for i in 0..30 {
         s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
     }
@@ -782,25 +710,13 @@ async fn killing_the_candidate_during_pre_copy_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_candidate_past_its_staging_budget_refuses_pre_copy_but_still_takes_a_handover() {
-    let bases = Bases::new();
-    let apps = bases.process_apps();
-    let a_addr = free_addr("127.0.0.1");
-    let b = Edge::start(
-        "b",
-        "127.0.0.2",
-        &apps,
-        &format!(
-            "{}[precopy]\nstaging_budget = 100000\n",
-            neighbour("a", a_addr)
-        ),
-    );
-    let extra = format!(
-        "[[neighbours]]\nid = \"b\"\naddr = \"{}\"\n[precopy]\ninterval = 0.2\n",
-        b.addr
-    );
-    let a = Edge::start_at("a", a_addr, &apps, &extra);
-    let ca = a.client().await;
-    let s = ca.open_session("list", "walker").await.unwrap();
+    let t = Pair::neighbours(
+        "[precopy]\ninterval = 0.2\n",
+        "[precopy]\nstaging_budget = 100000\n",
+    )
+    .await;
+    let Pair { b, .. } = &t;
+    let s = t.open("walker").await;
     for i in 0..100 {
         s.invoke(ADD, add(&noise(i, 3000))).await.unwrap();
     }
@@ -854,25 +770,20 @@ fn sockets_to(pid: u32, to: std::net::SocketAddr) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handovers_between_two_edges_reuse_one_pooled_connection() {
-    let bases = Bases::new();
-    let apps = bases.process_apps();
-    let (a, b) = (
-        Edge::start("a", "127.0.0.1", &apps, ""),
-        Edge::start("b", "127.0.0.2", &apps, ""),
-    );
-    let (ca, cb) = (a.client().await, b.client().await);
-    let s = ca.open_session("list", "pooled").await.unwrap();
+    let t = Pair::strangers("").await;
+    let Pair { a, b, ca, cb, .. } = &t;
+    let s = t.open("pooled").await;
     s.invoke(ADD, add("one")).await.unwrap();
     let pid_b = b.pid().unwrap();
     assert!(sockets_to(pid_b, a.addr).is_empty());
     // B pulls from A: it dials A, and keeps the connection.
-    s.handover_to(&cb, |_| {}).await.unwrap();
+    s.handover_to(cb, |_| {}).await.unwrap();
     let first = sockets_to(pid_b, a.addr);
     assert_eq!(first.len(), 1, "B holds one connection to A");
     // Back to A, and to B again: the second pull from A goes over the same
     // connection (no new handshake).
-    s.handover_to(&ca, |_| {}).await.unwrap();
-    s.handover_to(&cb, |_| {}).await.unwrap();
+    s.handover_to(ca, |_| {}).await.unwrap();
+    s.handover_to(cb, |_| {}).await.unwrap();
     assert_eq!(
         sockets_to(pid_b, a.addr),
         first,
