@@ -35,6 +35,10 @@ pub const CONNECTION_WINDOW: u32 = 8 << 20;
 /// Longest a new connection to a peer may take, handshake included.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest the TCP connect alone may take (split among the addresses a
+/// name resolves to).
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Connections the pool keeps at most (neighbours and the edges sessions
 /// came from); past it, the pool starts over.
 pub const MAX_POOLED: usize = 256;
@@ -138,15 +142,13 @@ impl Peers {
                 .tls_config(tls.dial_peer(id))
                 .map_err(|e| Status::internal(format!("TLS setup: {e}")))?;
         }
-        let target = bare.to_string();
-        let tcp = tower::service_fn(move |_: http::Uri| {
-            let target = target.clone();
-            async move {
-                let s = tokio::net::TcpStream::connect(&target).await?;
-                s.set_nodelay(true)?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        });
+        // hyper's connector as tonic would build it (every address a name
+        // resolves to, happy eyeballs, TCP_NODELAY), passed in so that the
+        // timeout above covers TLS too.
+        let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(TCP_CONNECT_TIMEOUT));
         let ch = ep.connect_with_connector(tcp).await.map_err(|e| {
             let detail = std::error::Error::source(&e)
                 .map(|s| s.to_string())

@@ -79,6 +79,9 @@ pub enum PullerEvent {
     },
     /// The owner did not answer (unreachable, crashed): ask again later.
     ReleaseUnanswered,
+    /// What arrived does not hash to what the owner said (damaged in
+    /// transit); the shell may try again (a few times at most).
+    Damaged,
     /// A step failed before the release was asked.
     Failed {
         /// Why.
@@ -202,6 +205,27 @@ impl PullerState {
                 ]
             }
             (S::AwaitingRelease { .. }, E::ReleaseUnanswered) => vec![A::AskReleaseLater],
+            // Damaged in transit: the owner serves on (its attempt is
+            // aborted) and the pull starts again from what is staged, so
+            // the damaged blocks are sent again. Never idle in between: no
+            // other pull of the session can start meanwhile.
+            (S::Pulling { from, attempt }, E::Damaged) => {
+                let out = attempt.map(A::AskAbort).into_iter().chain([A::AskOwner]);
+                let out = out.collect();
+                *self = S::Pulling {
+                    from: from.clone(),
+                    attempt: None,
+                };
+                out
+            }
+            (S::Verifying { from, attempt }, E::Damaged) => {
+                let out = vec![A::AskAbort(*attempt), A::AskOwner];
+                *self = S::Pulling {
+                    from: from.clone(),
+                    attempt: None,
+                };
+                out
+            }
             (S::Pulling { attempt, .. }, E::Failed { reason }) => {
                 let out = attempt
                     .map(A::AskAbort)
@@ -352,6 +376,23 @@ mod tests {
             vec![A::Demote, A::AskAbort(9), A::Fail("disk full".into())]
         );
         assert!(!a.contains(&A::AskRelease));
+    }
+
+    #[test]
+    fn a_damaged_round_is_pulled_again_without_leaving_the_pull() {
+        let mut s = PullerState::Idle;
+        s.step(E::Begin { from: owner() });
+        s.step(E::Accepted { attempt: 4 });
+        s.step(E::FinalReceived);
+        assert_eq!(s.step(E::Damaged), vec![A::AskAbort(4), A::AskOwner]);
+        assert!(matches!(s, PullerState::Pulling { attempt: None, .. }));
+        // Still pulling: a second pull is refused meanwhile.
+        assert!(matches!(
+            s.step(E::Begin { from: owner() })[..],
+            [A::Refuse(_)]
+        ));
+        s.step(E::Accepted { attempt: 5 });
+        assert_eq!(s.step(E::Damaged), vec![A::AskAbort(5), A::AskOwner]);
     }
 
     #[test]

@@ -107,11 +107,6 @@ static STAGES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_ST
 /// gives it up (and the staging lock with it).
 const STAGE_IDLE: Duration = Duration::from_secs(30);
 
-/// The slowest a pre-copy round may arrive on average, after a grace of
-/// [`STAGE_IDLE`]: a neighbour that trickles a byte now and then, never
-/// idle for long, still gives up its stage permit and staging lock.
-const MIN_STAGE_RATE: u64 = 128 << 10;
-
 /// A token bucket over bytes, shared by all sessions of the edge.
 #[derive(Debug)]
 pub struct RateLimiter {
@@ -431,7 +426,6 @@ impl Edge {
         let mut room = self.cfg.precopy.staging_budget.saturating_sub(used);
         let mut n = 0u64;
         let mut applying: Option<(Incoming, bool)> = None;
-        let started = std::time::Instant::now();
         let received = async {
             // The staging lock is held while the round streams in: a
             // neighbour that stops sending loses it after STAGE_IDLE.
@@ -453,12 +447,6 @@ impl Edge {
                 };
                 let len = f.encoded_len();
                 n += (prost::length_delimiter_len(len) + len) as u64;
-                if started.elapsed() > STAGE_IDLE + Duration::from_secs(n / MIN_STAGE_RATE) {
-                    return Err(Status::deadline_exceeded(format!(
-                        "the pre-copy round arrived slower than {} KiB/s",
-                        MIN_STAGE_RATE >> 10
-                    )));
-                }
                 if n > room {
                     return Err(Status::resource_exhausted(format!(
                         "this edge's staging budget of {} bytes is full",

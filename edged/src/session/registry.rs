@@ -60,9 +60,11 @@ pub struct Edge {
     pub(super) tombstones: Tombstones,
     /// One-time tickets of operator-started moves (blake3 of the ticket).
     pub(super) tickets: Mutex<HashMap<String, blake3::Hash>>,
-    /// The puller's side of each session this edge pulls (absent: idle).
-    /// Pre-copy rounds of a session being pulled are refused.
-    pub(super) pulls: Mutex<HashMap<String, PullerState>>,
+    /// The puller's side of each session this edge pulls (absent: idle),
+    /// tagged with the pull that began it (so a pull that ended removes
+    /// its own entry only, never a later pull's). Pre-copy rounds of a
+    /// session being pulled are refused.
+    pub(super) pulls: Mutex<HashMap<String, (u64, PullerState)>>,
     /// Session directories that failed to recover, with why: kept on disk,
     /// retried by the reaper, listed for the operator.
     pub(super) failed: Mutex<std::collections::BTreeMap<PathBuf, String>>,

@@ -47,6 +47,8 @@ struct Taking<'a> {
     tries: u32,
     /// The downtime the owner reported with its release.
     seen: Option<Duration>,
+    /// The owner released and this edge serves the session.
+    served: bool,
 }
 
 impl Edge {
@@ -55,13 +57,21 @@ impl Edge {
     /// Feeds `ev` to the puller machine of session `id`; an idle machine
     /// is forgotten.
     pub(super) fn puller_step(&self, id: &str, ev: PullerEvent) -> Vec<PullerAction> {
+        self.puller_step_tagged(id, ev).1
+    }
+
+    /// [`Edge::puller_step`], also saying which pull the machine belongs
+    /// to (a tag given when it left idle).
+    fn puller_step_tagged(&self, id: &str, ev: PullerEvent) -> (u64, Vec<PullerAction>) {
         let mut pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
-        let st = pulls.entry(id.to_string()).or_insert(PullerState::Idle);
-        let out = st.step(ev);
+        let (tag, st) = pulls
+            .entry(id.to_string())
+            .or_insert_with(|| (crate::migration::new_attempt(), PullerState::Idle));
+        let (tag, out) = (*tag, st.step(ev));
         if matches!(st, PullerState::Idle | PullerState::Serving) {
             pulls.remove(id);
         }
-        out
+        (tag, out)
     }
 
     /// Whether session `id` is being pulled here.
@@ -130,7 +140,7 @@ impl Edge {
             edge_id: from_edge.to_string(),
             addr: from.to_string(),
         };
-        let plan = self.puller_step(
+        let (tag, plan) = self.puller_step_tagged(
             id,
             PullerEvent::Begin {
                 from: owner.clone(),
@@ -152,9 +162,12 @@ impl Edge {
         }
         if let Err(st) = &r {
             tracing::warn!(parent: &span, error = %st.message(), "handover failed");
-            // Whatever failed before the release was asked leaves no pull.
+            // Whatever failed before the release was asked leaves no pull
+            // (this one's: a later pull of the session is not touched).
             let mut pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
-            if !matches!(pulls.get(id), Some(PullerState::AwaitingRelease { .. })) {
+            if matches!(pulls.get(id), Some((t, st)) if *t == tag
+                && !matches!(st, PullerState::AwaitingRelease { .. }))
+            {
                 pulls.remove(id);
             }
         }
@@ -236,6 +249,7 @@ impl Edge {
             failure: None,
             tries: 0,
             seen: None,
+            served: false,
         };
         let mut todo = VecDeque::from(plan);
         while let Some(a) = todo.pop_front() {
@@ -249,8 +263,10 @@ impl Edge {
                 todo.extend(self.puller_step(id, ev));
             }
         }
-        let Some(pulled) = t.pulled else {
-            return Err(Status::internal("the pull ended without the session"));
+        let (true, Some(pulled)) = (t.served, t.pulled) else {
+            return Err(Status::internal(
+                "the pull ended without serving the session (another pull of it raced this one)",
+            ));
         };
         // The larger of the two views: from the Quiesced chunk (which may wait
         // behind the live round it follows) and from the owner's hold.
@@ -285,6 +301,11 @@ impl Edge {
         use PullerEvent as E;
         let id = t.id;
         let failed = |t: &mut Taking<'_>, st: Status| {
+            if st.code() == tonic::Code::DataLoss && t.tries < PULL_ATTEMPTS {
+                tracing::warn!(error = %st.message(), tries = t.tries, "damaged in transit; pulling again");
+                t.pulled = None;
+                return vec![E::Damaged];
+            }
             let reason = st.message().to_string();
             t.failure = Some(st);
             vec![E::Failed { reason }]
@@ -405,7 +426,11 @@ impl Edge {
                 // Released, it serves; refused, the copy is staged again —
                 // both done by `ask_release` as the machine says.
                 t.seen = match tokio::time::timeout(RELEASE_ANSWER_WAIT, asking).await {
-                    Ok(Ok(r)) => r?,
+                    Ok(Ok(r)) => {
+                        let seen = r?;
+                        t.served = true;
+                        seen
+                    }
                     Ok(Err(e)) => return Err(io_status(e)),
                     Err(_) => {
                         return Err(Status::unavailable(format!(
@@ -425,21 +450,7 @@ impl Edge {
                 self.ask_abort(&mut t.peer, id, t.token, attempt).await;
                 Ok(vec![])
             }
-            A::Fail(reason) => {
-                let st = t.failure.take().unwrap_or_else(|| Status::aborted(reason));
-                // A block that does not hash to its name (damaged in
-                // transit): the old edge serves on (aborted above) and the
-                // pull starts again from what is staged, so the damaged
-                // blocks are sent again.
-                if st.code() == tonic::Code::DataLoss && t.tries < PULL_ATTEMPTS {
-                    tracing::warn!(error = %st.message(), tries = t.tries, "damaged in transit; pulling again");
-                    t.pulled = None;
-                    return Ok(vec![E::Begin {
-                        from: t.owner.clone(),
-                    }]);
-                }
-                Err(st)
-            }
+            A::Fail(reason) => Err(t.failure.take().unwrap_or_else(|| Status::aborted(reason))),
             A::Refuse(m) => Err(Status::aborted(m)),
             // Only after a restart (see `recover`); a running pull has
             // started its instance in `Promote`.
@@ -478,14 +489,16 @@ impl Edge {
                 ),
                 None => None,
             };
-            let (event, held, refusal) = match answer {
+            let (event, released, refusal) = match answer {
                 Some(Ok(r)) => {
-                    let answered = Instant::now();
                     let held = Duration::from_micros(r.into_inner().held_micros)
                         .min(super::pull::MAX_HELD_BEFORE_QUIESCED);
-                    let seen = (!held.is_zero())
-                        .then(|| held + (answered - asked) / 2 + answered.elapsed());
-                    (PullerEvent::ReleaseAnswered { released: true }, seen, None)
+                    let answered = Instant::now();
+                    (
+                        PullerEvent::ReleaseAnswered { released: true },
+                        Some((held, answered - asked, answered)),
+                        None,
+                    )
                 }
                 Some(Err(st))
                     if matches!(
@@ -511,11 +524,27 @@ impl Edge {
                 None => (PullerEvent::ReleaseUnanswered, None, None),
             };
             // What the machine says to the answer, done in order.
-            for a in self.puller_step(id, event) {
+            let mut plan = self.puller_step(id, event);
+            if released.is_some()
+                && plan.is_empty()
+                && self
+                    .get(id)
+                    .is_some_and(|s| matches!(s.role(), Role::AwaitingRelease { .. }))
+            {
+                // The owner's word decides: it released, so this edge
+                // serves, whatever became of the machine meanwhile.
+                tracing::warn!(session = %id, "released while no pull was recorded; serving");
+                plan = vec![PullerAction::Serve];
+            }
+            for a in plan {
                 match a {
                     PullerAction::Serve => {
                         self.serve_pulled(id).await?;
-                        return Ok(held);
+                        // The hold, half the Release's round trip, and the
+                        // time from the answer until the calls opened here.
+                        return Ok(released.and_then(|(held, rtt, answered)| {
+                            (!held.is_zero()).then(|| held + rtt / 2 + answered.elapsed())
+                        }));
                     }
                     PullerAction::Demote => self.demote(id).await,
                     PullerAction::Fail(reason) => {
