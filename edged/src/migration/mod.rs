@@ -27,12 +27,16 @@
 //! # Layout
 //! - [`owner`]: [`owner::OwnerState`], its events, actions and `step`.
 //! - [`puller`]: [`puller::PullerState`], its events, actions and `step`.
+//! - [`pulling`]: the puller's driver, performing those actions through
+//!   the `PullEffects` trait (real in `session::take`, a recording fake in
+//!   its tests).
 //! - [`converge`]: after each live round, another one (throttled or not) or
 //!   the quiesce.
 
 pub mod converge;
 pub mod owner;
 pub mod puller;
+pub mod pulling;
 
 use serde::{Deserialize, Serialize};
 

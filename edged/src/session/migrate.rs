@@ -29,9 +29,6 @@ use tonic::Status;
 
 use super::{Edge, EdgeError, Session, peer_status};
 
-/// How often the new edge pulls when what arrives is damaged.
-pub const PULL_ATTEMPTS: u32 = 3;
-
 /// How long the client's handover waits for the old edge to answer the
 /// release before it is told so (the new edge keeps asking).
 pub const RELEASE_ANSWER_WAIT: Duration = Duration::from_secs(30);

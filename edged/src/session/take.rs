@@ -9,7 +9,6 @@
 //! answer. Released: it serves. Refused: the instance stops and the copy
 //! is staged again.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,36 +18,29 @@ use tokio::sync::mpsc;
 use tonic::Status;
 use tracing::Instrument;
 
-use super::migrate::{PULL_ATTEMPTS, RELEASE_ANSWER_WAIT, io_status, progress_event};
+use super::migrate::{RELEASE_ANSWER_WAIT, io_status, progress_event};
 use super::pull::Pulled;
 use super::standby::Standby;
 use super::{Edge, Gate, Role, Session, State, peer_status};
 use crate::migration::puller::{PullerAction, PullerEvent, PullerState};
+use crate::migration::pulling::{self, PullEffects};
 use crate::migration::{Attempt, Peer};
 
-/// What one pull carries from one action of the machine to the next.
+/// The real effects of one pull (see [`crate::migration::pulling`]).
 struct Taking<'a> {
+    edge: &'a Arc<Edge>,
     id: &'a str,
     token: &'a [u8],
     progress: &'a mpsc::Sender<Result<pb::HandoverProgress, Status>>,
     /// The owner, its id as it said in Hello.
     owner: Peer,
     peer: PeerClient<tonic::transport::Channel>,
-    /// The app's standby instance, until `Promote` adopts it.
+    /// The app's standby instance, until `promote` adopts it.
     standby: &'a mut Option<Standby>,
-    /// What the last `AskOwner` pulled.
+    /// What the last `ask_owner` pulled.
     pulled: Option<Pulled>,
-    /// The promoted session, from `Promote`.
+    /// The promoted session.
     session: Option<Arc<Session>>,
-    /// Why the last step failed, with its status code (the machine's
-    /// `Fail` carries the words only).
-    failure: Option<Status>,
-    /// Pulls asked so far.
-    tries: u32,
-    /// The downtime the owner reported with its release.
-    seen: Option<Duration>,
-    /// The owner released and this edge serves the session.
-    served: bool,
 }
 
 impl Edge {
@@ -235,9 +227,10 @@ impl Edge {
         if crate::config::valid_name(&named) {
             *standby = self.standby_ready(id, &named).await;
         }
-        // From here the machine leads: each action it returns is performed
-        // (`perform`), and what came of it is its next event.
+        // From here the machine leads: `drive` performs each action it
+        // returns through `Taking` and feeds back what came of it.
         let mut t = Taking {
+            edge: self,
             id,
             token,
             progress,
@@ -246,31 +239,14 @@ impl Edge {
             standby,
             pulled: None,
             session: None,
-            failure: None,
-            tries: 0,
-            seen: None,
-            served: false,
         };
-        let mut todo = VecDeque::from(plan);
-        while let Some(a) = todo.pop_front() {
-            let events = self.perform(&mut t, a).await?;
-            if !events.is_empty() {
-                // What the machine says to the outcome replaces what was
-                // left of its last plan (a failed step ends that plan).
-                todo.clear();
-            }
-            for ev in events {
-                todo.extend(self.puller_step(id, ev));
-            }
-        }
-        let (true, Some(pulled)) = (t.served, t.pulled) else {
-            return Err(Status::internal(
-                "the pull ended without serving the session (another pull of it raced this one)",
-            ));
+        let seen = pulling::drive(&mut t, |ev| self.puller_step(id, ev), plan).await?;
+        let Some(pulled) = t.pulled else {
+            return Err(Status::internal("served without a pull"));
         };
         // The larger of the two views: from the Quiesced chunk (which may wait
         // behind the live round it follows) and from the owner's hold.
-        let down = pulled.quiesced.elapsed().max(t.seen.unwrap_or_default());
+        let down = pulled.quiesced.elapsed().max(seen.unwrap_or_default());
         *self.last_finish.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(pulled.final_at.elapsed());
         tracing::info!(
@@ -287,175 +263,6 @@ impl Edge {
         );
         let _ = progress.send(Ok(ready)).await;
         Ok(())
-    }
-
-    /// Performs one action of the puller machine for the pull `t`, and
-    /// returns the events it led to. An error ends the pull (`Refuse`,
-    /// `Fail`, or the release not answered in time).
-    async fn perform(
-        self: &Arc<Self>,
-        t: &mut Taking<'_>,
-        a: PullerAction,
-    ) -> Result<Vec<PullerEvent>, Status> {
-        use PullerAction as A;
-        use PullerEvent as E;
-        let id = t.id;
-        let failed = |t: &mut Taking<'_>, st: Status| {
-            if st.code() == tonic::Code::DataLoss && t.tries < PULL_ATTEMPTS {
-                tracing::warn!(error = %st.message(), tries = t.tries, "damaged in transit; pulling again");
-                t.pulled = None;
-                return vec![E::Damaged];
-            }
-            let reason = st.message().to_string();
-            t.failure = Some(st);
-            vec![E::Failed { reason }]
-        };
-        match a {
-            A::AskOwner => {
-                t.tries += 1;
-                match self
-                    .pull(&mut t.peer, id, t.token, &t.owner, t.progress)
-                    .await
-                {
-                    Ok(p) => {
-                        t.pulled = Some(p);
-                        Ok(vec![E::FinalReceived])
-                    }
-                    Err((st, attempt)) => {
-                        if st.code() == tonic::Code::Unavailable {
-                            // The old edge stopped answering: the next pull
-                            // from it connects afresh.
-                            self.peers.forget(&t.owner.edge_id, &t.owner.addr);
-                        }
-                        // An attempt it had accepted is aborted, known or
-                        // not to the machine yet (a malformed identity).
-                        let mut evs: Vec<_> = attempt
-                            .map(|a| E::Accepted { attempt: a })
-                            .into_iter()
-                            .collect();
-                        evs.extend(failed(t, st));
-                        Ok(evs)
-                    }
-                }
-            }
-            A::Verify => {
-                let p = t.pulled.as_ref().expect("verified after the pull");
-                // The staged volume must be what the old edge sent.
-                let vol = self.staging_dir(id).join("volume");
-                let have = tokio::task::spawn_blocking(move || volfs::offline::hash(&vol, None))
-                    .await
-                    .map_err(io_status)
-                    .and_then(|r| r.map_err(io_status));
-                match have {
-                    Ok((have, _)) if have.as_slice() == p.root.as_slice() => {
-                        let msg = progress_event(
-                            pb::HandoverPhase::Apply,
-                            p.round,
-                            p.bytes,
-                            p.quiesced.elapsed().as_micros() as u64,
-                            &self.cfg.edge_id,
-                        );
-                        let _ = t.progress.send(Ok(msg)).await;
-                        Ok(vec![E::Verified])
-                    }
-                    Ok((have, _)) => {
-                        let st = Status::data_loss(format!(
-                            "staged volume hashes to {}, the old edge sent {}",
-                            volfs::hex(&have),
-                            volfs::hex(&p.root)
-                        ));
-                        Ok(failed(t, st))
-                    }
-                    Err(st) => Ok(failed(t, st)),
-                }
-            }
-            A::Promote => {
-                let p = t.pulled.as_ref().expect("promoted after the pull");
-                let msg = progress_event(
-                    pb::HandoverPhase::Start,
-                    p.round,
-                    p.bytes,
-                    p.quiesced.elapsed().as_micros() as u64,
-                    &self.cfg.edge_id,
-                );
-                let _ = t.progress.send(Ok(msg)).await;
-                // Become the owner in waiting: session directory (persisted
-                // `Starting`), journal, shim, instance with its calls held.
-                let standby = t.standby.take();
-                match self.promote_and_start(id, p, &t.owner, standby).await {
-                    Ok(s) => {
-                        t.session = Some(s);
-                        Ok(vec![E::Started])
-                    }
-                    Err(e) => Ok(failed(t, e.status())),
-                }
-            }
-            A::PersistAwaiting => {
-                let (Some(s), Some(p)) = (&t.session, &t.pulled) else {
-                    return Err(Status::internal("no started session to persist"));
-                };
-                // Persisted before asking: after a crash this edge asks again.
-                let role = Role::AwaitingRelease {
-                    attempt: p.attempt,
-                    from: t.owner.clone(),
-                };
-                match s.set_role(role).await {
-                    Ok(()) => Ok(vec![E::AwaitingPersisted]),
-                    // Not asked, so not released: the owner serves on.
-                    Err(e) => Ok(failed(t, e.status())),
-                }
-            }
-            A::AskRelease => {
-                let p = t.pulled.as_mut().expect("released after the pull");
-                let attempt = p.attempt;
-                // The handover stream stays open until the answer: the owner
-                // takes its end as this edge giving up.
-                let stream = p.stream.take();
-                let asking = tokio::spawn({
-                    let edge = self.clone();
-                    let (id, token, owner) = (id.to_string(), t.token.to_vec(), t.owner.clone());
-                    let peer = t.peer.clone();
-                    async move {
-                        let r = edge
-                            .ask_release(&id, &token, &owner, attempt, Some(peer))
-                            .await;
-                        drop(stream);
-                        r
-                    }
-                });
-                // Released, it serves; refused, the copy is staged again —
-                // both done by `ask_release` as the machine says.
-                t.seen = match tokio::time::timeout(RELEASE_ANSWER_WAIT, asking).await {
-                    Ok(Ok(r)) => {
-                        let seen = r?;
-                        t.served = true;
-                        seen
-                    }
-                    Ok(Err(e)) => return Err(io_status(e)),
-                    Err(_) => {
-                        return Err(Status::unavailable(format!(
-                            "the old edge {} has not answered the release for {}s; this edge keeps asking and serves the session once it does",
-                            t.owner.edge_id,
-                            RELEASE_ANSWER_WAIT.as_secs()
-                        )));
-                    }
-                };
-                Ok(vec![])
-            }
-            A::Demote => {
-                self.demote(id).await;
-                Ok(vec![])
-            }
-            A::AskAbort(attempt) => {
-                self.ask_abort(&mut t.peer, id, t.token, attempt).await;
-                Ok(vec![])
-            }
-            A::Fail(reason) => Err(t.failure.take().unwrap_or_else(|| Status::aborted(reason))),
-            A::Refuse(m) => Err(Status::aborted(m)),
-            // Only after a restart (see `recover`); a running pull has
-            // started its instance in `Promote`.
-            A::StartInstance | A::AskReleaseLater | A::Serve => Ok(vec![]),
-        }
     }
 
     /// Asks the old owner to release attempt `attempt` until it answers:
@@ -614,5 +421,130 @@ impl Edge {
         if let Err(st) = r {
             tracing::debug!(session = %id, error = %st.message(), "abort not delivered (the old edge's timer will end the attempt)");
         }
+    }
+}
+
+impl PullEffects for Taking<'_> {
+    async fn ask_owner(&mut self) -> Result<(), (Status, Option<Attempt>)> {
+        self.pulled = None;
+        let p = self
+            .edge
+            .pull(
+                &mut self.peer,
+                self.id,
+                self.token,
+                &self.owner,
+                self.progress,
+            )
+            .await?;
+        self.pulled = Some(p);
+        Ok(())
+    }
+
+    async fn verify(&mut self) -> Result<(), Status> {
+        let p = self.pulled.as_ref().expect("verified after the pull");
+        // The staged volume must be what the old edge sent.
+        let vol = self.edge.staging_dir(self.id).join("volume");
+        let (have, _) = tokio::task::spawn_blocking(move || volfs::offline::hash(&vol, None))
+            .await
+            .map_err(io_status)?
+            .map_err(io_status)?;
+        if have.as_slice() != p.root.as_slice() {
+            return Err(Status::data_loss(format!(
+                "staged volume hashes to {}, the old edge sent {}",
+                volfs::hex(&have),
+                volfs::hex(&p.root)
+            )));
+        }
+        self.report(pb::HandoverPhase::Apply).await;
+        Ok(())
+    }
+
+    async fn promote(&mut self) -> Result<(), Status> {
+        self.report(pb::HandoverPhase::Start).await;
+        let p = self.pulled.as_ref().expect("promoted after the pull");
+        // Become the owner in waiting: session directory (persisted
+        // `Starting`), journal, shim, instance with its calls held.
+        let standby = self.standby.take();
+        let s = self
+            .edge
+            .promote_and_start(self.id, p, &self.owner, standby)
+            .await
+            .map_err(|e| e.status())?;
+        self.session = Some(s);
+        Ok(())
+    }
+
+    async fn persist_awaiting(&mut self) -> Result<(), Status> {
+        let (Some(s), Some(p)) = (&self.session, &self.pulled) else {
+            return Err(Status::internal("no started session to persist"));
+        };
+        s.set_role(Role::AwaitingRelease {
+            attempt: p.attempt,
+            from: self.owner.clone(),
+        })
+        .await
+        .map_err(|e| e.status())
+    }
+
+    async fn ask_release(&mut self) -> Result<Option<Duration>, Status> {
+        let p = self.pulled.as_mut().expect("released after the pull");
+        let attempt = p.attempt;
+        // The handover stream stays open until the answer: the owner takes
+        // its end as this edge giving up.
+        let stream = p.stream.take();
+        let asking = tokio::spawn({
+            let edge = self.edge.clone();
+            let (id, token, owner) = (self.id.to_string(), self.token.to_vec(), self.owner.clone());
+            let peer = self.peer.clone();
+            async move {
+                let r = edge
+                    .ask_release(&id, &token, &owner, attempt, Some(peer))
+                    .await;
+                drop(stream);
+                r
+            }
+        });
+        match tokio::time::timeout(RELEASE_ANSWER_WAIT, asking).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(io_status(e)),
+            Err(_) => Err(Status::unavailable(format!(
+                "the old edge {} has not answered the release for {}s; this edge keeps asking and serves the session once it does",
+                self.owner.edge_id,
+                RELEASE_ANSWER_WAIT.as_secs()
+            ))),
+        }
+    }
+
+    async fn demote(&mut self) {
+        self.edge.demote(self.id).await;
+    }
+
+    async fn ask_abort(&mut self, attempt: Attempt) {
+        self.edge
+            .ask_abort(&mut self.peer, self.id, self.token, attempt)
+            .await;
+    }
+
+    fn forget_owner(&mut self) {
+        // The next pull from it connects afresh.
+        self.edge
+            .peers
+            .forget(&self.owner.edge_id, &self.owner.addr);
+    }
+}
+
+impl Taking<'_> {
+    /// Tells the client where the pull is.
+    async fn report(&self, phase: pb::HandoverPhase) {
+        let Some(p) = &self.pulled else { return };
+        let msg = progress_event(
+            phase,
+            p.round,
+            p.bytes,
+            p.quiesced.elapsed().as_micros() as u64,
+            &self.edge.cfg.edge_id,
+        );
+        let _ = self.progress.send(Ok(msg)).await;
     }
 }
