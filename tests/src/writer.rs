@@ -25,6 +25,7 @@ pub fn noise(i: usize, n: usize) -> String {
 #[derive(Debug)]
 pub struct Writer {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<(Vec<String>, Vec<String>)>,
 }
 
@@ -39,7 +40,8 @@ impl Writer {
     pub fn start_sized(s: edge_client::Session, prefix: &str, pad: usize) -> Writer {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (stop2, prefix) = (stop.clone(), prefix.to_string());
+        let acked_n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (stop2, prefix, acked2) = (stop.clone(), prefix.to_string(), acked_n.clone());
         let task = tokio::spawn(async move {
             let (mut acked, mut unsure) = (Vec::new(), Vec::new());
             let mut n = 0;
@@ -55,6 +57,7 @@ impl Writer {
                     match s.invoke_op(op, list::ADD, list::add(&item)).await {
                         Ok(_) => {
                             acked.push(item);
+                            acked2.fetch_add(1, Ordering::SeqCst);
                             break;
                         }
                         // The op was cut by an edge restart: it may or may not have run.
@@ -74,7 +77,25 @@ impl Writer {
             }
             (acked, unsure)
         });
-        Writer { stop, task }
+        Writer {
+            stop,
+            acked: acked_n,
+            task,
+        }
+    }
+
+    /// Waits (up to 30 s) until `n` writes were acknowledged: the writer
+    /// runs, whatever else keeps the machine busy.
+    pub async fn wait_acked(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.acked.load(std::sync::atomic::Ordering::SeqCst) < n {
+            assert!(
+                Instant::now() < deadline,
+                "the writer had {} of {n} writes acknowledged after 30 s",
+                self.acked.load(std::sync::atomic::Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Stops and returns (acknowledged, uncertain) items.

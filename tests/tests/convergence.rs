@@ -89,6 +89,9 @@ async fn live_rounds_repeat_while_the_app_writes_until_the_last_one_fits_the_dow
     // writer could out-dirty the first round, and one live round would be
     // right).
     let writer = edgeshift_tests::Writer::start(s.clone(), "w");
+    // Writing before the move starts (a busy machine may run the writer
+    // late): the first live round leaves something behind.
+    writer.wait_acked(3).await;
     let relay = Relay::start(
         a.addr,
         Faults {
@@ -107,7 +110,7 @@ async fn live_rounds_repeat_while_the_app_writes_until_the_last_one_fits_the_dow
     moving
         .handover_to(&cb, |p| events.push(p.clone()))
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("move: {e}\n{}\n{}", a.log(), b.log()));
     let quiesce = events
         .iter()
         .position(|p| p.phase() == edge_client::HandoverPhase::Quiesced)
