@@ -44,9 +44,13 @@ struct Args {
     #[arg(long, default_value = "bench/out")]
     out: PathBuf,
     /// Moves with no pre-copy instead: the whole volume goes in the
-    /// handover's live rounds, edgeshift only (30 MB and 1 GB, twice each).
+    /// handover's live rounds, edgeshift only (30 MB and 1 GB, `--repeat`
+    /// times each; `--only` picks one).
     #[arg(long)]
     cold: bool,
+    /// Moves of each volume with `--cold`.
+    #[arg(long, default_value_t = 2)]
+    repeat: usize,
 }
 
 /// Dirties `bytes` of `file` in 64 KiB blocks spread over it.
@@ -490,8 +494,12 @@ async fn cold(a: &Args) -> anyhow::Result<()> {
     let mut table =
         String::from("| volume | edgeshift bytes | downtime | total |\n|---:|---:|---:|---:|\n");
     let mut csv = String::from("volume_bytes,edgeshift_bytes,downtime_ms,total_ms\n");
-    for size in [30 * MB, 1 << 30] {
-        for _ in 0..2 {
+    let sizes = [30 * MB, 1 << 30];
+    let chosen = sizes
+        .into_iter()
+        .filter(|s| a.only.as_deref().is_none_or(|o| human(*s) == o));
+    for size in chosen {
+        for _ in 0..a.repeat {
             let c = Case {
                 size,
                 dirty: 0,
