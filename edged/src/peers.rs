@@ -164,7 +164,8 @@ impl Peers {
                 ))
             } else if timed_out(&e) {
                 Status::unavailable(format!(
-                    "{who} did not finish connecting, TLS handshake included, within {} s",
+                    "{who} did not finish connecting in time (TCP within {} s, TLS handshake included within {} s)",
+                    TCP_CONNECT_TIMEOUT.as_secs(),
                     DIAL_TIMEOUT.as_secs()
                 ))
             } else {

@@ -4,6 +4,16 @@
 //! The binaries (`edged`, `volfs`, `list-app`, `search-app`) come from the
 //! same target directory as the test executable: `cargo build --workspace`
 //! first (the README's test command does).
+//!
+//! # Layout
+//! - `edge`: one `edged serve` ([`Edge`]), its configuration ([`config`]),
+//!   what a test reads of it (sessions, pids, mounts, fds).
+//! - `cluster`: several edges ([`Cluster::mesh`], [`Pair`]) and who holds a
+//!   session ([`holders`], [`sole_owner`]).
+//! - `relay`: a link that slows, cuts or tampers ([`Relay`], [`Faults`]).
+//! - `writer`: a client writing through moves ([`Writer`], [`check_items`]).
+//! - [`list`]: raw calls of the List app.
+//! - `pki`: the test fleet's CA and clients that trust it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -13,8 +13,9 @@
 //! ```text
 //! owner:  Serving ─Pull→ Giving{attempt,to} ─LiveSent→ Quiescing ─OpsDrained→ Frozen ─FinalSent→ FinalSent ─Release→ Released{to}
 //!                           └──────────────── Abort / Failed / Timer (same attempt) ────────────────┘ → Serving (thawed)
-//! puller: Idle ─Accepted→ Rounds ─FinalReceived→ Verifying ─Verified→ Starting ─Started, Persisted→ AwaitingRelease ─Released→ Serving
-//!                └───────────── Failed ─────────────┘→ Staged        Refused → Staged (instance stopped, volume kept)
+//! puller: Idle ─Begin→ Pulling ─FinalReceived→ Verifying ─Verified→ Starting ─Started, AwaitingPersisted→ AwaitingRelease ─Released→ Serving
+//!                        ↑ └──────────── Failed ─────────────┘→ Idle (copy staged)      Refused → Idle (instance stopped, copy staged)
+//!                        └── Damaged (from Pulling or Verifying: the attempt aborted, asked again)
 //! ```
 //!
 //! Ownership changes hands at exactly one point: the owner persists

@@ -57,10 +57,11 @@ pub(crate) async fn drive(
     // Why the last step failed, with its code (`Fail` carries words only).
     let mut failure: Option<Status> = None;
     let mut served = None;
-    // A failed step: pulled again if damaged in transit (a few times),
-    // else the pull's failure.
-    let mut failed = |st: Status, tries: u32| {
-        if st.code() == tonic::Code::DataLoss && tries < PULL_ATTEMPTS {
+    // A failed step: what arrived, damaged in transit, is pulled again (a
+    // few times; only the pull and its check can find damage), else the
+    // pull's failure.
+    let mut failed = |st: Status, tries: Option<u32>| {
+        if st.code() == tonic::Code::DataLoss && tries.is_some_and(|t| t < PULL_ATTEMPTS) {
             tracing::warn!(error = %st.message(), tries, "damaged in transit; pulling again");
             return E::Damaged;
         }
@@ -85,23 +86,23 @@ pub(crate) async fn drive(
                             .map(|a| E::Accepted { attempt: a })
                             .into_iter()
                             .collect();
-                        evs.push(failed(st, tries));
+                        evs.push(failed(st, Some(tries)));
                         evs
                     }
                 }
             }
             A::Verify => match fx.verify().await {
                 Ok(()) => vec![E::Verified],
-                Err(st) => vec![failed(st, tries)],
+                Err(st) => vec![failed(st, Some(tries))],
             },
             A::Promote => match fx.promote().await {
                 Ok(()) => vec![E::Started],
-                Err(st) => vec![failed(st, tries)],
+                Err(st) => vec![failed(st, None)],
             },
             // Not persisted, so never asked: the owner serves on.
             A::PersistAwaiting => match fx.persist_awaiting().await {
                 Ok(()) => vec![E::AwaitingPersisted],
-                Err(st) => vec![failed(st, tries)],
+                Err(st) => vec![failed(st, None)],
             },
             // Released, it serves; refused, the copy is staged again:
             // both done as the machine says by the effect itself, which
@@ -314,6 +315,20 @@ mod tests {
             ..Fake::default()
         });
         assert_eq!(r.unwrap_err().message(), "the app did not start");
+        assert_eq!(did, [AskOwner, Verify, Promote, Demote, Abort(1)]);
+        assert_eq!(end, PullerState::Idle);
+    }
+
+    #[test]
+    fn only_the_pull_and_its_check_count_as_damage() {
+        use Did::*;
+        // A promotion failing with a data-loss code is a failure of the
+        // start, not a round to pull again.
+        let (r, did, end) = run(Fake {
+            promote: Some(Status::data_loss("the app's volume is damaged")),
+            ..Fake::default()
+        });
+        assert_eq!(r.unwrap_err().code(), tonic::Code::DataLoss);
         assert_eq!(did, [AskOwner, Verify, Promote, Demote, Abort(1)]);
         assert_eq!(end, PullerState::Idle);
     }

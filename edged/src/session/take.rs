@@ -66,6 +66,18 @@ impl Edge {
         (tag, out)
     }
 
+    /// After a failed pull tagged `tag`: whatever failed before the
+    /// release was asked leaves no pull (this one's: a later pull of the
+    /// session is not touched; one that awaits its release stays).
+    fn end_pull(&self, id: &str, tag: u64) {
+        let mut pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(pulls.get(id), Some((t, st)) if *t == tag
+            && !matches!(st, PullerState::AwaitingRelease { .. }))
+        {
+            pulls.remove(id);
+        }
+    }
+
     /// Whether session `id` is being pulled here.
     pub(super) fn is_pulling(&self, id: &str) -> bool {
         self.pulls
@@ -154,14 +166,7 @@ impl Edge {
         }
         if let Err(st) = &r {
             tracing::warn!(parent: &span, error = %st.message(), "handover failed");
-            // Whatever failed before the release was asked leaves no pull
-            // (this one's: a later pull of the session is not touched).
-            let mut pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
-            if matches!(pulls.get(id), Some((t, st)) if *t == tag
-                && !matches!(st, PullerState::AwaitingRelease { .. }))
-            {
-                pulls.remove(id);
-            }
+            self.end_pull(id, tag);
         }
         r
     }
@@ -342,6 +347,18 @@ impl Edge {
                 // serves, whatever became of the machine meanwhile.
                 tracing::warn!(session = %id, "released while no pull was recorded; serving");
                 plan = vec![PullerAction::Serve];
+            } else if refusal.is_some()
+                && plan.is_empty()
+                && self
+                    .get(id)
+                    .is_some_and(|s| matches!(s.role(), Role::AwaitingRelease { .. }))
+            {
+                // Refused: the owner serves, so the copy here stops.
+                tracing::warn!(session = %id, "refused while no pull was recorded; staging the copy again");
+                plan = vec![
+                    PullerAction::Demote,
+                    PullerAction::Fail("the old edge gave up the handover".into()),
+                ];
             }
             for a in plan {
                 match a {
@@ -442,7 +459,9 @@ impl PullEffects for Taking<'_> {
     }
 
     async fn verify(&mut self) -> Result<(), Status> {
-        let p = self.pulled.as_ref().expect("verified after the pull");
+        let Some(p) = self.pulled.as_ref() else {
+            return Err(Status::internal("verify before a pull"));
+        };
         // The staged volume must be what the old edge sent.
         let vol = self.edge.staging_dir(self.id).join("volume");
         let (have, _) = tokio::task::spawn_blocking(move || volfs::offline::hash(&vol, None))
@@ -462,7 +481,9 @@ impl PullEffects for Taking<'_> {
 
     async fn promote(&mut self) -> Result<(), Status> {
         self.report(pb::HandoverPhase::Start).await;
-        let p = self.pulled.as_ref().expect("promoted after the pull");
+        let Some(p) = self.pulled.as_ref() else {
+            return Err(Status::internal("promote before a pull"));
+        };
         // Become the owner in waiting: session directory (persisted
         // `Starting`), journal, shim, instance with its calls held.
         let standby = self.standby.take();
@@ -488,7 +509,9 @@ impl PullEffects for Taking<'_> {
     }
 
     async fn ask_release(&mut self) -> Result<Option<Duration>, Status> {
-        let p = self.pulled.as_mut().expect("released after the pull");
+        let Some(p) = self.pulled.as_mut() else {
+            return Err(Status::internal("release asked before a pull"));
+        };
         let attempt = p.attempt;
         // The handover stream stays open until the answer: the owner takes
         // its end as this edge giving up.
@@ -546,5 +569,55 @@ impl Taking<'_> {
             &self.edge.cfg.edge_id,
         );
         let _ = self.progress.send(Ok(msg)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[tokio::test]
+    async fn a_failed_pull_removes_its_own_entry_never_a_later_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let toml = crate::config::plaintext_default().replace(
+            "data_dir = \"/var/lib/edgeshift\"",
+            &format!("data_dir = {:?}", d.path().display().to_string()),
+        );
+        let edge = Edge::new(Config::from_toml(&toml, "test").unwrap()).unwrap();
+        let from = Peer {
+            edge_id: "a".into(),
+            addr: "a:1".into(),
+        };
+        let begin = || PullerEvent::Begin { from: from.clone() };
+        let (first, plan) = edge.puller_step_tagged("s1", begin());
+        assert_eq!(plan, [PullerAction::AskOwner]);
+        // The first pull fails (its machine goes idle), and a second pull
+        // of the session begins before the first one's cleanup runs.
+        edge.puller_step("s1", PullerEvent::Failed { reason: "x".into() });
+        let (second, plan) = edge.puller_step_tagged("s1", begin());
+        assert_eq!(plan, [PullerAction::AskOwner]);
+        assert_ne!(first, second);
+        edge.end_pull("s1", first);
+        assert!(edge.is_pulling("s1"), "the later pull's entry stays");
+        // A pull that awaits its release is not ended by its own failure
+        // either (the release is asked on; only the owner's answer ends it).
+        for ev in [
+            PullerEvent::Accepted { attempt: 3 },
+            PullerEvent::FinalReceived,
+            PullerEvent::Verified,
+            PullerEvent::Started,
+            PullerEvent::AwaitingPersisted,
+        ] {
+            edge.puller_step("s1", ev);
+        }
+        edge.end_pull("s1", second);
+        assert!(edge.is_pulling("s1"), "awaiting its release");
+        edge.puller_step("s1", PullerEvent::ReleaseAnswered { released: false });
+        assert!(!edge.is_pulling("s1"));
+        // An ordinary failure ends its own pull.
+        let (third, _) = edge.puller_step_tagged("s1", begin());
+        edge.end_pull("s1", third);
+        assert!(!edge.is_pulling("s1"));
     }
 }
