@@ -360,6 +360,7 @@ impl Edge {
                     PullerAction::Fail("the old edge gave up the handover".into()),
                 ];
             }
+            let mut paused = false;
             for a in plan {
                 match a {
                     PullerAction::Serve => {
@@ -383,18 +384,26 @@ impl Edge {
                     PullerAction::AskReleaseLater => {
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_secs(2));
+                        paused = true;
                     }
                     other => {
-                        // No longer awaiting this release (another path
-                        // ended the pull): nothing more to ask.
                         tracing::debug!(session = %id, action = ?other, "release answer out of place");
                     }
                 }
             }
-            if !self.is_pulling(id) {
+            // Asked on while the pull or the copy waits for the answer
+            // (only the owner's answer decides).
+            let waiting = self
+                .get(id)
+                .is_some_and(|s| matches!(s.role(), Role::AwaitingRelease { .. }));
+            if !self.is_pulling(id) && !waiting {
                 return Err(Status::aborted(
                     "the pull of this session ended while its release was being asked",
                 ));
+            }
+            if !paused {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
             }
         }
     }
