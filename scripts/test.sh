@@ -15,5 +15,7 @@ if [[ -n "$free_kb" ]] && ((free_kb < 5 * 1024 * 1024)); then
 fi
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads=2
-# The delta reader and apply, fuzzed for 30 s more (the run above gives them 5).
-VOLFS_FUZZ_SECS=30 cargo test -p volfs --test fuzz_delta
+# The delta reader and apply, fuzzed for 30 s more (the run above gives them
+# 5). `--workspace`, not `-p volfs`: the same features as the build above,
+# so nothing is compiled again.
+VOLFS_FUZZ_SECS=30 cargo test --workspace --test fuzz_delta
