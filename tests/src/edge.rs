@@ -248,6 +248,18 @@ impl Edge {
 
     /// Session directories on disk.
     pub fn session_dirs(&self) -> Vec<PathBuf> {
+        self.sessions_entries()
+            .into_iter()
+            .filter(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(".removing-"))
+            })
+            .collect()
+    }
+
+    /// Everything under the sessions directory, directories being removed
+    /// (`.removing-ID`) included.
+    pub fn sessions_entries(&self) -> Vec<PathBuf> {
         std::fs::read_dir(self.data_dir.join("sessions"))
             .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
             .unwrap_or_default()
@@ -334,11 +346,11 @@ impl Edge {
     /// mount: a released session is torn down in the background.
     pub async fn wait_empty(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !(self.session_dirs().is_empty() && self.mounts().is_empty()) {
+        while !(self.sessions_entries().is_empty() && self.mounts().is_empty()) {
             assert!(
                 Instant::now() < deadline,
                 "edge kept {:?} and mounts {:?}",
-                self.session_dirs(),
+                self.sessions_entries(),
                 self.mounts()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -263,8 +263,6 @@ impl Session {
             open
         });
         self.journal.close();
-        if let Err(e) = tokio::fs::remove_dir_all(&self.dir).await {
-            tracing::error!(session = %self.id, error = %e, "removing the session directory failed");
-        }
+        super::layout::remove_session_dir(&self.dir).await;
     }
 }

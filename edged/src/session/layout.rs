@@ -127,6 +127,31 @@ pub struct Tombstone {
     pub at: i64,
 }
 
+/// Names a session directory being removed carries (beside the live ones,
+/// never read as a session).
+pub const REMOVING: &str = ".removing-";
+
+/// Removes a session directory so that a stop at any moment leaves it
+/// whole or gone: it is first renamed aside (`.removing-ID`, which a
+/// restart removes), then deleted. A directory half deleted in place would
+/// lose its record before its other files and read as a broken session.
+pub async fn remove_session_dir(dir: &Path) {
+    let Some(name) = dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let aside = dir.with_file_name(format!("{REMOVING}{name}"));
+    let _ = tokio::fs::remove_dir_all(&aside).await;
+    let target = match tokio::fs::rename(dir, &aside).await {
+        Ok(()) => aside,
+        Err(_) => dir.to_path_buf(),
+    };
+    if let Err(e) = tokio::fs::remove_dir_all(&target).await {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::error!(dir = %dir.display(), error = %e, "removing the session directory failed");
+        }
+    }
+}
+
 /// Writes `data` to `path` durably (mode 0600): a temporary file, fsync,
 /// rename, fsync of the directory.
 pub fn write_durable(path: &Path, data: &[u8]) -> std::io::Result<()> {

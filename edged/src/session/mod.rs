@@ -50,8 +50,11 @@ pub mod precopy;
 mod promote;
 mod pull;
 mod recover;
+#[cfg(test)]
+mod recover_tests;
 pub mod registry;
 mod send;
+mod staging;
 mod standby;
 mod take;
 

@@ -258,6 +258,6 @@ impl Edge {
         {
             tracing::warn!(session = %id, "could not keep the pulled volume staged");
         }
-        let _ = tokio::fs::remove_dir_all(&dir).await;
+        super::layout::remove_session_dir(&dir).await;
     }
 }

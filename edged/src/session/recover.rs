@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::layout::REMOVING;
 use super::{Edge, EdgeError, Layout, Role, SessionRecord, Shim, State};
 use crate::config::{Config, RuntimeConfig};
 use crate::migration::puller::PullerEvent;
@@ -43,6 +44,12 @@ impl Edge {
         };
         while let Ok(Some(ent)) = rd.next_entry().await {
             let dir = ent.path();
+            if ent.file_name().to_string_lossy().starts_with(REMOVING) {
+                // Its removal was cut short by the stop: finished now.
+                volume::detach(&dir.join("mnt"));
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                continue;
+            }
             match self.recover_one(&dir).await {
                 Ok(true) => recovered += 1,
                 Ok(false) => removed += 1,
@@ -140,7 +147,23 @@ impl Edge {
     /// Recovers one session directory: `Ok(true)` serving (or waiting for
     /// its release), `Ok(false)` it was not this edge's to keep.
     async fn recover_one(self: &Arc<Self>, dir: &Path) -> Result<bool, EdgeError> {
-        let text = tokio::fs::read(dir.join("session.json")).await?;
+        let text = match tokio::fs::read(dir.join("session.json")).await {
+            Ok(t) => t,
+            // A released session whose removal was cut short by the stop
+            // (by an edged that removed directories in place): its
+            // tombstone says it is not this edge's.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let id = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+                if id.is_some_and(|id| self.tombstone(&id).is_some()) {
+                    tracing::info!(dir = %dir.display(), "released before the restart, its record already gone; removing what is left of it");
+                    volume::detach(&dir.join("mnt"));
+                    let _ = tokio::fs::remove_dir_all(dir).await;
+                    return Ok(false);
+                }
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let rec: SessionRecord =
             serde_json::from_slice(&text).map_err(|e| EdgeError::Invalid(e.to_string()))?;
         let hash = blake3::Hash::from_hex(&rec.token_hash)
