@@ -132,18 +132,30 @@ pub struct Tombstone {
 pub const REMOVING: &str = ".removing-";
 
 /// Removes a session directory so that a stop at any moment leaves it
-/// whole or gone: it is first renamed aside (`.removing-ID`, which a
+/// whole or gone: it is first renamed aside (`.removing-ID.NONCE`, which a
 /// restart removes), then deleted. A directory half deleted in place would
 /// lose its record before its other files and read as a broken session.
 pub async fn remove_session_dir(dir: &Path) {
     let Some(name) = dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
         return;
     };
-    let aside = dir.with_file_name(format!("{REMOVING}{name}"));
-    let _ = tokio::fs::remove_dir_all(&aside).await;
+    // Its own name: two removals of one id never meet.
+    let aside = dir.with_file_name(format!(
+        "{REMOVING}{name}.{:016x}",
+        crate::migration::new_attempt()
+    ));
     let target = match tokio::fs::rename(dir, &aside).await {
-        Ok(()) => aside,
-        Err(_) => dir.to_path_buf(),
+        Ok(()) => {
+            if let Some(parent) = dir.parent() {
+                let _ = sync_dir(parent);
+            }
+            aside
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not set the session directory aside; removing it in place");
+            dir.to_path_buf()
+        }
     };
     if let Err(e) = tokio::fs::remove_dir_all(&target).await {
         if e.kind() != std::io::ErrorKind::NotFound {

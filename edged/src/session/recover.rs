@@ -45,9 +45,10 @@ impl Edge {
         while let Ok(Some(ent)) = rd.next_entry().await {
             let dir = ent.path();
             if ent.file_name().to_string_lossy().starts_with(REMOVING) {
-                // Its removal was cut short by the stop: finished now.
-                volume::detach(&dir.join("mnt"));
-                let _ = tokio::fs::remove_dir_all(&dir).await;
+                // Its removal was cut short by the stop: finished now,
+                // stopping whatever its record still names (an instance
+                // that would not stop), never thawing it.
+                end_dir(&self.cfg, &dir, End::Discard).await;
                 continue;
             }
             match self.recover_one(&dir).await {
@@ -307,7 +308,7 @@ impl Edge {
         let _ = tokio::fs::remove_dir_all(&staging).await;
         let _ = tokio::fs::create_dir_all(&staging).await;
         let _ = tokio::fs::rename(dir.join("volume"), staging.join("volume")).await;
-        let _ = tokio::fs::remove_dir_all(&dir).await;
+        super::layout::remove_session_dir(&dir).await;
     }
 }
 
@@ -411,8 +412,12 @@ async fn end_dir(cfg: &Config, dir: &Path, end: End) {
             stop_recorded(cfg, &rec, dir, end).await;
         }
     }
-    volume::detach(&dir.join("mnt"));
-    let _ = tokio::fs::remove_dir_all(dir).await;
+    volume::detach_all(&dir.join("mnt"));
+    if let Err(e) = tokio::fs::remove_dir_all(dir).await {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::error!(dir = %dir.display(), error = %e, "removing what was left of a session failed");
+        }
+    }
 }
 
 /// Removes every session of an edge (`edged cleanup`): returns how many.

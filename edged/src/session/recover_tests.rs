@@ -19,7 +19,7 @@ async fn a_removal_cut_short_is_finished_and_never_read_as_a_session() {
     let d = tempfile::tempdir().unwrap();
     let sessions = d.path().join("sessions");
     // Renamed aside, then the stop came: whatever is in it goes.
-    let aside = sessions.join(".removing-s1");
+    let aside = sessions.join(".removing-s1.00000000000000a1");
     std::fs::create_dir_all(aside.join("volume")).unwrap();
     std::fs::write(aside.join("session.json"), b"{}").unwrap();
     // Removed in place by an older edged: the record went first, and the
