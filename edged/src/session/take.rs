@@ -337,28 +337,20 @@ impl Edge {
             };
             // What the machine says to the answer, done in order.
             let mut plan = self.puller_step(id, event);
-            if released.is_some()
-                && plan.is_empty()
-                && self
-                    .get(id)
-                    .is_some_and(|s| matches!(s.role(), Role::AwaitingRelease { .. }))
-            {
-                // The owner's word decides: it released, so this edge
-                // serves, whatever became of the machine meanwhile.
-                tracing::warn!(session = %id, "released while no pull was recorded; serving");
-                plan = vec![PullerAction::Serve];
-            } else if refusal.is_some()
-                && plan.is_empty()
-                && self
-                    .get(id)
-                    .is_some_and(|s| matches!(s.role(), Role::AwaitingRelease { .. }))
-            {
-                // Refused: the owner serves, so the copy here stops.
-                tracing::warn!(session = %id, "refused while no pull was recorded; staging the copy again");
-                plan = vec![
-                    PullerAction::Demote,
-                    PullerAction::Fail("the old edge gave up the handover".into()),
-                ];
+            // The owner's word decides, whatever became of the machine
+            // meanwhile: released, this edge serves; refused, the copy
+            // here stops.
+            if plan.is_empty() && self.awaits_release(id) {
+                if released.is_some() {
+                    tracing::warn!(session = %id, "released while no pull was recorded; serving");
+                    plan = vec![PullerAction::Serve];
+                } else if refusal.is_some() {
+                    tracing::warn!(session = %id, "refused while no pull was recorded; staging the copy again");
+                    plan = vec![
+                        PullerAction::Demote,
+                        PullerAction::Fail("the old edge gave up the handover".into()),
+                    ];
+                }
             }
             let mut paused = false;
             for a in plan {
@@ -393,10 +385,7 @@ impl Edge {
             }
             // Asked on while the pull or the copy waits for the answer
             // (only the owner's answer decides).
-            let waiting = self
-                .get(id)
-                .is_some_and(|s| matches!(s.role(), Role::AwaitingRelease { .. }));
-            if !self.is_pulling(id) && !waiting {
+            if !self.is_pulling(id) && !self.awaits_release(id) {
                 return Err(Status::aborted(
                     "the pull of this session ended while its release was being asked",
                 ));
@@ -406,6 +395,13 @@ impl Edge {
                 pause = (pause * 2).min(Duration::from_secs(2));
             }
         }
+    }
+
+    /// Whether session `id` is here as a copy waiting for its release (by
+    /// its persisted role, whatever its machine says).
+    fn awaits_release(&self, id: &str) -> bool {
+        self.get(id)
+            .is_some_and(|s| matches!(s.role(), Role::AwaitingRelease { .. }))
     }
 
     /// The release came: persist `Serving` (one epoch more than the old
