@@ -13,7 +13,7 @@ use fuser::{Config, MountOption, SessionACL};
 use crate::backing::{Backing, BackingError};
 use crate::delta::{DeltaError, DeltaSummary, write_delta};
 use crate::dirty::{DirtyMap, DirtyStats};
-use crate::fs::VolFs;
+use crate::fs::{MAX_WRITE, VolFs};
 use crate::manifest::{Hash, Manifest, Tracked};
 use crate::scan::{self, RefreshStats, Trust};
 use crate::sys;
@@ -227,6 +227,17 @@ fn widen_writeback(mountpoint: &Path, pct: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Lets the kernel read ahead as far as one request carries (1 MiB).
+///
+/// The mount's `max_readahead` allows it, but the backing-device entry
+/// starts at the kernel's 128 KiB, and a fresh mount (a volume just taken
+/// over) reads everything through the daemon: a 150 MB file read cold took
+/// 66 ms at 1 MiB against 78–83 ms at 128 KiB.
+fn widen_readahead(mountpoint: &Path) -> io::Result<()> {
+    let kib = MAX_WRITE / 1024;
+    fs::write(bdi_dir(mountpoint)?.join("read_ahead_kb"), kib.to_string())
+}
+
 /// The backing-device entry of the filesystem mounted at `mountpoint`.
 fn bdi_dir(mountpoint: &Path) -> io::Result<PathBuf> {
     use std::os::unix::fs::MetadataExt;
@@ -309,6 +320,9 @@ pub fn mount(
         if let Err(e) = widen_writeback(&mp, pct) {
             tracing::warn!(error = %e, "could not widen the writeback cache; writes will be throttled");
         }
+    }
+    if let Err(e) = widen_readahead(&mp) {
+        tracing::warn!(error = %e, "could not widen the read-ahead; reads stay at 128 KiB");
     }
     if let Ok(dir) = bdi_dir(&mp) {
         throttle.set_bdi(dir);

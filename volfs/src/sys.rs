@@ -296,6 +296,21 @@ pub fn fsync(fd: RawFd, datasync: bool) -> io::Result<()> {
     .map(drop)
 }
 
+/// Starts the disk writeback of a range of a file's dirty pages without
+/// waiting for it (`sync_file_range(SYNC_FILE_RANGE_WRITE)`).
+pub fn start_writeback(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: a plain syscall on an fd.
+    check(unsafe {
+        libc::sync_file_range(
+            fd,
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    })
+    .map(drop)
+}
+
 /// `fallocate`.
 pub fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: plain syscall on an fd.

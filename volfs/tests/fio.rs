@@ -1,5 +1,6 @@
 //! Real `fio` with data verification on a volfs mount: sequential and random
-//! writes checked with crc32c, then the manifest equals a full scan.
+//! writes checked with crc32c, then the manifest equals a full scan. And the
+//! kernel's settings for the mount's reads and writes.
 
 mod common;
 
@@ -43,5 +44,18 @@ fn fio_verified_writes_pass_on_the_mount() {
     assert_eq!(
         m.live().manifest(),
         full_scan(&m.backing, m.live().block_size())
+    );
+}
+
+#[test]
+fn the_mount_reads_ahead_as_far_as_one_request_carries() {
+    let m = Mounted::new();
+    let kib = std::fs::read_to_string(m.bdi().join("read_ahead_kb")).unwrap();
+    assert_eq!(kib.trim(), "1024", "the kernel's default is 128");
+    let ratio = std::fs::read_to_string(m.bdi().join("max_ratio")).unwrap();
+    assert_eq!(
+        ratio.trim(),
+        "20",
+        "the mount holds 20 % of the dirty budget"
     );
 }

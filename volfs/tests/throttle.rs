@@ -43,15 +43,7 @@ fn a_throttled_writer_waits_for_its_replies_and_loses_nothing() {
 #[test]
 fn a_buffered_writer_is_slowed_too() {
     let m = Mounted::new();
-    let bdi = {
-        use std::os::unix::fs::MetadataExt;
-        let dev = fs::metadata(&m.mnt).unwrap().dev();
-        std::path::PathBuf::from(format!(
-            "/sys/class/bdi/{}:{}",
-            libc::major(dev),
-            libc::minor(dev)
-        ))
-    };
+    let bdi = m.bdi();
     let settings =
         || ["strict_limit", "max_ratio"].map(|f| fs::read_to_string(bdi.join(f)).unwrap());
     let before = settings();

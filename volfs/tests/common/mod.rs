@@ -57,6 +57,17 @@ impl Mounted {
         self.mnt.join(rel)
     }
 
+    /// The mount's backing-device entry (`/sys/class/bdi/MAJ:MIN`).
+    pub fn bdi(&self) -> PathBuf {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(&self.mnt).unwrap().dev();
+        PathBuf::from(format!(
+            "/sys/class/bdi/{}:{}",
+            libc::major(dev),
+            libc::minor(dev)
+        ))
+    }
+
     pub fn live(&self) -> &volfs::LiveVolume {
         self.handle.as_ref().unwrap().live()
     }
