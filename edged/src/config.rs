@@ -484,9 +484,41 @@ impl Config {
                 self.max_payload
             ));
         }
+        let socket = self.longest_app_socket();
+        if socket.as_os_str().len() > SOCKET_PATH_MAX {
+            return bad(format!(
+                "data_dir {:?} is too long: an app's socket under it ({}, {} bytes) must fit the {SOCKET_PATH_MAX} bytes of a Unix socket's path; use a data_dir of at most {} bytes",
+                self.data_dir,
+                socket.display(),
+                socket.as_os_str().len(),
+                SOCKET_PATH_MAX + self.data_dir.as_os_str().len() - socket.as_os_str().len(),
+            ));
+        }
         Ok(())
     }
+
+    /// The longest path an app binds its socket at: a standby's or a
+    /// session's `run/`, under the data directory (made absolute, as the
+    /// app is given it).
+    fn longest_app_socket(&self) -> PathBuf {
+        let id = "0".repeat(crate::session::ID_LEN);
+        ["sessions", "standby"]
+            .map(|d| {
+                std::path::absolute(&self.data_dir)
+                    .unwrap_or_else(|_| self.data_dir.clone())
+                    .join(d)
+                    .join(&id)
+                    .join("run")
+                    .join(crate::forward::SOCKET_NAME)
+            })
+            .into_iter()
+            .max_by_key(|p| p.as_os_str().len())
+            .expect("two paths")
+    }
 }
+
+/// Bytes of a Unix socket's path (`sun_path` less its NUL).
+const SOCKET_PATH_MAX: usize = 107;
 
 impl Config {
     /// TLS or plaintext, and what each needs.
@@ -601,6 +633,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("DNS label"), "{e}");
+        // An app's socket must fit a Unix socket's path.
+        let deep = format!("/var/lib/{}", "x".repeat(43));
+        let t = DEFAULT_TOML.replace("\"/var/lib/edgeshift\"", &format!("{deep:?}"));
+        Config::from_toml(&t, "t").expect("a 52-byte data_dir is fine");
+        let t = DEFAULT_TOML.replace("\"/var/lib/edgeshift\"", &format!("\"{deep}y\""));
+        let e = Config::from_toml(&t, "t").unwrap_err().to_string();
+        assert!(e.contains("at most 52 bytes"), "{e}");
         let t = DEFAULT_TOML.replace("session_ttl", "session_tl");
         assert!(matches!(
             Config::from_toml(&t, "t"),

@@ -13,6 +13,7 @@
 //! client names (the text protocol before it did): manifests and deltas go
 //! back over the socket.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -49,6 +50,30 @@ const DEFAULT_THROTTLE_TTL: Duration = Duration::from_secs(10);
 /// Frames a `Diff` scan may be ahead of its reader.
 const DIFF_QUEUE: usize = 8;
 
+/// The address of a Unix socket at `path`, short whatever the length of
+/// `path`: `/proc/self/fd/N/NAME`, through an `O_PATH` handle of the
+/// socket's directory that lives as long as the address. A socket's path
+/// holds at most 107 bytes, and a volume's `.volfs/` lies deep under an
+/// edge's data directory.
+struct SocketAddr {
+    _dir: OwnedFd,
+    path: PathBuf,
+}
+
+impl SocketAddr {
+    fn of(path: &Path) -> std::io::Result<SocketAddr> {
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} names no socket in a directory", path.display()),
+            ));
+        };
+        let dir = crate::sys::open_path(dir)?;
+        let path = Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
+        Ok(SocketAddr { _dir: dir, path })
+    }
+}
+
 /// Starts serving the `Volume` service of `live` on its socket, on a thread
 /// of its own (with its own small runtime). Returns the socket's path.
 pub fn serve(live: Arc<LiveVolume>, unmounter: Unmounter) -> std::io::Result<PathBuf> {
@@ -57,7 +82,7 @@ pub fn serve(live: Arc<LiveVolume>, unmounter: Unmounter) -> std::io::Result<Pat
     // moment where the socket answers at its path with a looser mode.
     let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+    let listener = std::os::unix::net::UnixListener::bind(&SocketAddr::of(&tmp)?.path)?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
     std::fs::rename(&tmp, &path)?;
     listener.set_nonblocking(true)?;
@@ -346,10 +371,15 @@ impl Volume for Service {
 /// A client of the live mount of the volume at `backing_dir`; `Ok(None)`
 /// when no shim listens there.
 pub async fn connect(backing_dir: &Path) -> std::io::Result<Option<VolumeClient<Channel>>> {
-    let path = Backing::socket_path(backing_dir);
+    let addr = match SocketAddr::of(&Backing::socket_path(backing_dir)) {
+        Ok(a) => Arc::new(a),
+        // No `.volfs/` yet: never mounted.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
     // Connected here, so "not mounted" is told from a shim that fails; the
     // channel takes this stream, and dials again only to reconnect.
-    let first = match tokio::net::UnixStream::connect(&path).await {
+    let first = match tokio::net::UnixStream::connect(&addr.path).await {
         Ok(s) => std::sync::Mutex::new(Some(s)),
         Err(e)
             if matches!(
@@ -365,12 +395,12 @@ pub async fn connect(backing_dir: &Path) -> std::io::Result<Option<VolumeClient<
     let channel = Endpoint::from_static("http://volfs.invalid")
         .connect_timeout(Duration::from_secs(5))
         .connect_with_connector(tower::service_fn(move |_| {
-            let (p, first) = (path.clone(), first.clone());
+            let (addr, first) = (addr.clone(), first.clone());
             async move {
                 let taken = first.lock().unwrap_or_else(|e| e.into_inner()).take();
                 let s = match taken {
                     Some(s) => s,
-                    None => tokio::net::UnixStream::connect(p).await?,
+                    None => tokio::net::UnixStream::connect(&addr.path).await?,
                 };
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
             }

@@ -254,3 +254,21 @@ async fn the_dirty_state_is_pushed_when_it_changes() {
         "a status was pushed with nothing changed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_deeper_than_a_socket_path_holds_is_served() {
+    // A socket's path holds 107 bytes; an edge's volumes lie deep under
+    // its data directory.
+    let deep = format!("{}/{}/backing", "d".repeat(60), "e".repeat(60));
+    let m = Mounted::under(&deep, volfs::MountOptions::default());
+    let path = served(&m);
+    assert!(path.as_os_str().len() > 108, "{}", path.display());
+    fs::write(m.p("f"), b"deep").unwrap();
+    let mut c = client(&m).await;
+    let st = c
+        .status(pb::StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.bytes >= 4, "{st:?}");
+}

@@ -67,6 +67,9 @@ pub use registry::{Edge, Phases, locate_volfs};
 /// before it is told "moving" (and tries again).
 pub const HOLD_WAIT: Duration = Duration::from_secs(30);
 
+/// Characters of a session id (lowercase hex).
+pub const ID_LEN: usize = 32;
+
 /// Whether a session admits calls.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Gate {

@@ -307,7 +307,7 @@ impl Edge {
         let _reserved = self.reserve(client_id)?;
         let runtime = self.runtime(app).await?;
         let token: [u8; 32] = random_bytes();
-        let id = blake3::Hash::from(random_bytes::<32>()).to_hex()[..32].to_string();
+        let id = blake3::Hash::from(random_bytes::<32>()).to_hex()[..super::ID_LEN].to_string();
         let rec = SessionRecord {
             id: id.clone(),
             app: app.to_string(),

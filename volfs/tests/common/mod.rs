@@ -38,11 +38,16 @@ impl Mounted {
     }
 
     pub fn with(opts: MountOptions) -> Self {
+        Self::under("backing", opts)
+    }
+
+    /// The backing directory at `rel` (made) in the test's directory.
+    pub fn under(rel: &str, opts: MountOptions) -> Self {
         require_fuse();
         let dir = tempfile::tempdir().unwrap();
-        let backing = dir.path().join("backing");
+        let backing = dir.path().join(rel);
+        fs::create_dir_all(&backing).unwrap();
         let mnt = dir.path().join("mnt");
-        fs::create_dir(&backing).unwrap();
         fs::create_dir(&mnt).unwrap();
         let handle = volfs::mount(&backing, &mnt, &opts).expect("mount");
         Mounted {
