@@ -80,6 +80,8 @@ pub struct LiveVolume {
     throttle: Arc<Throttle>,
     /// Refreshes of the manifest so far (each takes the dirty marks).
     refreshes: std::sync::atomic::AtomicU64,
+    /// Raised around [`LiveVolume::flush`] (shared with the filesystem).
+    own_flushes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl LiveVolume {
@@ -111,8 +113,12 @@ impl LiveVolume {
 
     /// Pushes the kernel's writeback cache to the daemon (`syncfs` on the mount).
     pub fn flush(&self) -> io::Result<()> {
+        use std::sync::atomic::Ordering;
         let f = fs::File::open(&self.mountpoint)?;
-        sys::syncfs(f.as_raw_fd())
+        self.own_flushes.fetch_add(1, Ordering::Relaxed);
+        let r = sys::syncfs(f.as_raw_fd());
+        self.own_flushes.fetch_sub(1, Ordering::Relaxed);
+        r
     }
 
     /// Flushes, then rehashes the dirty blocks into the manifest. Returns the
@@ -280,6 +286,7 @@ pub fn mount(
     let dirty = Arc::new(DirtyMap::new(tracked.manifest.block_size));
     let throttle = Arc::new(Throttle::default());
     let mut fs = VolFs::new(backing.root(), dirty.clone())?.with_pacer(throttle.pacer()?);
+    let own_flushes = fs.own_flushes();
     if let Some(limit) = opts.quota {
         let used = tracked
             .manifest
@@ -334,6 +341,7 @@ pub fn mount(
         tracked: Mutex::new(tracked),
         throttle,
         refreshes: std::sync::atomic::AtomicU64::new(0),
+        own_flushes,
     });
     Ok(MountHandle {
         live,

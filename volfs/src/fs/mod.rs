@@ -26,7 +26,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirEntryExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -57,6 +57,11 @@ struct DirEnt {
     kind: FileType,
 }
 
+/// A page-cache writeback at least this large starts the backing file's
+/// writeback at once (see `write`); smaller ones are left to the kernel, so
+/// random small writes are not pushed to the disk one by one.
+const EARLY_WRITEBACK: usize = 256 << 10;
+
 /// The filesystem; see the module docs.
 pub struct VolFs {
     root: PathBuf,
@@ -68,6 +73,9 @@ pub struct VolFs {
     dirty: Arc<DirtyMap>,
     quota: Option<Quota>,
     pacer: Option<Pacer>,
+    /// Flushes of the mount that volfs makes itself (a round's refresh) in
+    /// progress: their writebacks need not reach the disk early.
+    own_flushes: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for VolFs {
@@ -163,6 +171,7 @@ impl VolFs {
             dirty,
             quota: None,
             pacer: None,
+            own_flushes: Arc::default(),
         })
     }
 
@@ -170,6 +179,19 @@ impl VolFs {
     pub fn with_quota(mut self, q: Quota) -> Self {
         self.quota = Some(q);
         self
+    }
+
+    /// The count of volfs's own flushes in progress, for the mount to raise
+    /// around each (see `write`).
+    pub fn own_flushes(&self) -> Arc<AtomicUsize> {
+        self.own_flushes.clone()
+    }
+
+    /// Whether a writeback should start the backing file's own at once: a
+    /// large one, and not one of volfs's own flushes (a round only reads
+    /// the backing files back; the disk has no part in it).
+    fn early_writeback(&self, len: usize) -> bool {
+        len >= EARLY_WRITEBACK && self.own_flushes.load(Ordering::Relaxed) == 0
     }
 
     /// Answers writes through `pacer`, which holds the replies while a
@@ -612,3 +634,21 @@ use std::os::fd::AsFd;
 mod caller;
 mod ops;
 pub mod quota;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_large_writeback_outside_volfs_own_flushes_reaches_the_disk_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = VolFs::new(dir.path(), Arc::new(DirtyMap::new(64 << 10))).unwrap();
+        assert!(!fs.early_writeback(EARLY_WRITEBACK - 1), "a small write");
+        assert!(fs.early_writeback(EARLY_WRITEBACK));
+        let own = fs.own_flushes();
+        own.fetch_add(1, Ordering::Relaxed);
+        assert!(!fs.early_writeback(1 << 20), "during a round's flush");
+        own.fetch_sub(1, Ordering::Relaxed);
+        assert!(fs.early_writeback(1 << 20));
+    }
+}

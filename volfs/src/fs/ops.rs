@@ -20,11 +20,6 @@ use super::caller::Caller;
 use super::{MAX_WRITE, READ_BUF, SetAttr, TTL, VolFs, errno, open_flags};
 use crate::sys;
 
-/// A page-cache writeback at least this large starts the backing file's
-/// writeback at once (see `write`); smaller ones are left to the kernel, so
-/// random small writes are not pushed to the disk one by one.
-const EARLY_WRITEBACK: usize = 256 << 10;
-
 impl Filesystem for VolFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         for cap in [
@@ -318,12 +313,13 @@ impl Filesystem for VolFs {
                 self.dirty
                     .mark_range(self.swap(ino.0), offset, data.len() as u64);
                 if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE)
-                    && data.len() >= EARLY_WRITEBACK
+                    && self.early_writeback(data.len())
                 {
                     // The kernel is writing its page cache back, most often
-                    // for an fsync: start the backing file's own writeback
-                    // now, so the disk works while the rest arrives instead
-                    // of after it. Only a hint; an error changes nothing.
+                    // for the app's fsync: start the backing file's own
+                    // writeback now, so the disk works while the rest
+                    // arrives instead of after it. Only a hint; an error
+                    // changes nothing.
                     let _ = sys::start_writeback(fh.0 as RawFd, offset, data.len() as u64);
                 }
                 self.written(reply, data.len() as u32);
