@@ -23,8 +23,15 @@
 //!
 //! ```text
 //! cargo build --release --workspace
-//! target/release/gapbench [--moves 20] [--rate 120] [--seed-mb 16] [--docker] [--python]
+//! target/release/gapbench [--moves 20] [--rate 120] [--seed-mb 16] [--docker] [--python] [--bursty]
 //! ```
+//!
+//! With `--bursty` the writer works in bursts of SQLite transactions
+//! instead of at a steady rate: for half a second it adds items back to
+//! back as fast as the app answers, then it is idle for half a second. A
+//! probe calls the app's health check every 5 ms throughout, so the idle
+//! half-seconds do not count as gaps: the gap is taken over the writes and
+//! the probes together.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -64,6 +71,10 @@ struct Args {
     /// Also the Python List app (needs python3-grpcio).
     #[arg(long)]
     python: bool,
+    /// Bursts of transactions (back to back for `BURST`, then idle as
+    /// long) instead of a steady rate, and a probe calling every 5 ms.
+    #[arg(long)]
+    bursty: bool,
     /// Keep the working directory (edged logs).
     #[arg(long)]
     keep: bool,
@@ -101,12 +112,23 @@ fn build_image(tag: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One completed write: when it was sent and when its answer came.
+/// One completed call: when it was sent and when its answer came.
 #[derive(Clone, Copy)]
 struct Done {
     sent: Instant,
     answered: Instant,
+    /// A probe's health check, not a write.
+    probe: bool,
 }
+
+/// How long a burst of writes lasts, and the idle time after it (`--bursty`).
+const BURST: Duration = Duration::from_millis(500);
+
+/// How often the probe calls (`--bursty`).
+const PROBE_EVERY: Duration = Duration::from_millis(5);
+
+/// The health check every edge-app serves (the probe's call).
+const CHECK: &str = "/grpc.health.v1.Health/Check";
 
 /// One move, as the mover saw it.
 struct Move {
@@ -166,10 +188,13 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-/// A writer adding items through `call` at `rate` per second until `stop`.
-fn writer<F, Fut>(
+/// A writer adding items through `call` until `stop`: at `rate` per
+/// second, or in bursts with `--bursty` (then `probe` is called every
+/// `PROBE_EVERY` too). Both kinds of call land in the one list.
+fn writer<F, Fut, P, PFut>(
     a: &Args,
     call: F,
+    probe: P,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> (
     Arc<Mutex<Vec<Done>>>,
@@ -178,24 +203,55 @@ fn writer<F, Fut>(
 where
     F: Fn(bytes::Bytes) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+    P: Fn() -> PFut + Send + 'static,
+    PFut: std::future::Future<Output = anyhow::Result<()>> + Send,
 {
     let done: Arc<Mutex<Vec<Done>>> = Arc::default();
     let (d2, period, n) = (done.clone(), Duration::from_secs(1) / a.rate, a.item_bytes);
+    let bursty = a.bursty;
+    let probing = bursty.then(|| {
+        let (d3, stop) = (done.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PROBE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                let sent = Instant::now();
+                probe().await.context("a probe")?;
+                d3.lock().unwrap().push(Done {
+                    sent,
+                    answered: Instant::now(),
+                    probe: true,
+                });
+            }
+            anyhow::Ok(())
+        })
+    });
     let task = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(period);
+        let mut tick = tokio::time::interval(if bursty { 2 * BURST } else { period });
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut i = 1_000_000;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             tick.tick().await;
-            i += 1;
-            let sent = Instant::now();
-            call(list::add(&edgeshift_tests::noise(i, n)))
-                .await
-                .context("a write")?;
-            d2.lock().unwrap().push(Done {
-                sent,
-                answered: Instant::now(),
-            });
+            let burst = Instant::now();
+            loop {
+                i += 1;
+                let sent = Instant::now();
+                call(list::add(&edgeshift_tests::noise(i, n)))
+                    .await
+                    .context("a write")?;
+                d2.lock().unwrap().push(Done {
+                    sent,
+                    answered: Instant::now(),
+                    probe: false,
+                });
+                if !bursty || burst.elapsed() >= BURST {
+                    break;
+                }
+            }
+        }
+        if let Some(p) = probing {
+            p.await??;
         }
         anyhow::Ok(())
     });
@@ -263,13 +319,20 @@ async fn edgeshift(a: &Args, work: &Path, v: &Variant) -> anyhow::Result<Run> {
         .context("seeding")?;
     }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let s2 = s.clone();
+    let (s2, s3) = (s.clone(), s.clone());
     let (done, task) = writer(
         a,
         move |item| {
             let s = s2.clone();
             async move {
                 s.invoke(list::ADD, item).await?;
+                Ok(())
+            }
+        },
+        move || {
+            let s = s3.clone();
+            async move {
+                s.invoke(CHECK, bytes::Bytes::new()).await?;
                 Ok(())
             }
         },
@@ -305,6 +368,28 @@ async fn edgeshift(a: &Args, work: &Path, v: &Variant) -> anyhow::Result<Run> {
     Ok(Run { moves, done })
 }
 
+/// Calls `method` on whichever socket the app answers on now; a call that
+/// fails goes again once the app answers there (30 s at most).
+async fn call_current(
+    current: Arc<Mutex<(PathBuf, AppClient)>>,
+    method: &'static str,
+    body: bytes::Bytes,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let client = current.lock().unwrap().1.clone();
+        if client.call(method, body.clone()).await.is_ok() {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no answer for 30 s");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let path = current.lock().unwrap().0.clone();
+        if let Ok(c) = AppClient::connect(&path, 1 << 20).await {
+            *current.lock().unwrap() = (path, c);
+        }
+    }
+}
+
 /// The original framework's method: rsync, stop, rsync, start, reconnect.
 async fn thesis(a: &Args, work: &Path) -> anyhow::Result<Run> {
     let sites: Vec<(PathBuf, PathBuf)> = ["site-a", "site-b"]
@@ -337,27 +422,11 @@ async fn thesis(a: &Args, work: &Path) -> anyhow::Result<Run> {
     let current: Arc<Mutex<(PathBuf, AppClient)>> =
         Arc::new(Mutex::new((sites[0].1.join("app.sock"), first)));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let c2 = current.clone();
+    let (c2, c3) = (current.clone(), current.clone());
     let (done, task) = writer(
         a,
-        move |item| {
-            let current = c2.clone();
-            async move {
-                let deadline = Instant::now() + Duration::from_secs(30);
-                loop {
-                    let client = current.lock().unwrap().1.clone();
-                    if client.call(list::ADD, item.clone()).await.is_ok() {
-                        return Ok(());
-                    }
-                    anyhow::ensure!(Instant::now() < deadline, "no answer for 30 s");
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    let path = current.lock().unwrap().0.clone();
-                    if let Ok(c) = AppClient::connect(&path, 1 << 20).await {
-                        *current.lock().unwrap() = (path, c);
-                    }
-                }
-            }
-        },
+        move |item| call_current(c2.clone(), list::ADD, item),
+        move || call_current(c3.clone(), CHECK, bytes::Bytes::new()),
         stop.clone(),
     );
     let mut moves = Vec::new();
@@ -420,7 +489,12 @@ fn report(name: &str, run: &Run, csv: &mut String) -> Summary {
         downs: Vec::new(),
         extra: Vec::new(),
         after: Vec::new(),
-        writes: run.done.iter().map(|d| ms(d.answered - d.sent)).collect(),
+        writes: run
+            .done
+            .iter()
+            .filter(|d| !d.probe)
+            .map(|d| ms(d.answered - d.sent))
+            .collect(),
     };
     for (i, m) in run.moves.iter().enumerate() {
         let (gap, ended) = longest_gap(&run.done, m.asked, m.ready + SETTLE);
@@ -542,11 +616,20 @@ async fn main() -> anyhow::Result<()> {
             thesis(&a, work.path()).await?,
         ));
     }
+    let pace = if a.bursty {
+        format!(
+            "in bursts ({} ms back to back, {} ms idle; a probe every {} ms)",
+            BURST.as_millis(),
+            BURST.as_millis(),
+            PROBE_EVERY.as_millis()
+        )
+    } else {
+        format!("at {}/s", a.rate)
+    };
     println!(
-        "{} moves per variant on loopback; a writer adds {} B items at {}/s to the List app, {} MB seeded; {}.",
+        "{} moves per variant on loopback; a writer adds {} B items {pace} to the List app, {} MB seeded; {}.",
         a.moves,
         a.item_bytes,
-        a.rate,
         a.seed_mb,
         if a.plaintext { "plaintext" } else { "TLS" }
     );
