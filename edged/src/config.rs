@@ -484,36 +484,16 @@ impl Config {
                 self.max_payload
             ));
         }
-        let socket = self.longest_app_socket();
-        if socket.as_os_str().len() > SOCKET_PATH_MAX {
+        let admin = crate::admin::socket_path(self);
+        let admin = std::path::absolute(&admin).unwrap_or(admin);
+        if admin.as_os_str().len() > SOCKET_PATH_MAX {
             return bad(format!(
-                "data_dir {:?} is too long: an app's socket under it ({}, {} bytes) must fit the {SOCKET_PATH_MAX} bytes of a Unix socket's path; use a data_dir of at most {} bytes",
-                self.data_dir,
-                socket.display(),
-                socket.as_os_str().len(),
-                SOCKET_PATH_MAX + self.data_dir.as_os_str().len() - socket.as_os_str().len(),
+                "the Admin socket {} is {} bytes long, and a Unix socket's path holds at most {SOCKET_PATH_MAX}: set admin_socket to a shorter path, or use a shorter data_dir",
+                admin.display(),
+                admin.as_os_str().len(),
             ));
         }
         Ok(())
-    }
-
-    /// The longest path an app binds its socket at: a standby's or a
-    /// session's `run/`, under the data directory (made absolute, as the
-    /// app is given it).
-    fn longest_app_socket(&self) -> PathBuf {
-        let id = "0".repeat(crate::session::ID_LEN);
-        ["sessions", "standby"]
-            .map(|d| {
-                std::path::absolute(&self.data_dir)
-                    .unwrap_or_else(|_| self.data_dir.clone())
-                    .join(d)
-                    .join(&id)
-                    .join("run")
-                    .join(crate::forward::SOCKET_NAME)
-            })
-            .into_iter()
-            .max_by_key(|p| p.as_os_str().len())
-            .expect("two paths")
     }
 }
 
@@ -633,13 +613,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("DNS label"), "{e}");
-        // An app's socket must fit a Unix socket's path.
-        let deep = format!("/var/lib/{}", "x".repeat(43));
+        // The Admin socket (by default in data_dir) must fit a Unix
+        // socket's path.
+        let deep = format!("/var/lib/{}", "x".repeat(87));
         let t = DEFAULT_TOML.replace("\"/var/lib/edgeshift\"", &format!("{deep:?}"));
-        Config::from_toml(&t, "t").expect("a 52-byte data_dir is fine");
+        Config::from_toml(&t, "t").expect("a 96-byte data_dir holds a 107-byte admin.sock");
         let t = DEFAULT_TOML.replace("\"/var/lib/edgeshift\"", &format!("\"{deep}y\""));
         let e = Config::from_toml(&t, "t").unwrap_err().to_string();
-        assert!(e.contains("at most 52 bytes"), "{e}");
+        assert!(e.contains("set admin_socket to a shorter path"), "{e}");
+        let t = t.replace(
+            "# admin_socket = \"/var/lib/edgeshift/admin.sock\"",
+            "admin_socket = \"/run/edgeshift-admin.sock\"",
+        );
+        Config::from_toml(&t, "t").expect("the socket elsewhere");
         let t = DEFAULT_TOML.replace("session_ttl", "session_tl");
         assert!(matches!(
             Config::from_toml(&t, "t"),

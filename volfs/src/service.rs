@@ -55,22 +55,24 @@ const DIFF_QUEUE: usize = 8;
 /// socket's directory that lives as long as the address. A socket's path
 /// holds at most 107 bytes, and a volume's `.volfs/` lies deep under an
 /// edge's data directory.
-struct SocketAddr {
+struct ProcSocketPath {
     _dir: OwnedFd,
     path: PathBuf,
 }
 
-impl SocketAddr {
-    fn of(path: &Path) -> std::io::Result<SocketAddr> {
+impl ProcSocketPath {
+    fn of(path: &Path) -> std::io::Result<ProcSocketPath> {
         let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!("{} names no socket in a directory", path.display()),
             ));
         };
-        let dir = crate::sys::open_path(dir)?;
+        let dir = crate::sys::cstr(dir.as_os_str()).and_then(|c| {
+            crate::sys::open(&c, libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)
+        })?;
         let path = Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
-        Ok(SocketAddr { _dir: dir, path })
+        Ok(ProcSocketPath { _dir: dir, path })
     }
 }
 
@@ -82,7 +84,7 @@ pub fn serve(live: Arc<LiveVolume>, unmounter: Unmounter) -> std::io::Result<Pat
     // moment where the socket answers at its path with a looser mode.
     let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    let listener = std::os::unix::net::UnixListener::bind(&SocketAddr::of(&tmp)?.path)?;
+    let listener = std::os::unix::net::UnixListener::bind(&ProcSocketPath::of(&tmp)?.path)?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
     std::fs::rename(&tmp, &path)?;
     listener.set_nonblocking(true)?;
@@ -371,7 +373,7 @@ impl Volume for Service {
 /// A client of the live mount of the volume at `backing_dir`; `Ok(None)`
 /// when no shim listens there.
 pub async fn connect(backing_dir: &Path) -> std::io::Result<Option<VolumeClient<Channel>>> {
-    let addr = match SocketAddr::of(&Backing::socket_path(backing_dir)) {
+    let addr = match ProcSocketPath::of(&Backing::socket_path(backing_dir)) {
         Ok(a) => Arc::new(a),
         // No `.volfs/` yet: never mounted.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

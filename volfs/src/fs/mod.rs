@@ -74,7 +74,8 @@ pub struct VolFs {
     quota: Option<Quota>,
     pacer: Option<Pacer>,
     /// Flushes of the mount that volfs makes itself (a round's refresh) in
-    /// progress: their writebacks need not reach the disk early.
+    /// progress. While one runs no writeback of the mount starts the disk's
+    /// early (the app's own fsyncs in that window lose the hint too).
     own_flushes: Arc<AtomicUsize>,
 }
 
