@@ -312,18 +312,19 @@ impl Filesystem for VolFs {
                 // After the write landed: see the dirty-log protocol in `dirty`.
                 self.dirty
                     .mark_range(self.swap(ino.0), offset, data.len() as u64);
-                self.written(reply, data.len() as u32);
                 if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE)
                     && self.early_writeback(data.len())
                 {
                     // The kernel is writing its page cache back, most often
                     // for the app's fsync: start the backing file's own
-                    // writeback now (after the reply, which need not wait
-                    // for it), so the disk works while the rest arrives
-                    // instead of after it. Only a hint; an error changes
-                    // nothing.
+                    // writeback now, so the disk works while the rest
+                    // arrives instead of after it. Only a hint (it does not
+                    // wait for the disk); an error changes nothing. Before
+                    // the reply: once answered, the kernel may release the
+                    // file and its descriptor number be reused.
                     let _ = sys::start_writeback(fh.0 as RawFd, offset, data.len() as u64);
                 }
+                self.written(reply, data.len() as u32);
             }
             Err(e) => reply.error(errno(e)),
         }
