@@ -14,6 +14,7 @@
 //! back over the socket.
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -71,7 +72,8 @@ impl ProcSocketPath {
         let dir = crate::sys::cstr(dir.as_os_str()).and_then(|c| {
             crate::sys::open(&c, libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)
         })?;
-        let path = Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
+        let proc = crate::sys::proc_path(dir.as_raw_fd());
+        let path = Path::new(std::ffi::OsStr::from_bytes(proc.as_bytes())).join(name);
         Ok(ProcSocketPath { _dir: dir, path })
     }
 }

@@ -26,6 +26,13 @@ async fn client(m: &Mounted) -> VolumeClient<Channel> {
         .expect("the shim answers")
 }
 
+async fn status(c: &mut VolumeClient<Channel>) -> pb::VolumeStatus {
+    c.status(pb::StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// A Diff's frames, its summary and the manifest the receiver then holds.
 async fn diff(
     c: &mut VolumeClient<Channel>,
@@ -132,11 +139,7 @@ async fn a_hostile_base_is_refused_and_the_shim_stays_up() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert_eq!(m.live().throttle().rate(), 0);
     let mut c = client(&m).await;
-    let st = c
-        .status(pb::StatusRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let st = status(&mut c).await;
     assert_eq!(st.api_version, edge_proto::VOLUME_API_VERSION);
     assert_eq!(fs::read(m.p("f")).unwrap(), b"data");
     diff(&mut c, Vec::new()).await.unwrap();
@@ -265,10 +268,6 @@ async fn a_volume_deeper_than_a_socket_path_holds_is_served() {
     assert!(path.as_os_str().len() > 107, "{}", path.display());
     fs::write(m.p("f"), b"deep").unwrap();
     let mut c = client(&m).await;
-    let st = c
-        .status(pb::StatusRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let st = status(&mut c).await;
     assert!(st.bytes >= 4, "{st:?}");
 }
